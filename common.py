@@ -1,0 +1,974 @@
+"""Shared plumbing for the method files: what every script would otherwise copy word for word.
+
+Backbones, datasets and loaders, the `backbone.pt` record, LARS and the warmup + cosine
+schedule, feature extraction and weighted kNN, and the small pieces of the training loop that
+have nothing to do with any one method (distributed setup, mixed precision, atomic checkpoints,
+logging, errors). Everything method-specific lives in the method's own file.
+"""
+import json
+import math
+import os
+import platform
+import random
+import re
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from PIL import Image, ImageDraw, ImageFilter
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+from torchvision.models.vision_transformer import VisionTransformer
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+ARCHS = ("resnet_tiny", "resnet18", "resnet34", "resnet50", "vit_small", "vit_base")
+
+
+class UserError(Exception):
+    """A problem with the user's input: reported as one sentence, without a traceback."""
+
+
+def run_main(main):
+    """Call `main()`; turn a UserError (also one raised inside a loader worker) into one line and exit 2."""
+    try:
+        main()
+    except UserError as e:
+        msg = str(e)
+        if "Original Traceback" in msg:  # re-raised by a DataLoader worker: keep the worker's sentence
+            msg = re.split(r"UserError: ", msg)[-1]
+        print(f"error: {msg.strip()}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+# Options shared by every script (same names and meaning everywhere)
+# ----------------------------------------------------------------------------------------------
+def add_common_args(parser, method, *, epochs, batch_size, lr, wd, warmup_epochs, arch="resnet_tiny",
+                    eval_every=1):
+    g = parser.add_argument_group("common options (same in every script)")
+    g.add_argument("--data", default="synthetic",
+                   help="synthetic (embedded, no download), cifar10, cifar100, stl10, or the path of an "
+                        "ImageFolder root with train/ and val/ (or test/)")
+    g.add_argument("--data-dir", default="data", help="root of the torchvision datasets (cifar10, ...)")
+    g.add_argument("--download", action="store_true", help="download the torchvision dataset into --data-dir")
+    g.add_argument("--subset", type=int, default=0,
+                   help="train on a fixed random subset of this many images (0 = all): quick experiments")
+    g.add_argument("--arch", default=arch, choices=ARCHS, help="backbone; resnet_tiny is the CPU demo network")
+    g.add_argument("--epochs", type=int, default=epochs, help="number of training epochs")
+    g.add_argument("--batch-size", type=int, default=batch_size,
+                   help="global batch size, split evenly across processes")
+    g.add_argument("--lr", type=float, default=lr, help="base learning rate (see the method's docstring for scaling)")
+    g.add_argument("--wd", type=float, default=wd, help="weight decay")
+    g.add_argument("--warmup-epochs", type=float, default=warmup_epochs, help="linear warmup length, per iteration")
+    g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader processes per GPU")
+    g.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                   help="auto = bf16 on GPUs that support it, fp16 with a grad scaler on older GPUs, fp32 on CPU")
+    g.add_argument("--compile", action="store_true", help="torch.compile the networks (before the DDP wrap)")
+    g.add_argument("--out", default=f"runs/{method}",
+                   help="output folder; if it holds a checkpoint.pt, training resumes from it")
+    g.add_argument("--seed", type=int, default=0, help="random seed")
+    g.add_argument("--log-every", type=int, default=20, help="steps between progress-bar and NaN checks")
+    g.add_argument("--eval-every", type=int, default=eval_every,
+                   help="epochs between kNN monitors (also run before training and after the last epoch); 0 = off")
+    return g
+
+
+def check_common_args(args, world_size):
+    """Reject bad values with one sentence before anything is built or written."""
+    if args.epochs < 1:
+        raise UserError("--epochs must be at least 1")
+    if args.batch_size < 1 or args.batch_size % world_size:
+        raise UserError(f"--batch-size {args.batch_size} must be a positive multiple of the number of "
+                        f"processes ({world_size})")
+    if args.lr <= 0 or args.wd < 0 or args.warmup_epochs < 0 or args.subset < 0:
+        raise UserError("--lr must be positive and --wd, --warmup-epochs, --subset must not be negative")
+    if args.log_every < 1 or args.eval_every < 0 or args.workers < 0:
+        raise UserError("--log-every must be at least 1, --eval-every and --workers not negative")
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed setup, seeds, mixed precision
+# ----------------------------------------------------------------------------------------------
+def init_distributed():
+    """One process (`python X.py`) or torchrun (RANK / LOCAL_RANK / WORLD_SIZE from the environment).
+
+    NCCL on CUDA, gloo on CPU. Returns a namespace: rank, world_size, local_rank, device, is_main.
+    """
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls and convs on Ampere and newer
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device
+                                if device.type == "cuda" else None)
+    return SimpleNamespace(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
+                           is_main=rank == 0, distributed=world_size > 1)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def mixed_precision(precision, device):
+    """Returns (autocast context factory, GradScaler). bf16 needs no scaler; fp16 does; fp32 neither."""
+    if precision == "auto":
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise UserError("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    return autocast, scaler
+
+
+def all_gather_nograd(x):
+    """Concatenate a tensor over processes along dim 0, without gradient (keys, memory writes)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+def all_gather_grad(x):
+    """Concatenate over processes along dim 0 with gradient flowing back to every process's slice."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    return torch.cat(torch.distributed.nn.functional.all_gather(x.contiguous()))
+
+
+def all_reduce_sum(x):
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def unwrap(model):
+    """The plain module under DDP and torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backbones: image batch -> pooled features, with torchvision's parameter names
+# ----------------------------------------------------------------------------------------------
+class ViT(VisionTransformer):
+    """torchvision's VisionTransformer that also accepts other image sizes (multi-crop).
+
+    The position embedding is interpolated (bicubic) to the token grid of the input, as DINO does,
+    so a ViT trained on 224 px global crops also runs on 96 px local crops. Output: the class token.
+    """
+
+    def forward(self, x):
+        n, _, h, w = x.shape
+        p = self.patch_size
+        x = self.conv_proj(x).flatten(2).transpose(1, 2)  # (n, tokens, dim)
+        x = torch.cat([self.class_token.expand(n, -1, -1), x], dim=1)
+        x = x + self._position_embedding(h // p, w // p)
+        x = self.encoder.ln(self.encoder.layers(self.encoder.dropout(x)))
+        return self.heads(x[:, 0])
+
+    def _position_embedding(self, gh, gw):
+        pos = self.encoder.pos_embedding
+        g = self.image_size // self.patch_size
+        if (gh, gw) == (g, g):
+            return pos
+        grid = pos[:, 1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid.float(), size=(gh, gw), mode="bicubic", align_corners=False).to(pos.dtype)
+        return torch.cat([pos[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)
+
+
+def _resnet_tiny():
+    """A torchvision ResNet with one BasicBlock per stage and widths 16-32-64-128 (~0.3 M parameters)."""
+    model = ResNet(BasicBlock, [1, 1, 1, 1])
+    widths = (16, 32, 64, 128)
+    model.inplanes = widths[0]
+    model.conv1 = nn.Conv2d(3, widths[0], 7, 2, 3, bias=False)
+    model.bn1 = nn.BatchNorm2d(widths[0])
+    model.layer1 = model._make_layer(BasicBlock, widths[0], 1)
+    model.layer2 = model._make_layer(BasicBlock, widths[1], 1, stride=2)
+    model.layer3 = model._make_layer(BasicBlock, widths[2], 1, stride=2)
+    model.layer4 = model._make_layer(BasicBlock, widths[3], 1, stride=2)
+    for m in model.modules():  # torchvision's initialisation, for the replaced modules
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return model, widths[-1]
+
+
+def vit_patch_size(img_size):
+    """Patch 16 on ImageNet-sized images; on small images a patch that leaves at least 8x8 tokens."""
+    return 16 if img_size >= 128 else max(2, img_size // 8)
+
+
+def build_backbone(arch, small_images=False, img_size=224, zero_init_residual=False):
+    """Returns (module, feat_dim): the module maps images (n, 3, h, w) to pooled features (n, feat_dim).
+
+    ResNets are torchvision's with `fc = Identity`; with `small_images` (64 px or less) the stem is a
+    3x3 stride-1 convolution without max-pool (the CIFAR variant). ViTs are torchvision's with
+    `heads = Identity`. Parameter names are torchvision's, so the weights load into torchvision models.
+    """
+    if arch == "resnet_tiny":
+        model, feat_dim = _resnet_tiny()
+    elif arch in ("resnet18", "resnet34", "resnet50"):
+        model = getattr(torchvision.models, arch)(zero_init_residual=zero_init_residual)
+        feat_dim = model.fc.in_features
+    elif arch in ("vit_small", "vit_base"):
+        width, heads = (384, 6) if arch == "vit_small" else (768, 12)
+        model = ViT(image_size=img_size, patch_size=vit_patch_size(img_size), num_layers=12, num_heads=heads,
+                    hidden_dim=width, mlp_dim=4 * width)
+        model.heads = nn.Identity()
+        return model, width
+    else:
+        raise UserError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    if small_images:
+        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, 1, 1, bias=False)
+        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+        model.maxpool = nn.Identity()
+    if zero_init_residual:  # each residual branch starts as identity (Goyal et al. 2017)
+        for m in model.modules():
+            if isinstance(m, (BasicBlock, Bottleneck)):
+                nn.init.zeros_((m.bn3 if isinstance(m, Bottleneck) else m.bn2).weight)
+    model.fc = nn.Identity()
+    return model, feat_dim
+
+
+def to_device(module, device):
+    """Move to the device; convnets use channels_last on CUDA (faster convolutions with bf16/fp16)."""
+    module = module.to(device)
+    if device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in module.modules()):
+        module = module.to(memory_format=torch.channels_last)
+    return module
+
+
+# ----------------------------------------------------------------------------------------------
+# The synthetic dataset: shapes on textured backgrounds, generated from (seed, split, index)
+# ----------------------------------------------------------------------------------------------
+def _ngon(n, radius, phase=0.0):
+    return [(radius * math.cos(phase + 2 * math.pi * i / n), radius * math.sin(phase + 2 * math.pi * i / n))
+            for i in range(n)]
+
+
+def _star():
+    return [((1.1 if i % 2 == 0 else 0.45) * math.cos(-math.pi / 2 + math.pi * i / 5),
+             (1.1 if i % 2 == 0 else 0.45) * math.sin(-math.pi / 2 + math.pi * i / 5)) for i in range(10)]
+
+
+# Each shape is a list of (polygon in unit coordinates, fill): 255 adds, 0 cuts a hole.
+SHAPES = {
+    "disc": [(_ngon(40, 1.0), 255)],
+    "ring": [(_ngon(40, 1.0), 255), (_ngon(40, 0.55), 0)],
+    "square": [(_ngon(4, 1.0, math.pi / 4), 255)],
+    "frame": [(_ngon(4, 1.0, math.pi / 4), 255), (_ngon(4, 0.55, math.pi / 4), 0)],
+    "triangle": [(_ngon(3, 1.1, -math.pi / 2), 255)],
+    "star": [(_star(), 255)],
+    "cross": [([(-1, -.32), (1, -.32), (1, .32), (-1, .32)], 255), ([(-.32, -1), (.32, -1), (.32, 1), (-.32, 1)], 255)],
+    "bar": [([(-1.1, -0.3), (1.1, -0.3), (1.1, 0.3), (-1.1, 0.3)], 255)],
+    "half_disc": [([(math.cos(math.pi * i / 20), math.sin(math.pi * i / 20) - 0.45) for i in range(21)], 255)],
+    "l_shape": [([(-.8, -1), (-.2, -1), (-.2, .4), (.8, .4), (.8, 1), (-.8, 1)], 255)],
+}
+SHAPE_NAMES = tuple(SHAPES)
+
+
+def _texture(rng, size):
+    """A coloured background: smooth blobs, stripes or a checkerboard between two random colours."""
+    c1 = rng.uniform(0, 255, 3)
+    c2 = np.clip(c1 + rng.uniform(-70, 70, 3), 0, 255)  # low contrast: the shape must stand out
+    kind = rng.integers(3)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    theta = rng.uniform(0, math.pi)
+    if kind == 0:
+        coarse = Image.fromarray(rng.integers(0, 256, (4, 4), dtype=np.uint8))
+        w = np.asarray(coarse.resize((size, size), Image.BICUBIC), np.float32) / 255
+    elif kind == 1:
+        freq, phase = rng.uniform(3, 10), rng.uniform(0, 2 * math.pi)
+        w = 0.5 + 0.5 * np.sin(2 * math.pi * freq * (xx * math.cos(theta) + yy * math.sin(theta)) + phase)
+    else:
+        freq = rng.uniform(3, 8)
+        u, v = xx * math.cos(theta) + yy * math.sin(theta), yy * math.cos(theta) - xx * math.sin(theta)
+        w = (np.floor(u * freq) + np.floor(v * freq)) % 2
+    w = w.astype(np.float32)[..., None]
+    return c1.astype(np.float32) * (1 - w) + c2.astype(np.float32) * w + rng.normal(0, 10, (size, size, 3)).astype(np.float32)
+
+
+def _draw_shape(mask, rng, label, cx, cy, radius):
+    draw = ImageDraw.Draw(mask)
+    c, s = math.cos(theta := rng.uniform(0, 2 * math.pi)), math.sin(theta)
+    for points, fill in SHAPES[SHAPE_NAMES[label]]:
+        draw.polygon([(cx + radius * (c * x - s * y), cy + radius * (s * x + c * y)) for x, y in points], fill=fill)
+
+
+def _foreground_colour(rng, background_mean):
+    colour = rng.uniform(0, 255, 3)
+    for _ in range(20):  # keep the shape visible: far enough from the background's mean colour
+        if np.abs(colour - background_mean).sum() > 150:
+            break
+        colour = rng.uniform(0, 255, 3)
+    return colour
+
+
+class Synthetic(torch.utils.data.Dataset):
+    """Ten shape classes with random colour, size, position and rotation on textured backgrounds.
+
+    Colour, position and background carry no class information, so a representation must learn
+    shape. Every image is a pure function of (seed, split, index): no storage, any worker can
+    build it. `scenes=True` draws 3 to 6 shapes with limited overlap on a larger canvas and
+    returns their exact boxes (x, y, w, h in pixels) and classes instead of one label.
+    """
+
+    classes = list(SHAPE_NAMES)
+
+    def __init__(self, split="train", size=None, img_size=None, scenes=False, seed=0):
+        self.split, self.scenes, self.seed = split, scenes, seed
+        self.size = size or (10_000 if split == "train" else 2_000)
+        self.img_size = img_size or (96 if scenes else 32)
+        self._split_id = 0 if split == "train" else 1
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, index):
+        rng = np.random.default_rng([self.seed, self._split_id, index])
+        big = 2 * self.img_size  # draw at twice the size, then downsample: anti-aliased edges
+        image = _texture(rng, big)
+        mask = Image.new("L", (big, big), 0)
+        if not self.scenes:
+            label = index % len(SHAPE_NAMES)
+            radius = big * rng.uniform(0.25, 0.4)
+            cx, cy = rng.uniform(radius, big - radius, 2)
+            _draw_shape(mask, rng, label, cx, cy, radius)
+            m = np.asarray(mask, np.float32)[..., None] / 255
+            image = image * (1 - m) + _foreground_colour(rng, image.mean((0, 1))) * m
+            return self._finish(image), label
+        boxes, labels = [], []
+        for _ in range(int(rng.integers(3, 7))):
+            for _attempt in range(20):  # place the shape where it overlaps the others by IoU <= 0.2
+                radius = big * rng.uniform(0.09, 0.17)
+                cx, cy = rng.uniform(radius, big - radius, 2)
+                box = np.array([cx - radius, cy - radius, 2 * radius, 2 * radius])
+                if all(box_iou(box, b) <= 0.2 for b in boxes):
+                    break
+            else:
+                continue
+            label = int(rng.integers(len(SHAPE_NAMES)))
+            x0, y0 = int(cx - 1.2 * radius), int(cy - 1.2 * radius)  # draw in a local window only
+            side = int(2.4 * radius) + 2
+            shape = Image.new("L", (side, side), 0)
+            _draw_shape(shape, rng, label, cx - x0, cy - y0, radius)
+            bx0, by0, bx1, by1 = shape.getbbox()
+            ys, xs = slice(max(y0, 0), min(y0 + side, big)), slice(max(x0, 0), min(x0 + side, big))
+            m = np.asarray(shape, np.float32)[ys.start - y0: ys.stop - y0, xs.start - x0: xs.stop - x0, None] / 255
+            patch = image[ys, xs]
+            image[ys, xs] = patch * (1 - m) + _foreground_colour(rng, patch.mean((0, 1))) * m
+            x_lo, y_lo = max(x0 + bx0, 0), max(y0 + by0, 0)
+            x_hi, y_hi = min(x0 + bx1, big), min(y0 + by1, big)
+            boxes.append(np.array([x_lo, y_lo, x_hi - x_lo, y_hi - y_lo], np.float64))
+            labels.append(label)
+        boxes = np.stack(boxes).astype(np.float32) / 2  # coordinates of the downsampled image
+        return self._finish(image), {"boxes": boxes, "labels": np.array(labels)}
+
+    def _finish(self, array):
+        image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8))
+        return image.resize((self.img_size, self.img_size), Image.BILINEAR)
+
+
+def box_iou(a, b):
+    """IoU of two boxes given as (x, y, w, h)."""
+    iw = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = a[2] * a[3] + b[2] * b[3] - inter
+    return inter / union if union > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Real datasets: torchvision's CIFAR / STL-10, image folders, boxes for scene methods
+# ----------------------------------------------------------------------------------------------
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def load_rgb(path):
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as e:
+        raise UserError(f"cannot read image {path} ({type(e).__name__}); remove or replace the file") from None
+
+
+class ImageList(torch.utils.data.Dataset):
+    """Images with optional labels (-1 = no label); the folder datasets are lists of these."""
+
+    def __init__(self, paths, labels=None, classes=None):
+        self.paths, self.classes = paths, classes
+        self.labels = labels if labels is not None else [-1] * len(paths)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        return load_rgb(self.paths[index]), self.labels[index]
+
+
+def _is_image(name):
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def image_folder(root):
+    """`root/<class>/*.jpg` (labelled, classes sorted) or images directly in `root` (unlabelled)."""
+    if not os.path.isdir(root):
+        raise UserError(f"data folder {root} does not exist")
+    subdirs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    paths, labels = [], []
+    for label, d in enumerate(subdirs):
+        for dirpath, _, files in sorted(os.walk(os.path.join(root, d))):
+            for f in sorted(files):
+                if _is_image(f):
+                    paths.append(os.path.join(dirpath, f))
+                    labels.append(label)
+    if paths:
+        return ImageList(paths, labels, subdirs)
+    flat = sorted(os.path.join(root, f) for f in os.listdir(root) if _is_image(f))
+    if not flat:
+        raise UserError(f"no images found in {root}; expected class subfolders or image files")
+    return ImageList(flat)
+
+
+def _split_folder(root, split):
+    if split == "train":
+        return os.path.join(root, "train") if os.path.isdir(os.path.join(root, "train")) else root
+    for name in ("val", "test"):
+        if os.path.isdir(os.path.join(root, name)):
+            return os.path.join(root, name)
+    return None
+
+
+def _torchvision_dataset(name, split, data_dir, download, with_unlabeled):
+    try:
+        if name in ("cifar10", "cifar100"):
+            cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+            return cls(data_dir, train=split == "train", download=download)
+        stl_split = ("train+unlabeled" if with_unlabeled else "train") if split == "train" else "test"
+        return torchvision.datasets.STL10(data_dir, split=stl_split, download=download)
+    except RuntimeError as e:
+        raise UserError(f"{name} was not found in --data-dir {data_dir}; add --download to fetch it "
+                        f"({str(e).splitlines()[0]})") from None
+
+
+def build_dataset(data, split="train", data_dir="data", download=False, with_unlabeled=False):
+    """The raw dataset of (PIL RGB image, label) pairs; label -1 where an image has none.
+
+    `split` is "train" or "val" (a folder's val/ or test/, CIFAR's test set). `with_unlabeled`
+    adds STL-10's unlabeled split to its train split (self-supervised pretraining). Returns None
+    for a "val" split that does not exist (an unlabelled folder).
+    """
+    if data == "synthetic":
+        return Synthetic(split)
+    if data in ("cifar10", "cifar100", "stl10"):
+        ds = _torchvision_dataset(data, split, data_dir, download, with_unlabeled)
+        ds.classes = getattr(ds, "classes", None)
+        return ds
+    if data in ("coco",):
+        raise UserError("--data coco is a scene dataset with boxes; it is used by univip.py only")
+    if not os.path.exists(data):
+        raise UserError(f"--data {data}: no such dataset or folder (choose synthetic, cifar10, cifar100, "
+                        "stl10 or give an ImageFolder path)")
+    folder = _split_folder(data, split)
+    return image_folder(folder) if folder else None
+
+
+def num_classes_of(dataset):
+    classes = getattr(dataset, "classes", None)
+    return len(classes) if classes else 0
+
+
+def native_image_size(dataset):
+    """Side of the first image: decides `small_images` (64 px or less) and the default crop size."""
+    image = dataset[0][0]
+    return min(image.size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Augmentation building blocks (the methods compose them; each method's pipeline is in its file)
+# ----------------------------------------------------------------------------------------------
+class PILGaussianBlur:
+    """Gaussian blur with probability p, done by PIL: ~45x faster on CPU than torchvision's blur.
+
+    `sigma` is given for 224 px crops (0.1 to 2, as SimCLR/BYOL); it is scaled by crop_size/224 so
+    that small crops are blurred by the same fraction of their size.
+    """
+
+    def __init__(self, p, sigma=(0.1, 2.0), crop_size=224):
+        self.p, self.scale = p, crop_size / 224
+        self.sigma = sigma
+
+    def __call__(self, image):
+        if self.p < 1 and torch.rand(()).item() >= self.p:
+            return image
+        sigma = self.scale * (self.sigma[0] + (self.sigma[1] - self.sigma[0]) * torch.rand(()).item())
+        return image.filter(ImageFilter.GaussianBlur(radius=sigma))
+
+
+def color_augmentation(crop_size, blur_p, solarize_p, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2):
+    """SimCLR/BYOL photometric augmentation: colour jitter, grayscale, blur, solarize (PIL in, PIL out)."""
+    ops = [v2.RandomApply([v2.ColorJitter(*jitter)], p=jitter_p), v2.RandomGrayscale(p=gray_p)]
+    if blur_p > 0:
+        ops.append(PILGaussianBlur(blur_p, crop_size=crop_size))
+    if solarize_p > 0:
+        ops.append(v2.RandomSolarize(threshold=128, p=solarize_p))
+    return ops
+
+
+def to_normalized_tensor(mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+
+
+def eval_transform(img_size, small_images, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """Resize + CenterCrop, no augmentation (Resize 256 / crop 224 on ImageNet-sized images)."""
+    resize = img_size if small_images else int(round(img_size * 256 / 224))
+    return v2.Compose([v2.Resize(resize, interpolation=v2.InterpolationMode.BICUBIC), v2.CenterCrop(img_size),
+                       *to_normalized_tensor(mean, std)])
+
+
+# ----------------------------------------------------------------------------------------------
+# Loaders with exactly reproducible augmentation
+# ----------------------------------------------------------------------------------------------
+class EpochSampler(torch.utils.data.Sampler):
+    """This process's share of a seeded shuffle of the data, yielding (index, epoch) pairs.
+
+    The epoch travels with the index so that the augmentation of an image can be seeded by
+    (seed, epoch, index): identical whatever the number of workers, persistent workers included,
+    and identical after a resume.
+    """
+
+    def __init__(self, dataset_len, rank=0, world_size=1, seed=0, subset=0):
+        self.indices = np.arange(dataset_len)
+        if 0 < subset < dataset_len:  # a fixed subset, the same for every run with this seed
+            self.indices = np.sort(np.random.default_rng(seed).permutation(dataset_len)[:subset])
+        self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, 0
+        self.per_rank = len(self.indices) // world_size  # drop the tail: every rank, same step count
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.indices))
+        mine = order[: self.per_rank * self.world_size][self.rank::self.world_size]
+        return iter([(int(self.indices[i]), self.epoch) for i in mine])
+
+    def __len__(self):
+        return self.per_rank
+
+
+class Augmented(torch.utils.data.Dataset):
+    """Applies `transform(image, target) -> sample` with RNGs seeded by (seed, epoch, index)."""
+
+    def __init__(self, dataset, transform, seed=0):
+        self.dataset, self.transform, self.seed = dataset, transform, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, epoch = key
+        image, target = self.dataset[index]
+        seed = hash((self.seed, epoch, index)) % 2**62
+        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG alone (workers=0)
+            state = random.getstate()
+            torch.manual_seed(seed)
+            random.seed(seed)
+            try:
+                return self.transform(image, target)
+            finally:
+                random.setstate(state)
+
+
+def train_loader(dataset, transform, batch_size, ddp, workers, seed, subset=0, collate_fn=None):
+    """Loader for training: `transform(image, target)` builds one sample; call
+    `loader.sampler.set_epoch(epoch)` at the start of every epoch. `batch_size` is per process."""
+    sampler = EpochSampler(len(dataset), ddp.rank, ddp.world_size, seed, subset)
+    if len(sampler) < batch_size:
+        raise UserError(f"the training set has {len(sampler) * ddp.world_size} images, fewer than one batch "
+                        f"({batch_size * ddp.world_size}); lower --batch-size")
+    return torch.utils.data.DataLoader(
+        Augmented(dataset, transform, seed), batch_size=batch_size, sampler=sampler, num_workers=workers,
+        pin_memory=ddp.device.type == "cuda", persistent_workers=workers > 0, drop_last=True,
+        collate_fn=collate_fn, prefetch_factor=4 if workers > 0 else None)
+
+
+class Transformed(torch.utils.data.Dataset):
+    """(transform(image), label) for evaluation, on an optional list of indices."""
+
+    def __init__(self, dataset, transform, indices=None):
+        self.dataset, self.transform = dataset, transform
+        self.indices = list(range(len(dataset))) if indices is None else list(indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        image, label = self.dataset[self.indices[i]]
+        return self.transform(image), label
+
+
+def eval_loader(dataset, batch_size, workers, device):
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                       pin_memory=device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------------------------
+# The backbone.pt record and atomic checkpoints
+# ----------------------------------------------------------------------------------------------
+def atomic_save(obj, path):
+    """Write to a temporary file in the same folder, then rename: a crash never leaves a broken file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def clean_state_dict(state_dict):
+    """torchvision key names: no `module.` / `_orig_mod.` prefixes, no classifier (`fc.`, `heads.`)."""
+    out = {}
+    for k, v in state_dict.items():
+        k = k.replace("_orig_mod.", "").replace("module.", "")
+        if not (k.startswith("fc.") or k.startswith("heads.")):
+            out[k] = v.detach().cpu() if torch.is_tensor(v) else v
+    return out
+
+
+def plain_args(args):
+    """argparse namespace -> dict of JSON-able values (the record must load with weights_only)."""
+    return {k: (v if isinstance(v, (int, float, str, bool, type(None), list, tuple)) else str(v))
+            for k, v in vars(args).items()}
+
+
+def backbone_record(backbone, *, method, arch, small_images, img_size, feat_dim, args, epoch,
+                    mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    return {"method": method, "arch": arch, "small_images": bool(small_images), "img_size": int(img_size),
+            "mean": list(mean), "std": list(std), "feat_dim": int(feat_dim),
+            "state_dict": clean_state_dict(unwrap(backbone).state_dict()), "args": plain_args(args),
+            "epoch": int(epoch)}
+
+
+def save_backbone(path, backbone, **fields):
+    """Write the method-independent `backbone.pt` that eval_linear.py reads (fields: see backbone_record)."""
+    atomic_save(backbone_record(backbone, **fields), path)
+
+
+def _torch_load(path):
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__})") from None
+
+
+def load_backbone(path, arch=None):
+    """Read a `backbone.pt` record, a full `checkpoint.pt` (its record), or a bare torchvision state dict.
+
+    A bare state dict needs `arch`; its `small_images` is read off the stem's kernel size. If
+    `arch` is given, it must match the record's. Returns the record as a dict.
+    """
+    obj = _torch_load(path)
+    if isinstance(obj, dict) and isinstance(obj.get("backbone"), dict) and "state_dict" in obj["backbone"]:
+        obj = obj["backbone"]  # a training checkpoint.pt carries the record
+    if isinstance(obj, dict) and "state_dict" in obj and "arch" in obj:
+        record = obj
+    elif isinstance(obj, dict) and obj and all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
+        if arch is None:
+            raise UserError(f"{path} is a bare state dict; pass --arch to say which network it belongs to")
+        sd = clean_state_dict(obj)
+        small = "conv1.weight" in sd and sd["conv1.weight"].shape[-1] == 3
+        record = {"method": "torchvision", "arch": arch, "small_images": small, "img_size": None,
+                  "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "feat_dim": None, "state_dict": sd,
+                  "args": {}, "epoch": None}
+    else:
+        raise UserError(f"{path} is not a backbone.pt, checkpoint.pt or state dict of this project")
+    if arch is not None and arch != record["arch"]:
+        raise UserError(f"{path} holds a {record['arch']} backbone but --arch is {arch}; "
+                        f"pass --arch {record['arch']} or another checkpoint")
+    return record
+
+
+def backbone_from_record(record, img_size=None):
+    """Build the backbone described by a record and load its weights (strict)."""
+    img_size = record.get("img_size") or img_size or 224
+    model, feat_dim = build_backbone(record["arch"], record["small_images"], img_size)
+    try:
+        model.load_state_dict(record["state_dict"], strict=True)
+    except RuntimeError as e:
+        raise UserError(f"the checkpoint's weights do not fit {record['arch']} "
+                        f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from None
+    return model, feat_dim
+
+
+def rng_states():
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_states(states):
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    if torch.cuda.is_available() and states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def gather_rng_states():
+    """The RNG states of every process (rank order), so that each resumes its own stream."""
+    mine = rng_states()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [mine]
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
+def load_checkpoint(out, args, keys_that_must_match=("arch", "data", "batch_size", "epochs")):
+    """The checkpoint.pt in `out` if there is one (resume), after checking it belongs to this run."""
+    path = os.path.join(out, "checkpoint.pt")
+    if not os.path.exists(path):
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} cannot be read ({type(e).__name__}); delete it or use another --out") from None
+    old = ckpt.get("args", {})
+    for key in keys_that_must_match:
+        if key in old and old[key] != getattr(args, key):
+            raise UserError(f"{path} was trained with --{key.replace('_', '-')} {old[key]}, not "
+                            f"{getattr(args, key)}; use the same options to resume or another --out")
+    return ckpt
+
+
+def write_json_line(path, obj):
+    with open(path, "a") as f:
+        f.write(json.dumps(obj) + "\n")
+
+
+def run_header(args):
+    return {"args": plain_args(args), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "python": platform.python_version(), "cuda": torch.version.cuda,
+            "gpus": torch.cuda.device_count(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimisation: parameter groups, LARS, per-iteration schedules
+# ----------------------------------------------------------------------------------------------
+def param_groups(modules, weight_decay):
+    """Weights (ndim >= 2) get weight decay; biases and norm parameters (ndim < 2) get none and are
+    excluded from LARS adaptation (`lars_exclude`), as in SimCLR, BYOL, MoCo v3 and t-ReX."""
+    if isinstance(modules, nn.Module):
+        modules = [modules]
+    decay, no_decay = [], []
+    for m in modules:
+        for p in m.parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True}]
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise trust ratios (You et al. 2017), as used by BYOL and MoCo v3.
+
+    update = g + wd * w, scaled by eta * ||w|| / ||update|| (1 if either norm is 0), then
+    momentum. Groups with `lars_exclude=True` (biases, norms) skip decay and adaptation.
+    """
+
+    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient, lars_exclude=False))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if not group["lars_exclude"]:
+                if group["weight_decay"]:
+                    grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+                w_norms, g_norms = torch._foreach_norm(params), torch._foreach_norm(grads)
+                trust = [torch.where((w > 0) & (g > 0), group["trust_coefficient"] * w / g, torch.ones_like(w))
+                         for w, g in zip(w_norms, g_norms)]
+                grads = torch._foreach_mul(grads, trust)
+            bufs = []
+            for p, g in zip(params, grads):
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                bufs.append(state["momentum_buffer"])
+            torch._foreach_mul_(bufs, group["momentum"])
+            torch._foreach_add_(bufs, grads)
+            torch._foreach_add_(params, bufs, alpha=-group["lr"])
+
+
+def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0.0, warmup_start=0.0):
+    """Per-iteration values: linear warmup from `warmup_start` to `base`, then cosine to `final`.
+
+    Precomputed as an array (DINO's way) so that a resumed run lands on exactly the same value.
+    """
+    total = int(epochs * iters_per_epoch)
+    warmup = min(int(warmup_epochs * iters_per_epoch), total)
+    ramp = np.linspace(warmup_start, base, warmup, endpoint=False)
+    t = np.arange(total - warmup) / max(1, total - warmup)
+    cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * t))
+    return np.concatenate([ramp, cosine])
+
+
+@torch.no_grad()
+def momentum_update(target_params, online_params, momentum):
+    """target <- m * target + (1 - m) * online, as one fused foreach op over all tensors."""
+    torch._foreach_lerp_(target_params, online_params, 1.0 - momentum)
+
+
+# ----------------------------------------------------------------------------------------------
+# Features and weighted kNN (DINO's protocol)
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def extract_features(model, dataset, batch_size, workers, device, autocast=None):
+    """Features and labels of every item of `dataset` (in order), on every process.
+
+    Each process embeds a strided share; the shares are gathered and put back in order. Works
+    for any dataset size.
+    """
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    rank = dist.get_rank() if world > 1 else 0
+    n = len(dataset)
+    if n < world:
+        raise UserError(f"the evaluation set has {n} images, fewer than the {world} processes")
+    was_training = model.training
+    model.eval()
+    feats, labels = [], []
+    loader = eval_loader(torch.utils.data.Subset(dataset, range(rank, n, world)), batch_size, workers, device)
+    for images, y in loader:
+        images = images.to(device, non_blocking=True)
+        if device.type == "cuda":
+            images = images.to(memory_format=torch.channels_last)
+        with autocast() if autocast else torch.autocast(device.type, enabled=False):
+            f = model(images)
+        feats.append(f.float())
+        labels.append(torch.as_tensor(y).to(device))
+    model.train(was_training)
+    feats, labels = torch.cat(feats), torch.cat(labels)
+    if world == 1:
+        return feats, labels
+    per = math.ceil(n / world)  # pad every share to the same length, gather, then restore the order
+    pad_f = feats.new_zeros(per, feats.shape[1])
+    pad_y = labels.new_full((per,), -1)
+    pad_f[: len(feats)], pad_y[: len(labels)] = feats, labels
+    all_f, all_y = all_gather_nograd(pad_f), all_gather_nograd(pad_y)  # rank-major
+    order = torch.arange(per * world, device=device).view(world, per).t().reshape(-1)
+    return all_f[order][:n], all_y[order][:n]
+
+
+@torch.no_grad()
+def knn_classify(train_features, train_labels, test_features, test_labels, num_classes, k=20, temperature=0.07):
+    """Weighted kNN (Wu et al. 2018, as in DINO): cosine similarity, top-k neighbours, each vote
+    weighted by exp(sim / T). Returns top-1 and top-5 accuracy in percent. Unlabelled (-1)
+    training items are ignored; the test set is processed in chunks, so any size works."""
+    keep = train_labels >= 0
+    train = F.normalize(train_features[keep].float(), dim=1)
+    train_labels = train_labels[keep]
+    test = F.normalize(test_features.float(), dim=1)
+    k = min(k, len(train))
+    top1 = top5 = 0.0
+    for start in range(0, len(test), 1024):
+        sim, idx = (test[start:start + 1024] @ train.t()).topk(k, dim=1)
+        votes = torch.zeros(len(sim), num_classes, device=sim.device)
+        votes.scatter_add_(1, train_labels[idx], (sim / temperature).exp())
+        pred = votes.topk(min(5, num_classes), dim=1).indices
+        target = test_labels[start:start + 1024].view(-1, 1)
+        top1 += (pred[:, :1] == target).sum().item()
+        top5 += (pred == target).any(dim=1).sum().item()
+    n = max(1, len(test))
+    return 100.0 * top1 / n, 100.0 * top5 / n
+
+
+class KNNMonitor:
+    """kNN top-1 of the backbone's features on the validation split during training.
+
+    The memory bank is the (labelled) training set, or the training subset in use, with the
+    evaluation transform. Disabled (returns None) for data without labels or without a val split.
+    """
+
+    def __init__(self, data, data_dir, img_size, small_images, batch_size, workers, device, subset=0,
+                 seed=0, download=False):
+        train = build_dataset(data, "train", data_dir, download)
+        val = build_dataset(data, "val", data_dir, download)
+        self.num_classes = num_classes_of(train)
+        self.enabled = val is not None and self.num_classes > 0
+        if not self.enabled:
+            return
+        tf = eval_transform(img_size, small_images)
+        indices = EpochSampler(len(train), subset=subset, seed=seed).indices
+        self.train, self.val = Transformed(train, tf, indices), Transformed(val, tf)
+        self.batch_size, self.workers, self.device = batch_size, workers, device
+
+    def __call__(self, backbone, autocast=None):
+        if not self.enabled:
+            return None
+        ftrain, ytrain = extract_features(backbone, self.train, self.batch_size, self.workers, self.device, autocast)
+        fval, yval = extract_features(backbone, self.val, self.batch_size, self.workers, self.device, autocast)
+        top1, top5 = knn_classify(ftrain, ytrain, fval, yval, self.num_classes)
+        return {"knn_top1": top1, "knn_top5": top5}
+
+
+# ----------------------------------------------------------------------------------------------
+# Progress: throughput and non-finite losses without a host sync on every step
+# ----------------------------------------------------------------------------------------------
+class StepTimer:
+    """Images per second between calls of `rate()` (counts the global batch)."""
+
+    def __init__(self, device):
+        self.device, self.t, self.images = device, time.perf_counter(), 0
+
+    def add(self, n):
+        self.images += n
+
+    def rate(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        r = self.images / max(now - self.t, 1e-9)
+        self.t, self.images = now, 0
+        return r
+
+
+def check_finite(losses, step):
+    """Call every --log-every steps with the stacked recent losses: stops with the step named."""
+    if not torch.isfinite(losses).all():
+        raise UserError(f"the loss is not finite at or before step {step}; lower --lr or use --precision fp32")

@@ -1,0 +1,76 @@
+"""Shared test fixtures: the repository path, script runners and the CIFAR-10 folder."""
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR_TARBALL = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+sys.path.insert(0, str(REPO))
+
+
+def script_env():
+    """One thread per process keeps two-process runs from fighting over the two cores."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("RANK", None), env.pop("WORLD_SIZE", None), env.pop("LOCAL_RANK", None)
+    return env
+
+
+def run_script(script, *args, nproc=1, timeout=300, check=True):
+    """Run `python script args` (or torchrun with `nproc` processes) in the repository; returns the result."""
+    if nproc == 1:
+        cmd = [sys.executable, str(REPO / script), *map(str, args)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(REPO / script), *map(str, args)]
+    result = subprocess.run(cmd, cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
+                             f"{result.stderr[-5000:]}")
+    return result
+
+
+def run_killed_after_first_checkpoint(script, *args, out, timeout=300):
+    """Start a run and SIGKILL it as soon as its first checkpoint.pt exists (a crash mid-training)."""
+    cmd = [sys.executable, str(REPO / script), *map(str, args), "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpt, deadline = Path(out) / "checkpoint.pt", time.time() + timeout
+    while proc.poll() is None and not ckpt.exists() and time.time() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, f"the run ended before it could be interrupted: {proc.stderr.read()[-2000:]}"
+    proc.kill()
+    proc.wait()
+    return torch.load(ckpt, map_location="cpu", weights_only=True)
+
+
+def assert_same_state(a, b, prefix=""):
+    """Every tensor of two (nested) state dicts is bitwise equal."""
+    assert type(a) is type(b), f"{prefix}: {type(a)} vs {type(b)}"
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), f"{prefix}: keys differ"
+        for k in a:
+            assert_same_state(a[k], b[k], f"{prefix}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), prefix
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{prefix}[{i}]")
+    elif torch.is_tensor(a):
+        assert torch.equal(a, b), f"{prefix} differs"
+    else:
+        assert a == b, f"{prefix}: {a} vs {b}"
+
+
+@pytest.fixture(scope="session")
+def cifar10_root(tmp_path_factory):
+    """CIFAR-10 as an ImageFolder (train/, test/), extracted once per session; skipped when absent."""
+    if not CIFAR_TARBALL.exists():
+        pytest.skip(f"{CIFAR_TARBALL} not found (only on the project's machines)")
+    root = tmp_path_factory.mktemp("cifar")
+    with tarfile.open(CIFAR_TARBALL) as tar:
+        tar.extractall(root, filter="data")
+    return root / "cifar10"
