@@ -54,7 +54,7 @@ def run_main(main):
 # Options shared by every script (same names and meaning everywhere)
 # ----------------------------------------------------------------------------------------------
 def add_common_args(parser, method, *, epochs, batch_size, lr, wd, warmup_epochs, arch="resnet_tiny",
-                    eval_every=1):
+                    eval_every=10):
     g = parser.add_argument_group("common options (same in every script)")
     g.add_argument("--data", default="synthetic",
                    help="synthetic (embedded, no download), cifar10, cifar100, stl10, or the path of an "
