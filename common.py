@@ -497,6 +497,78 @@ def build_dataset(data, split="train", data_dir="data", download=False, with_unl
     return image_folder(folder) if folder else None
 
 
+class SceneBoxes(torch.utils.data.Dataset):
+    """Scene images with candidate object boxes: items are (PIL image, float32 array (n, 4) of x, y, w, h)."""
+
+    def __init__(self, paths, boxes):
+        self.paths, self.boxes = paths, boxes
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        return load_rgb(self.paths[index]), np.asarray(self.boxes[index], np.float32).reshape(-1, 4)
+
+
+class _SyntheticSceneBoxes(Synthetic):
+    def __getitem__(self, index):
+        image, target = super().__getitem__(index)
+        return image, target["boxes"]
+
+
+def _read_json(path, what):
+    if not os.path.isfile(path):
+        raise UserError(f"{what} {path} does not exist")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{what} {path} is not valid JSON ({e})") from None
+
+
+def build_scene_dataset(data, data_dir="data", boxes_file=None, split="train"):
+    """Scenes with boxes for UniVIP, from one of three sources:
+
+    - `synthetic`: the synthetic scenes with their exact boxes;
+    - `coco`: `data_dir/train2017/*.jpg` with `data_dir/annotations/instances_train2017.json` (crowd
+      boxes skipped; images without boxes kept, the sampler falls back to random boxes);
+    - a folder of images with `boxes_file`, a JSON object mapping each image path (relative to the
+      folder) to a list of [x, y, w, h] boxes, e.g. selective-search proposals.
+    """
+    if data == "synthetic":
+        return _SyntheticSceneBoxes(split, scenes=True)
+    if data == "coco":
+        year_split = "train2017" if split == "train" else "val2017"
+        ann = _read_json(os.path.join(data_dir, "annotations", f"instances_{year_split}.json"), "COCO annotation file")
+        try:
+            files = {im["id"]: im["file_name"] for im in ann["images"]}
+            boxes = {i: [] for i in files}
+            for a in ann["annotations"]:
+                if not a.get("iscrowd", 0):
+                    boxes[a["image_id"]].append(a["bbox"])
+        except (KeyError, TypeError):
+            raise UserError(f"the COCO annotation file in {data_dir}/annotations is not in COCO instances format") from None
+        ids = sorted(files)
+        return SceneBoxes([os.path.join(data_dir, year_split, files[i]) for i in ids], [boxes[i] for i in ids])
+    if boxes_file is None:
+        raise UserError(f"--data {data} needs box proposals: pass --boxes FILE.json (image path -> [[x, y, w, h], ...])")
+    if not os.path.isdir(data):
+        raise UserError(f"data folder {data} does not exist")
+    table = _read_json(boxes_file, "box file")
+    if not isinstance(table, dict) or not table:
+        raise UserError(f"box file {boxes_file} must be a non-empty JSON object: image path -> list of [x, y, w, h]")
+    paths, boxes = [], []
+    for rel, bs in sorted(table.items()):
+        if not (isinstance(bs, list) and all(isinstance(b, list) and len(b) == 4 for b in bs)):
+            raise UserError(f"box file {boxes_file}: the entry of {rel} is not a list of [x, y, w, h] boxes")
+        paths.append(os.path.join(data, rel))
+        boxes.append(bs)
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise UserError(f"box file {boxes_file} names {len(missing)} images missing under {data}, e.g. {missing[0]}")
+    return SceneBoxes(paths, boxes)
+
+
 def num_classes_of(dataset):
     classes = getattr(dataset, "classes", None)
     return len(classes) if classes else 0
