@@ -1,0 +1,474 @@
+"""Rotation prediction as an auxiliary task for self-supervised learning, on SwAV or on BYOL.
+
+Paper: "Towards Efficient and Effective Self-Supervised Learning of Visual Representations",
+Sravanti Addepalli, Kaushal Bhogale, Priyam Dey, R. Venkatesh Babu, ECCV 2022, arXiv 2210.09866.
+Reference code: val-iisc/EffSSL (SwAV + rotation, ResNet-50, ImageNet-1K).
+
+The idea. Instance-similarity methods (SwAV, BYOL, ...) pull two random augmentations of one image
+together. Aggressive crops often land on different objects, so that target is noisy and training
+needs many iterations. Predicting which of four rotations (0, 90, 180, 270 degrees) was applied to
+an image is well posed for any crop (the label is exact) and still needs semantic features, so it
+converges fast. Added as an auxiliary loss, it makes the base method learn faster, most visibly at
+low epoch counts:
+
+    L = L_base + rot_weight * (CE(head(f(rot(x1))), k1) + CE(head(f(rot(x2))), k2))
+
+where x1, x2 are the two global views of the base method, f is the shared backbone and the
+rotation head sits on its pooled features. `--rot-weight 0` is the plain base method.
+
+Implementation details (the choices that matter and that papers leave out):
+ 1. Rotations are drawn per image and per view, k uniform in {0, 1, 2, 3} (k = 0 is a class too),
+    after all augmentation and normalisation, as in the reference, which rotates inside the data
+    set. Here too the rotation happens in the augmentation, so that its labels are seeded like the
+    rest of the augmentation: identical after a resume and for any number of processes.
+ 2. Each rotated batch goes through the backbone in its own call (its own batch-norm statistics);
+    rotated images never enter the base loss, and with BYOL the momentum target never sees them.
+    With `--rot-weight 0` the rotated copies are neither built nor forwarded.
+ 3. The two cross-entropy terms are summed, not averaged (the reference's `loss_rot1 + loss_rot2`).
+ 4. SwAV: prototypes are l2-normalised in place before every step; their gradients are dropped for
+    the first `--freeze-prototypes-iters` iterations; codes come from the two global crops only,
+    with Sinkhorn-Knopp (eps 0.05, 3 iterations) whose row and total sums are all-reduced, so that
+    N processes x batch B give the codes of one process with batch N*B.
+ 5. SwAV's learning rate is not batch-scaled: linear warmup 0.3 -> 1.2 (`--lr` is the peak), then
+    cosine to 0.0012. BYOL's is `--lr` x batch / 256 with a cosine to 0; its target momentum rises
+    from 0.99 to 1 on a per-iteration cosine.
+ 6. Small images (64 px or less): global crops keep the native size, local crops are scaled by
+    SwAV's 96/224 and rounded to a multiple of 8 (32 px -> 16 px). The SwAV queue is not part of
+    the recipe and not implemented; with few samples per batch use fewer prototypes (see
+    `--n-prototypes`).
+
+Commands:
+    python rotssl.py                                   # CPU demo: SwAV + rotation on synthetic shapes
+    python rotssl.py --base byol                       # CPU demo: BYOL + rotation
+    python rotssl.py --rot-weight 0                    # the plain SwAV baseline
+    python rotssl.py --data cifar10 --download --arch resnet18 --epochs 200 --batch-size 256   # one GPU
+    torchrun --nproc_per_node=4 rotssl.py --data /path/to/imagenet100 --arch resnet50 --epochs 100 \\
+        --batch-size 256                               # several GPUs
+    # the reference recipe (ImageNet-1K, ResNet-50, 50 epochs, batch 1024), then a linear probe:
+    torchrun --nproc_per_node=8 rotssl.py --data /path/to/imagenet --arch resnet50 --epochs 50 \\
+        --batch-size 1024 --workers 10 --eval-every 5 --out runs/swav_rot
+    torchrun --nproc_per_node=8 eval_linear.py --ckpt runs/swav_rot/backbone.pt --data /path/to/imagenet --mode full
+"""
+import argparse
+import copy
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+import common
+
+
+# ----------------------------------------------------------------------------------------------
+# Options
+# ----------------------------------------------------------------------------------------------
+def get_args_parser():
+    p = argparse.ArgumentParser("rotssl", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # lr, wd, warmup: None = the base method's value, resolved in resolve_defaults()
+    common.add_common_args(p, "rotssl", epochs=12, batch_size=256, lr=None, wd=None, warmup_epochs=None,
+                           eval_every=4)
+    g = p.add_argument_group("rotation task")
+    g.add_argument("--base", default="swav", choices=("swav", "byol"),
+                   help="the self-supervised method the rotation task is added to (swav = the reference code)")
+    g.add_argument("--rot-weight", type=float, default=0.1,
+                   help="lambda, the weight of the summed rotation cross-entropies; 0 = the plain base method")
+    g = p.add_argument_group("SwAV base")
+    g.add_argument("--n-prototypes", type=int, default=None,
+                   help="number of prototypes; default 3000 (the paper) for images above 64 px, 300 for small "
+                        "images, whose demo-sized batches cannot fill 3000 clusters without SwAV's queue")
+    g.add_argument("--temperature", type=float, default=0.1, help="softmax temperature of the swapped prediction")
+    g.add_argument("--epsilon", type=float, default=0.05,
+                   help="entropic regularisation of Sinkhorn-Knopp; lower = sharper codes, but may overflow")
+    g.add_argument("--sinkhorn-iters", type=int, default=3, help="Sinkhorn-Knopp iterations")
+    g.add_argument("--freeze-prototypes-iters", type=int, default=313,
+                   help="iterations at the start during which the prototypes receive no update")
+    g.add_argument("--n-local", type=int, default=6, help="number of small local crops (multi-crop)")
+    g.add_argument("--global-size", type=int, default=None,
+                   help="global crop size; default 224, or the native size for images of 64 px or less")
+    g.add_argument("--local-size", type=int, default=None,
+                   help="local crop size; default global size x 96/224, rounded to a multiple of 8")
+    g.add_argument("--warmup-start-lr", type=float, default=0.3, help="learning rate at the start of the warmup")
+    g.add_argument("--final-lr", type=float, default=0.0012, help="learning rate at the end of the cosine")
+    g = p.add_argument_group("BYOL base")
+    g.add_argument("--ema", type=float, default=0.99,
+                   help="initial momentum of the target network (rises to 1 on a cosine); try 0.996 for long runs")
+    return p
+
+
+def resolve_defaults(args):
+    """Fill in the options whose paper value depends on the base method (left None by the parser)."""
+    swav = args.base == "swav"
+    if args.lr is None:
+        # SwAV: the peak of the warmup (not batch-scaled). BYOL: base lr x batch/256, 0.2 on ImageNet;
+        # the BYOL spec's CIFAR value is 1.0 at batch 256, and the 32 px demo data are CIFAR-like.
+        args.lr = 1.2 if swav else (1.0 if args.data in ("synthetic", "cifar10", "cifar100") else 0.2)
+    if args.wd is None:
+        args.wd = 1e-6 if swav else 1.5e-6
+    if args.warmup_epochs is None:  # 10 epochs in both papers; at most a fifth of a short run
+        args.warmup_epochs = min(10.0, args.epochs / 5)
+    return args
+
+
+def check_method_args(args):
+    if args.rot_weight < 0:
+        raise common.UserError(f"--rot-weight must not be negative (got {args.rot_weight}); 0 turns the "
+                               "rotation task off")
+    if args.n_prototypes is not None and args.n_prototypes < 2:
+        raise common.UserError("--n-prototypes must be at least 2")
+    if args.temperature <= 0 or args.epsilon <= 0 or args.sinkhorn_iters < 1:
+        raise common.UserError("--temperature and --epsilon must be positive and --sinkhorn-iters at least 1")
+    if args.n_local < 0 or args.freeze_prototypes_iters < 0 or args.warmup_start_lr < 0 or args.final_lr < 0:
+        raise common.UserError("--n-local, --freeze-prototypes-iters, --warmup-start-lr and --final-lr "
+                               "must not be negative")
+    for name in ("global_size", "local_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 8:
+            raise common.UserError(f"--{name.replace('_', '-')} must be at least 8 pixels")
+    if not 0 <= args.ema < 1:
+        raise common.UserError(f"--ema must be in [0, 1) (got {args.ema})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Augmentation: the base method's views, plus rotated copies of the two global views
+# ----------------------------------------------------------------------------------------------
+def rotate_views(x):
+    """Rotate each image of a batch (n, c, h, w) by k * 90 degrees, k uniform in {0, 1, 2, 3} per image.
+
+    Returns (rotated, k). Counter-clockwise, as torch.rot90; `torch.rot90(rotated[i], -k[i], (1, 2))`
+    gives back x[i] exactly. Works on any device without a host sync; needs square images.
+    """
+    if x.shape[-1] != x.shape[-2]:
+        raise ValueError(f"rotate_views needs square images, got {tuple(x.shape[-2:])}")
+    k = torch.randint(0, 4, (x.shape[0],), device=x.device)
+    rotated = x
+    for r in (1, 2, 3):
+        rotated = torch.where((k == r).view(-1, 1, 1, 1), torch.rot90(x, r, dims=(-2, -1)), rotated)
+    return rotated, k
+
+
+class Augmentation:
+    """One image -> {"global": [2 views], "local": [n views], "rotated": [2 views], "rotation": k (2,)}.
+
+    swav: SwAV multi-crop, the same pipeline for every crop: RandomResizedCrop (global scale
+    (0.14, 1), local (0.05, 0.14)), flip, ColorJitter(0.8, 0.8, 0.8, 0.2) p 0.8, grayscale 0.2,
+    blur p 0.5. byol: two global views with BYOL's asymmetric blur (1.0 / 0.1) and solarize
+    (0.0 / 0.2), scale (0.08, 1), ColorJitter(0.4, 0.4, 0.2, 0.1) p 0.8. No local crops.
+    With `rotate`, the two global views are also returned rotated, with their labels.
+    """
+
+    def __init__(self, base, global_size, local_size, n_local, rotate):
+        def pipeline(size, scale, jitter, blur_p, solarize_p):
+            return v2.Compose([v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC),
+                               v2.RandomHorizontalFlip(0.5),
+                               *common.color_augmentation(size, blur_p, solarize_p, jitter=jitter),
+                               *common.to_normalized_tensor()])
+        if base == "swav":
+            crop = pipeline(global_size, (0.14, 1.0), (0.8, 0.8, 0.8, 0.2), 0.5, 0.0)
+            self.global_views = [crop, crop]
+            self.local_views = [pipeline(local_size, (0.05, 0.14), (0.8, 0.8, 0.8, 0.2), 0.5, 0.0)] * n_local
+        else:
+            self.global_views = [pipeline(global_size, (0.08, 1.0), (0.4, 0.4, 0.2, 0.1), 1.0, 0.0),
+                                 pipeline(global_size, (0.08, 1.0), (0.4, 0.4, 0.2, 0.1), 0.1, 0.2)]
+            self.local_views = []
+        self.rotate = rotate
+
+    def __call__(self, image, target=None):
+        sample = {"global": [t(image) for t in self.global_views], "local": [t(image) for t in self.local_views]}
+        if self.rotate:  # rotated copies of the finished global views (detail 1)
+            rotated, k = rotate_views(torch.stack(sample["global"]))
+            sample["rotated"], sample["rotation"] = list(rotated), k
+        return sample
+
+
+# ----------------------------------------------------------------------------------------------
+# Heads and losses
+# ----------------------------------------------------------------------------------------------
+def mlp(in_dim, hidden_dim, out_dim):
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+                         nn.Linear(hidden_dim, out_dim))
+
+
+class RotationHead(nn.Sequential):
+    """Pooled backbone features -> logits of the 4 rotations: Linear(D, 2048) -> BN -> ReLU -> Linear(2048, 4)."""
+
+    def __init__(self, feat_dim, hidden_dim=2048):
+        super().__init__(*mlp(feat_dim, hidden_dim, 4))
+
+
+@torch.no_grad()
+def sinkhorn_codes(scores, eps=0.05, iters=3):
+    """SwAV's codes (Caron et al. 2020, eq. 3 and appendix A.1): soft assignments of the batch to the
+    prototypes, rows summing to 1, each prototype used by about B / K samples of the global batch.
+
+    scores: (b, K) prototype scores of this process's samples. Under torch.distributed the row and
+    total sums are all-reduced, so the codes equal those of one process holding the whole batch.
+    """
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    Q = torch.exp(scores.float() / eps).t()  # (K, b): cosine scores / 0.05 stay below e^20, fine in fp32
+    K, B = Q.shape[0], Q.shape[1] * world
+    Q /= common.all_reduce_sum(Q.sum())
+    for _ in range(iters):
+        Q /= common.all_reduce_sum(Q.sum(dim=1, keepdim=True))  # each prototype: total mass 1/K
+        Q /= K
+        Q /= Q.sum(dim=0, keepdim=True)  # each sample: total mass 1/B
+        Q /= B
+    return (Q * B).t()
+
+
+def swav_loss(scores, codes, temperature=0.1):
+    """Swapped prediction (SwAV eq. 1): predict the code of global crop s from every other crop v.
+
+    scores: (V, b, K) prototype scores of all V crops (crops 0 and 1 are the global ones);
+    codes: list of the codes of the global crops. Returns
+    1/|codes| * sum_s 1/(V-1) * sum_{v != s} mean_b[-sum_k q_s log softmax(scores_v / T)].
+    """
+    log_p = F.log_softmax(scores.float() / temperature, dim=-1)
+    n_crops, loss = scores.shape[0], 0.0
+    for s, q in enumerate(codes):
+        cross_entropy = -(q.unsqueeze(0) * log_p).sum(-1).mean(-1)  # (V,): one value per predicting crop
+        loss = loss + (cross_entropy.sum() - cross_entropy[s]) / (n_crops - 1)
+    return loss / len(codes)
+
+
+def byol_loss(p1, p2, z1, z2):
+    """BYOL (Grill et al. 2020, eq. 2, symmetrised): (2 - 2 cos(p1, z2)) + (2 - 2 cos(p2, z1)), batch means."""
+    def pair(p, z):
+        return (2 - 2 * F.cosine_similarity(p.float(), z.detach().float(), dim=-1)).mean()
+    return pair(p1, z2) + pair(p2, z1)
+
+
+class RotSSL(nn.Module):
+    """The online networks, the base method's heads, the rotation head and (BYOL) the momentum target.
+
+    `forward` is the training step: it takes a batch of the Augmentation's samples and returns the
+    losses. `backbone` is the network that is kept (backbone.pt).
+    """
+
+    def __init__(self, backbone, feat_dim, base="swav", rot_weight=0.1, n_prototypes=3000,
+                 temperature=0.1, epsilon=0.05, sinkhorn_iters=3):
+        super().__init__()
+        self.base, self.rot_weight = base, rot_weight
+        self.temperature, self.epsilon, self.sinkhorn_iters = temperature, epsilon, sinkhorn_iters
+        self.backbone = backbone
+        if base == "swav":
+            self.projector = mlp(feat_dim, 2048, 128)
+            self.prototypes = nn.Linear(128, n_prototypes, bias=False)
+        else:
+            self.projector = mlp(feat_dim, 4096, 256)
+            self.predictor = mlp(256, 4096, 256)
+            self.target_backbone = _frozen_copy(backbone)
+            self.target_projector = _frozen_copy(self.projector)
+        self.rotation_head = RotationHead(feat_dim) if rot_weight > 0 else None
+
+    def forward(self, batch):
+        x1, x2 = batch["global"]
+        if self.base == "swav":
+            loss_base = self.swav_step(torch.cat([x1, x2]), batch["local"])
+        else:
+            loss_base = self.byol_step(torch.cat([x1, x2]))
+        out = {"loss_base": loss_base}
+        if self.rotation_head is None:  # the plain base method: no rotated forward at all
+            out["loss"] = loss_base
+            return out
+        loss_rot, correct = 0.0, 0.0
+        for rotated, k in zip(batch["rotated"], batch["rotation"].t()):
+            logits = self.rotation_head(self.backbone(rotated)).float()  # one backbone call per rotated view
+            loss_rot = loss_rot + F.cross_entropy(logits, k)  # summed over the two views (detail 3)
+            correct = correct + (logits.argmax(1) == k).float().mean() / 2
+        out.update(loss=loss_base + self.rot_weight * loss_rot, loss_rot=loss_rot, rot_acc=100 * correct)
+        return out
+
+    def swav_step(self, global_views, local_views):
+        b = global_views.shape[0] // 2
+        features = [self.backbone(global_views)]  # one backbone call per crop resolution
+        if local_views:
+            features.append(self.backbone(torch.cat(local_views)))
+        z = F.normalize(self.projector(torch.cat(features)), dim=1)
+        scores = self.prototypes(z).float().view(-1, b, self.prototypes.out_features)  # (V, b, K)
+        codes = [sinkhorn_codes(scores[s].detach(), self.epsilon, self.sinkhorn_iters) for s in (0, 1)]
+        return swav_loss(scores, codes, self.temperature)
+
+    def byol_step(self, global_views):
+        p1, p2 = self.predictor(self.projector(self.backbone(global_views))).chunk(2)
+        with torch.no_grad():  # the target sees the two unrotated views only
+            z1, z2 = self.target_projector(self.target_backbone(global_views)).chunk(2)
+        return byol_loss(p1, p2, z1, z2)
+
+    @torch.no_grad()
+    def normalize_prototypes(self):
+        """SwAV: every prototype is a unit vector before each step (the reference does it in place)."""
+        w = self.prototypes.weight
+        w.copy_(F.normalize(w, dim=1))
+
+    def momentum_update(self, tau):
+        """BYOL: target <- tau * target + (1 - tau) * online, after each optimizer step."""
+        online = [*self.backbone.parameters(), *self.projector.parameters()]
+        target = [*self.target_backbone.parameters(), *self.target_projector.parameters()]
+        common.momentum_update(target, online, tau)
+
+
+def _frozen_copy(module):
+    target = copy.deepcopy(module)
+    for p in target.parameters():
+        p.requires_grad_(False)
+    return target
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+def to_device(batch, device):
+    """Move a collated batch (nested lists and dicts of tensors) to the device; images channels_last on CUDA."""
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return [to_device(v, device) for v in batch]
+    if device.type == "cuda" and batch.ndim == 4:
+        return batch.to(device, non_blocking=True, memory_format=torch.channels_last)
+    return batch.to(device, non_blocking=True)
+
+
+def main():
+    args = resolve_defaults(get_args_parser().parse_args())
+    ddp = common.init_distributed()
+    common.check_common_args(args, ddp.world_size)
+    check_method_args(args)
+    common.seed_everything(args.seed + ddp.rank)
+    swav = args.base == "swav"
+
+    # ---------------------------------------------------------------- data
+    train_set = common.build_dataset(args.data, "train", args.data_dir, args.download, with_unlabeled=True)
+    native = common.native_image_size(train_set)
+    small = native <= 64
+    global_size = args.global_size or (native if small else 224)
+    local_size = args.local_size or max(8, 8 * round(global_size * 96 / 224 / 8))
+    if args.n_prototypes is None:
+        args.n_prototypes = 300 if small else 3000
+    augmentation = Augmentation(args.base, global_size, local_size, args.n_local, rotate=args.rot_weight > 0)
+    loader = common.train_loader(train_set, augmentation, args.batch_size // ddp.world_size, ddp, args.workers,
+                                 args.seed, args.subset)
+    knn = (common.KNNMonitor(args.data, args.data_dir, global_size, small, 256, args.workers, ddp.device,
+                             args.subset, args.seed, args.download) if args.eval_every else None)
+
+    # ---------------------------------------------------------------- model
+    backbone, feat_dim = common.build_backbone(args.arch, small, global_size)
+    model = RotSSL(backbone, feat_dim, args.base, args.rot_weight, args.n_prototypes, args.temperature,
+                   args.epsilon, args.sinkhorn_iters)
+    model = common.to_device(model, ddp.device)
+    if ddp.distributed and ddp.device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+    # ---------------------------------------------------------------- optimizer, schedules, precision
+    optimizer = common.LARS(common.param_groups(model, args.wd), momentum=0.9, trust_coefficient=0.001)
+    iters = len(loader)
+    if swav:  # warmup 0.3 -> 1.2, cosine to 0.0012; not batch-scaled (the reference's schedule)
+        lr_schedule = common.cosine_schedule(args.lr, args.final_lr, args.epochs, iters, args.warmup_epochs,
+                                             args.warmup_start_lr)
+    else:  # BYOL: lr x batch/256, warmup from 0, cosine to 0; target momentum 0.99 -> 1 on a cosine
+        lr_schedule = common.cosine_schedule(args.lr * args.batch_size / 256, 0.0, args.epochs, iters,
+                                             args.warmup_epochs)
+        tau_schedule = common.cosine_schedule(args.ema, 1.0, args.epochs, iters)
+    autocast, scaler = common.mixed_precision(args.precision, ddp.device)
+
+    # ---------------------------------------------------------------- resume
+    start_epoch, step, knn_init = 0, 0, None
+    ckpt = common.load_checkpoint(args.out, args, ("arch", "data", "batch_size", "epochs", "base", "rot_weight",
+                                                   "n_prototypes", "subset", "seed"))
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, step, knn_init = ckpt["epoch"], ckpt["step"], ckpt.get("knn_init")
+        common.set_rng_states(ckpt["rng"][ddp.rank])
+    core = model  # the plain module, for the prototypes, the momentum update and the backbone
+
+    # ---------------------------------------------------------------- compile, DDP (compile before DDP)
+    if args.compile:
+        model = torch.compile(model)
+    if ddp.distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[ddp.local_rank] if ddp.device.type == "cuda"
+                                                    else None)
+
+    # ---------------------------------------------------------------- output folder (all checks passed)
+    log_path = os.path.join(args.out, "log.jsonl")
+    if ddp.is_main:
+        os.makedirs(args.out, exist_ok=True)
+        if ckpt is None:
+            common.write_json_line(log_path, common.run_header(args))
+    if ckpt is None and knn is not None:
+        knn_init = knn(core.backbone, autocast)
+        if ddp.is_main and knn_init:
+            common.write_json_line(log_path, {"epoch": 0, **knn_init})
+            print(f"random-init backbone: kNN top-1 {knn_init['knn_top1']:.1f}%")
+
+    # ---------------------------------------------------------------- training
+    record = {}
+    for epoch in range(start_epoch, args.epochs):
+        loader.sampler.set_epoch(epoch)
+        model.train()
+        totals, recent = {}, []
+        epoch_timer, bar_timer = common.StepTimer(ddp.device), common.StepTimer(ddp.device)
+        bar = tqdm(loader, disable=not ddp.is_main, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
+        for batch in bar:
+            batch = to_device(batch, ddp.device)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_schedule[step]
+            if swav:
+                core.normalize_prototypes()
+            with autocast():
+                losses = model(batch)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(losses["loss"]).backward()
+            if swav and step < args.freeze_prototypes_iters:  # prototypes frozen at the start (detail 4)
+                core.prototypes.weight.grad = None
+            scaler.step(optimizer)
+            scaler.update()
+            if not swav:
+                core.momentum_update(tau_schedule[step])
+
+            for k, v in losses.items():
+                totals[k] = totals.get(k, 0.0) + v.detach()
+            recent.append(losses["loss"].detach())
+            epoch_timer.add(args.batch_size)
+            bar_timer.add(args.batch_size)
+            step += 1
+            if step % args.log_every == 0:
+                common.check_finite(torch.stack(recent), step)
+                recent = []
+                bar.set_postfix(loss=f"{losses['loss'].item():.3f}", img_s=f"{bar_timer.rate():.0f}")
+        if recent:
+            common.check_finite(torch.stack(recent), step)
+        images_per_s = epoch_timer.rate()
+
+        # end of epoch: averages, kNN monitor, log line, checkpoint
+        record = {"epoch": epoch + 1, **{k: v.item() / len(loader) for k, v in totals.items()},
+                  "lr": float(lr_schedule[step - 1]), "images_per_s": images_per_s,
+                  "peak_mem_mb": common.peak_memory_mb(ddp.device)}
+        if knn is not None and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
+            record.update(knn(core.backbone, autocast) or {})
+        rng = common.gather_rng_states()  # a collective: every rank takes part
+        if ddp.is_main:
+            common.write_json_line(log_path, record)
+            rot = f", L_rot {record['loss_rot']:.3f}, rotation acc {record['rot_acc']:.1f}%" if "loss_rot" in record else ""
+            knn_text = f", kNN top-1 {record['knn_top1']:.1f}%" if "knn_top1" in record else ""
+            print(f"epoch {epoch + 1}/{args.epochs}: loss {record['loss']:.3f}, L_{args.base} "
+                  f"{record['loss_base']:.3f}{rot}, lr {record['lr']:.4f}, {images_per_s:.0f} images/s{knn_text}")
+            record_fields = dict(method=f"rotssl-{args.base}", arch=args.arch, small_images=small,
+                                 img_size=global_size, feat_dim=feat_dim, args=args, epoch=epoch + 1)
+            common.atomic_save({"model": core.state_dict(), "optimizer": optimizer.state_dict(),
+                                "scaler": scaler.state_dict(), "epoch": epoch + 1, "step": step,
+                                "args": common.plain_args(args), "rng": rng, "knn_init": knn_init,
+                                "backbone": common.backbone_record(core.backbone, **record_fields)},
+                               os.path.join(args.out, "checkpoint.pt"))
+            common.save_backbone(os.path.join(args.out, "backbone.pt"), core.backbone, **record_fields)
+
+    if ddp.is_main and knn_init and "knn_top1" in record:
+        print(f"kNN top-1: {record['knn_top1']:.1f}% after training vs {knn_init['knn_top1']:.1f}% at random init")
+
+
+if __name__ == "__main__":
+    common.run_main(main)
