@@ -1,0 +1,268 @@
+"""Tests of trex.py: prototypes, memory, loss, augmentation, the order of a step, two processes, the script."""
+import copy
+import json
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+import common
+import trex
+from conftest import assert_same_state, run_killed_after_first_checkpoint, run_script
+
+TINY_RUN = ("--subset", "128", "--batch-size", "32", "--eval-every", "0", "--workers", "1")
+
+
+def tiny_model(memory_size=16, projector_layers=1, seed=0):
+    torch.manual_seed(seed)
+    backbone, feat_dim = common.build_backbone("resnet_tiny", small_images=True, img_size=16)
+    return trex.TReX(backbone, feat_dim, num_classes=10, projector_layers=projector_layers, hidden_dim=32,
+                     bottleneck_dim=8, memory_size=memory_size)
+
+
+def tiny_batch(batch=4, n_local=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    crops = [torch.randn(batch, 3, 16, 16, generator=g)] + [torch.randn(batch, 3, 8, 8, generator=g)
+                                                           for _ in range(n_local)]
+    return crops, torch.randint(0, 10, (batch,), generator=g)
+
+
+# ----------------------------------------------------------------------------------------------
+# The pieces a user copies
+# ----------------------------------------------------------------------------------------------
+def test_class_prototypes_are_normalised_class_sums_and_zero_for_empty_classes():
+    features = torch.randn(6, 4)
+    labels = torch.tensor([0, 2, 0, -1, 2, 0])  # slot 3 is empty
+    protos = trex.class_prototypes(features, labels, num_classes=4)
+    for c, members in ((0, [0, 2, 5]), (2, [1, 4])):
+        total = sum(features[i] for i in members)
+        assert torch.allclose(protos[c], total / total.norm(), atol=1e-6)
+    assert torch.equal(protos[1], torch.zeros(4)) and torch.equal(protos[3], torch.zeros(4))
+    # an empty memory gives all-zero prototypes, hence all logits 0
+    assert not trex.OCMMemory(8, 4).prototypes(3).any()
+
+
+def test_ring_buffer_holds_the_newest_entries_in_order():
+    size = 5
+    memory = trex.OCMMemory(size, 2)
+    entries = torch.arange(9.0)
+    for chunk in (entries[:3], entries[3:7], entries[7:]):  # 9 writes > 5 slots: wraps around
+        memory.write(torch.stack([chunk, -chunk], 1), chunk.long())
+    order = torch.roll(torch.arange(size), -int(memory.ptr))  # oldest first
+    assert memory.labels[order].tolist() == [4, 5, 6, 7, 8]
+    assert torch.equal(memory.features[order], torch.stack([entries[4:], -entries[4:]], 1))
+    big = torch.arange(100.0, 107.0)  # one batch larger than the memory keeps its newest entries
+    memory.write(torch.stack([big, -big], 1), big.long())
+    order = torch.roll(torch.arange(size), -int(memory.ptr))
+    assert memory.labels[order].tolist() == [102, 103, 104, 105, 106]
+
+
+def test_loss_equals_hand_computed_cross_entropy_over_all_crops():
+    logits = torch.tensor([[1.0, 2.0, 0.5],    # image 0, global crop
+                           [0.0, -1.0, 3.0],   # image 1, global crop
+                           [2.0, 0.0, 0.0],    # image 0, local crop
+                           [0.5, 0.5, -2.0]])  # image 1, local crop
+    labels = torch.tensor([1, 2])
+    expected = 0.0
+    for row, y in zip(logits.tolist(), [1, 2, 1, 2]):
+        expected -= row[y] - math.log(sum(math.exp(v) for v in row))
+    assert trex.multicrop_cross_entropy(logits, labels).item() == pytest.approx(expected / 4, abs=1e-6)
+    z, w = torch.tensor([[3.0, 4.0]]), torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    assert torch.allclose(trex.cosine_logits(z, w, tau=0.1), torch.tensor([[6.0, 8.0]]))
+
+
+def test_augmentation_returns_one_global_and_n_local_crops():
+    image = common.Synthetic("train")[0][0]
+    crops, target = trex.MultiCropAugmentation(32, 16, n_local=3, scale_split=0.25)(image, 7)
+    assert target == 7 and [tuple(c.shape) for c in crops] == [(3, 32, 32)] + [(3, 16, 16)] * 3
+    crops, _ = trex.MultiCropAugmentation(n_local=2)(Image.new("RGB", (300, 260), (90, 20, 200)), 0)
+    assert [tuple(c.shape) for c in crops] == [(3, 224, 224), (3, 96, 96), (3, 96, 96)]
+    assert all(c.dtype == torch.float32 for c in crops)
+
+
+# ----------------------------------------------------------------------------------------------
+# The order of operations inside one step (spec: prototypes, online, momentum, memory, loss)
+# ----------------------------------------------------------------------------------------------
+def test_first_step_scores_against_the_empty_memory_then_writes_raw_momentum_outputs_of_global_crops():
+    model = tiny_model(memory_size=16)
+    crops, labels = tiny_batch(batch=4)
+    momentum_before = copy.deepcopy(nn.Sequential(model.momentum_backbone, model.momentum_projector))
+    loss = model(crops, labels)
+    assert loss.item() == pytest.approx(math.log(10), abs=1e-6)  # every prototype is 0: the batch saw no own entry
+    assert model.memory.labels[:4].tolist() == labels.tolist() and (model.memory.labels[4:] == -1).all()
+    assert int(model.memory.ptr) == 4
+    with torch.no_grad():  # momentum == online at init, so the update leaves it unchanged
+        expected = momentum_before(crops[0])
+    assert torch.allclose(model.memory.features[:4], expected, atol=1e-5)
+    assert not torch.allclose(model.memory.features[:4].norm(dim=1), torch.ones(4))  # raw, not normalised
+
+
+def test_momentum_encoder_follows_online_weights_of_the_step_before_the_optimizer_update():
+    model = tiny_model(memory_size=16)
+    optimizer = torch.optim.SGD(common.param_groups(model, 1e-4), lr=0.5, momentum=0.9)
+    online = lambda: [p.detach().clone() for p in [*model.backbone.parameters(), *model.projector.parameters()]]
+    target = lambda: [*model.momentum_backbone.parameters(), *model.momentum_projector.parameters()]
+    theta0 = online()
+    for step in range(2):
+        crops, labels = tiny_batch(seed=step)
+        loss = model(crops, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step == 0:
+            theta1 = online()
+            assert all(torch.equal(t, p) for t, p in zip(target(), theta0))
+            assert any(not torch.equal(a, b) for a, b in zip(theta0, theta1))
+    for t, p0, p1 in zip(target(), theta0, theta1):
+        assert torch.allclose(t, 0.999 * p0 + 0.001 * p1, atol=1e-6)
+    assert not any(p.requires_grad for p in target())
+    assert all(p.ndim >= 2 for p in optimizer.param_groups[0]["params"])  # weight decay on weights only
+    assert optimizer.param_groups[1]["weight_decay"] == 0.0
+
+
+def test_loss_is_fp32_under_bf16_autocast():
+    model = tiny_model()
+    crops, labels = tiny_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(crops, labels)
+        logits = model.predict(crops[0])
+    assert loss.dtype == torch.float32 and logits.dtype == torch.float32
+    assert model.memory.features.dtype == torch.float32
+
+
+def test_recipes_and_the_ordinary_supervised_baseline():
+    parse = lambda *a: trex.resolve_defaults(args := trex.get_args_parser().parse_args(list(a))) or args
+    args = parse("--recipe", "trex_star")
+    assert (args.projector_layers, args.scale_split, args.memory_size) == (1, 0.40, 8192)
+    args = parse("--recipe", "trex_star", "--projector-layers", "2", "--scale-split", "0.3")
+    assert (args.projector_layers, args.scale_split) == (2, 0.3)
+    assert parse("--recipe", "plain").memory_size == 0
+    args = parse("--n-local", "0", "--projector-layers", "0", "--memory-size", "0")
+    assert args.scale_split == 0.08  # the standard RandomResizedCrop range when there are no local crops
+    model = tiny_model(memory_size=0, projector_layers=0)
+    assert model.kind == "linear" and isinstance(model.projector, nn.Identity)
+    assert model.classifier.bias is not None and not hasattr(model, "memory")
+    crops, labels = tiny_batch(n_local=0)
+    expected = F.cross_entropy(model.classifier(model.backbone(crops[0])), labels)
+    assert torch.allclose(model(crops, labels), expected)
+    assert tiny_model(memory_size=0, projector_layers=1).kind == "cosine"
+
+
+# ----------------------------------------------------------------------------------------------
+# Two processes (gloo, CPU): identical memories and parameters on both ranks
+# ----------------------------------------------------------------------------------------------
+def _two_process_worker(rank, world_size, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    g = torch.Generator().manual_seed(0)  # the same global batches on both ranks; each writes its share
+    features, labels = torch.randn(2, 8, 4, generator=g), torch.randint(0, 10, (2, 8), generator=g)
+    memory = trex.OCMMemory(6, 4)
+    for f, y in zip(features, labels):
+        memory.write(f.view(world_size, -1, 4)[rank], y.view(world_size, -1)[rank])
+    model = tiny_model(memory_size=8, seed=rank)  # different inits: DDP must broadcast rank 0's, momentum included
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    optimizer = torch.optim.SGD(common.param_groups(model, 1e-4), lr=0.1, momentum=0.9)
+    step_labels = []
+    for step in range(3):  # 3 x 2 ranks x 2 images > 8 slots: the memory wraps
+        crops, y = tiny_batch(batch=2, seed=10 * step + rank)  # different data on each rank
+        step_labels.append(common.all_gather_nograd(y))
+        loss = ddp_model(crops, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    trex.check_replicas_agree(model)  # the script's own end-of-epoch check must pass too
+    torch.save({"memory": memory.state_dict(), "params": dict(model.named_parameters()),
+                "model_memory": model.memory.state_dict(), "step_labels": torch.cat(step_labels)},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_two_processes_hold_identical_memories_and_parameters(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_two_process_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert_same_state(r0["memory"], r1["memory"])
+    assert_same_state(r0["params"], r1["params"])
+    assert_same_state(r0["model_memory"], r1["model_memory"])
+    single = trex.OCMMemory(6, 4)  # one process writing the concatenated batches
+    g = torch.Generator().manual_seed(0)
+    features, labels = torch.randn(2, 8, 4, generator=g), torch.randint(0, 10, (2, 8), generator=g)
+    for f, y in zip(features, labels):
+        single.write(f, y)
+    assert_same_state(single.state_dict(), r0["memory"])
+    newest = r0["step_labels"][-8:]  # 12 labels written into 8 slots: the newest 8, ring order
+    order = torch.roll(torch.arange(8), -int(r0["model_memory"]["ptr"]))
+    assert torch.equal(r0["model_memory"]["labels"][order], newest)
+
+
+# ----------------------------------------------------------------------------------------------
+# The script
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trex") / "demo"
+    result = run_script("trex.py", "--epochs", "1", "--subset", "256", "--workers", "1", "--out", out)
+    return out, result
+
+
+def test_demo_path_runs_and_writes_log_checkpoint_and_backbone(demo_run):
+    out, result = demo_run
+    assert "kNN top-1 on the validation split: random-init backbone" in result.stdout
+    lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert lines[0]["args"]["recipe"] == "trex" and lines[0]["args"]["global_size"] == 32
+    assert lines[1]["epoch"] == 0 and "knn_top1" in lines[1]
+    epoch = lines[2]
+    assert epoch["epoch"] == 1 and math.isfinite(epoch["loss"]) and epoch["images_per_s"] > 0
+    assert {"lr", "peak_mem_mb", "classifier_top1", "knn_top1", "knn_top5"} <= epoch.keys()
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["method"] == "trex" and "memory.labels" in ckpt["model"]
+    assert (ckpt["model"]["memory.labels"] >= 0).sum() == 256  # 2 steps x 128 images written
+    record = common.load_backbone(str(out / "backbone.pt"))
+    backbone, feat_dim = common.backbone_from_record(record)
+    assert record["method"] == "trex" and feat_dim == 128
+    assert not any(k.startswith(("projector", "momentum", "memory")) for k in record["state_dict"])
+
+
+def test_eval_linear_reads_the_backbone(demo_run):
+    out, _ = demo_run
+    run_script("eval_linear.py", "--ckpt", out / "backbone.pt", "--data", "synthetic", "--subset", "500",
+               "--workers", "1")
+    result = json.loads((out / "eval_synthetic.json").read_text())
+    assert 0 <= result["knn"]["top1"] <= 100 and 0 <= result["linear"]["top1"] <= 100
+
+
+def test_two_processes_under_torchrun(tmp_path):
+    run_script("trex.py", "--epochs", "1", *TINY_RUN, "--out", tmp_path / "run", nproc=2)
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["step"] == 4 and len(ckpt["rng"]) == 2
+    assert (ckpt["model"]["memory.labels"] >= 0).sum() == 128  # both ranks' images are in the memory
+
+
+def test_resume_after_a_kill_gives_the_same_weights(tmp_path):
+    args = ("--epochs", "2", *TINY_RUN, "--memory-size", "96")  # 8 steps x 32 images: the memory wraps
+    run_script("trex.py", *args, "--out", tmp_path / "straight")
+    first = run_killed_after_first_checkpoint("trex.py", *args, out=tmp_path / "resumed")
+    assert first["epoch"] == 1
+    result = run_script("trex.py", *args, "--out", tmp_path / "resumed")
+    assert "epoch 2/2" in result.stdout and "epoch 1/2" not in result.stdout
+    a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("straight", "resumed"))
+    assert_same_state(a["model"], b["model"])
+    assert_same_state(a["optimizer"], b["optimizer"])
+
+
+def test_bad_scale_split_exits_with_one_sentence_and_no_output(tmp_path):
+    result = run_script("trex.py", "--scale-split", "1.5", "--out", tmp_path / "bad", check=False)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "--scale-split" in lines[0]
+    assert not (tmp_path / "bad").exists()
