@@ -1,0 +1,527 @@
+"""UniVIP: scene-scene, scene-instance and instance-instance self-supervision with optimal transport.
+
+Paper: "UniVIP: A Unified Framework for Self-Supervised Visual Pre-training", Zhaowen Li, Yousong Zhu,
+Fan Yang, Wei Li, Chaoyang Zhao, Yingying Chen, Zhiyang Chen, Jiahao Xie, Liwei Wu, Rui Zhao, Ming Tang
+and Jinqiao Wang, CVPR 2022, arXiv 2203.06965. There is no official code; the closest reference is the
+ORL code of the same group (Jiahao000/ORL), whose COCO protocol UniVIP reuses.
+
+The idea. BYOL assumes that two random crops of an image show the same object, which fails on scene
+images such as COCO. UniVIP samples two scene views that are guaranteed to contain the same K object
+instances (boxes from selective search, annotations, ...) and trains one BYOL network pair at three
+levels: (1) scene-scene, the two views agree (BYOL); (2) scene-instance, an aggregate of the K instances
+agrees with each scene view; (3) instance-instance, the K online instance embeddings are matched to the
+K target ones by optimal transport (Sinkhorn), so the network learns which instances are the same and
+which differ without hand-made pairs. `--losses ss` is BYOL on the same data: the paper's baseline.
+
+Implementation details (choices the paper leaves open, and how they are made here)
+ 1. Instances are cropped from the original image, not from the scene views, and before any flip, so a
+    flip can never break the box correspondence; each box is resized to a square (as ORL does).
+ 2. The box filter (min side, aspect ratio <= 3, drop IoU > 0.5 with a kept box) keeps boxes in the
+    order of their source: put the best proposals first in a --boxes file.
+ 3. Fallback when 20 window pairs never hold K boxes (Sec. 3.1): take the attempt whose intersection
+    holds the most real boxes (ties: the larger intersection) among those where a box of --min-box fits,
+    and add random boxes inside it with the filter's size and aspect rules; the IoU <= 0.5 rule is
+    tried 10 times per random box and then given up (a small intersection cannot hold K disjoint
+    boxes). If no intersection can hold a box at all, both windows become the whole image. The
+    fallback rate is logged every epoch.
+ 4. The distance is d(a, b) = 2 - 2 cos(a, b) (BYOL's normalised MSE). The paper writes each term
+    with -cos: same minimiser and gradients up to a factor 2; 2 - 2cos matches the BYOL / ORL code
+    and its learning rates.
+ 5. The transport plan, its marginals and its cost are computed without gradient, in fp32, with
+    log-domain Sinkhorn (no under/overflow at eps = 0.1); the loss gets its gradient through d only.
+ 6. One backbone call per crop resolution: both scene views together, then all B*K instances together
+    (so batch-norm statistics are shared by the two views, as in DINO's multi-crop code).
+ 7. The online instances get the view-1 augmentations (blur 1.0, no solarize) and the target instances
+    the view-2 ones; L_ii is one-directional, as written in the paper.
+ 8. Weight decay skips biases and norm parameters (also with SGD); the target network keeps its own
+    batch-norm statistics (train mode) and never receives gradients.
+ 9. Small images (the 96 px synthetic scenes): scenes at 64 px, instances at 32 px, --min-box 8, and a
+    CIFAR-style backbone stem when instances are 64 px or smaller. The kNN monitor evaluates on
+    single-object images (32 px synthetic shapes, or --eval-data), the setting of a linear probe.
+
+Commands
+  CPU demo (synthetic scenes, about 3 minutes on 2 cores):  python univip.py
+  one GPU, COCO:   python univip.py --data coco --data-dir /datasets/coco --arch resnet50 --batch-size 256 \\
+                       --epochs 800 --eval-data stl10 --data-dir /datasets  (see README for folders)
+  several GPUs:    torchrun --nproc_per_node=8 univip.py --data coco --data-dir /datasets/coco --arch resnet50 \\
+                       --batch-size 512 --epochs 800 --workers 10
+  paper recipe, COCO (Sec. 4.1): the line above (SGD, lr 0.4 x batch/512, wd 1e-4, 4 warmup epochs).
+  paper recipe, ImageNet with selective-search boxes: torchrun --nnodes=8 --nproc_per_node=8 ... univip.py \\
+      --data /datasets/imagenet/train --boxes imagenet_ss.json --arch resnet50 --batch-size 4096 --epochs 200 \\
+      --optimizer lars --lr 0.6 --wd 1e-6 --warmup-epochs 10
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+import common
+
+LOSSES = ("ss", "si", "ii")
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("UniVIP", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common.add_common_args(p, "univip", epochs=6, batch_size=64, lr=0.4, wd=1e-4, warmup_epochs=1, eval_every=10)
+    g = p.add_argument_group("UniVIP")
+    g.add_argument("--boxes", default=None,
+                   help="JSON file: image path relative to --data -> list of [x, y, w, h] boxes (e.g. selective "
+                        "search); needed when --data is a folder. --data coco reads instances_train2017.json")
+    g.add_argument("--losses", default="ss,si,ii",
+                   help="comma-separated terms among ss (scene-scene), si (scene-instance), ii (instance-instance, "
+                        "optimal transport); 'ss' alone is BYOL on the same data, the paper's baseline")
+    g.add_argument("--num-instances", type=int, default=4, help="K, instances shared by the two scene views")
+    g.add_argument("--scene-size", type=int, default=None,
+                   help="side of the scene views (default 224; 64 for scenes of 128 px or less)")
+    g.add_argument("--instance-size", type=int, default=None,
+                   help="side of the instance crops (default 96; 32 for scenes of 128 px or less)")
+    g.add_argument("--min-box", type=float, default=None,
+                   help="shortest side of a usable box in image pixels (default 64, as on COCO; 8 for small scenes)")
+    g.add_argument("--scene-scale", type=float, nargs=2, default=(0.08, 1.0),
+                   help="area range of the scene windows (RandomResizedCrop scale)")
+    g.add_argument("--optimizer", default="sgd", choices=("sgd", "lars"),
+                   help="sgd (momentum 0.9, the COCO recipe) or lars (the ImageNet recipe, with --lr 0.6 --wd 1e-6)")
+    g.add_argument("--momentum-teacher", type=float, default=0.99,
+                   help="base momentum tau of the target network, raised to 1 by a per-iteration cosine")
+    g.add_argument("--hidden-dim", type=int, default=4096, help="hidden width of projector and predictor")
+    g.add_argument("--proj-dim", type=int, default=256, help="output width of projector and predictor")
+    g.add_argument("--sinkhorn-eps", type=float, default=0.1, help="entropic regularisation of the transport plan")
+    g.add_argument("--sinkhorn-iters", type=int, default=50, help="Sinkhorn iterations")
+    g.add_argument("--eval-data", default="synthetic",
+                   help="single-object dataset of the kNN monitor: synthetic (32 px shapes), cifar10, stl10 or a "
+                        "labelled ImageFolder path with train/ and val/")
+    g.add_argument("--eval-subset", type=int, default=0,
+                   help="kNN memory bank: a fixed random subset of this many eval-data training images (0 = all)")
+    return p
+
+
+def resolve_sizes(args, native_size):
+    """Sizes the user left open: the paper's on real images, scaled down on small scenes (Sec. 4.1)."""
+    small = native_size <= 128
+    args.scene_size = args.scene_size or (64 if small else 224)
+    args.instance_size = args.instance_size or (32 if small else 96)
+    args.min_box = args.min_box if args.min_box is not None else (8.0 if small else 64.0)
+
+
+def check_args(args):
+    terms = args.losses.split(",")
+    if not terms or any(t not in LOSSES for t in terms) or len(set(terms)) != len(terms):
+        raise common.UserError(f"--losses {args.losses} must be a comma-separated subset of ss,si,ii, e.g. ss,si,ii")
+    if args.num_instances < 1 or args.min_box <= 0:
+        raise common.UserError("--num-instances must be at least 1 and --min-box positive")
+    if min(args.scene_size, args.instance_size) < 16:
+        raise common.UserError("--scene-size and --instance-size must be at least 16 pixels")
+    lo, hi = args.scene_scale
+    if not 0 < lo <= hi <= 1:
+        raise common.UserError(f"--scene-scale {lo} {hi} must satisfy 0 < low <= high <= 1")
+    if not 0 <= args.momentum_teacher <= 1 or args.sinkhorn_eps <= 0 or args.sinkhorn_iters < 1:
+        raise common.UserError("--momentum-teacher must be in [0, 1], --sinkhorn-eps positive, --sinkhorn-iters >= 1")
+    if args.boxes is not None and args.data in ("synthetic", "coco"):
+        raise common.UserError(f"--boxes is for a folder of images; --data {args.data} brings its own boxes")
+    if args.arch.startswith("vit"):
+        patch = common.vit_patch_size(args.scene_size)
+        if args.scene_size % patch or args.instance_size % patch:
+            raise common.UserError(f"with {args.arch}, --scene-size and --instance-size must be multiples of the "
+                                   f"patch size {patch}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: two scene views that share K instances (Sec. 3.1)
+# ----------------------------------------------------------------------------------------------
+def filter_boxes(boxes, width, height, min_box, max_ratio=3.0, iou_threshold=0.5):
+    """Clip (x, y, w, h) boxes to the image, keep those with shortest side >= min_box and aspect ratio
+    <= max_ratio, then drop every box whose IoU with an earlier kept box exceeds iou_threshold."""
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    x0, y0 = boxes[:, 0].clip(0, width), boxes[:, 1].clip(0, height)
+    x1, y1 = (boxes[:, 0] + boxes[:, 2]).clip(0, width), (boxes[:, 1] + boxes[:, 3]).clip(0, height)
+    w, h = x1 - x0, y1 - y0
+    keep = (np.minimum(w, h) >= min_box) & (np.maximum(w, h) <= max_ratio * np.minimum(w, h))
+    xyxy = torch.from_numpy(np.stack([x0, y0, x1, y1], 1)[keep])
+    order = torchvision.ops.nms(xyxy, -torch.arange(len(xyxy), dtype=torch.float32), iou_threshold)  # greedy, in order
+    out = xyxy[order.sort().values]
+    return torch.cat([out[:, :2], out[:, 2:] - out[:, :2]], 1).numpy()
+
+
+def random_window(width, height, scale, ratio=(3 / 4, 4 / 3)):
+    """A RandomResizedCrop window (x, y, w, h): area fraction in `scale`, log-uniform aspect ratio."""
+    for _ in range(10):
+        area = width * height * random.uniform(*scale)
+        aspect = math.exp(random.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return random.randint(0, width - w), random.randint(0, height - h), w, h
+    return 0, 0, width, height
+
+
+def _iou(a, b):
+    iw = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
+    ih = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
+    inter = max(iw, 0) * max(ih, 0)
+    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
+
+
+def random_boxes(region, count, min_side, taken, max_ratio=3.0, iou_threshold=0.5):
+    """`count` random boxes inside region (x0, y0, x1, y1): shortest side >= min_side, aspect <= max_ratio,
+    IoU <= iou_threshold with `taken` and with each other when 10 tries allow it."""
+    x0, y0, x1, y1 = region
+    out = []
+    for _ in range(count):
+        for _attempt in range(10):
+            w = random.uniform(min_side, min(x1 - x0, max_ratio * (y1 - y0)))
+            h = random.uniform(max(min_side, w / max_ratio), min(y1 - y0, max_ratio * w))
+            x, y = random.uniform(x0, x1 - w), random.uniform(y0, y1 - h)
+            box = (x, y, min(w, x1 - x), min(h, y1 - y))
+            if all(_iou(box, b) <= iou_threshold for b in list(taken) + out):
+                break
+        out.append(box)
+    return out
+
+
+def sample_scene_pair(width, height, boxes, num_instances=4, min_box=64.0, scale=(0.08, 1.0), tries=20):
+    """Two independent scene windows whose intersection holds `num_instances` boxes (Sec. 3.1).
+
+    `boxes`: the filtered (n, 4) x, y, w, h boxes of the image. Up to `tries` pairs of RandomResizedCrop
+    windows are drawn until at least K boxes lie fully inside both; K of them are chosen at random.
+    Otherwise the fallback of detail 3 fills up with random boxes. Returns (window1, window2, (K, 4)
+    float32 boxes, fell_back) with windows as integer (x, y, w, h).
+    """
+    min_side = min(min_box, width, height)  # an image smaller than --min-box still gets K boxes
+    best, best_key = None, None
+    for _ in range(tries):
+        w1, w2 = random_window(width, height, scale), random_window(width, height, scale)
+        ix0, iy0 = max(w1[0], w2[0]), max(w1[1], w2[1])
+        ix1, iy1 = min(w1[0] + w1[2], w2[0] + w2[2]), min(w1[1] + w1[3], w2[1] + w2[3])
+        inside = [b for b in boxes if b[0] >= ix0 and b[1] >= iy0 and b[0] + b[2] <= ix1 and b[1] + b[3] <= iy1]
+        if len(inside) >= num_instances:
+            return w1, w2, np.array(random.sample(inside, num_instances), np.float32).reshape(-1, 4), False
+        key = (len(inside), (ix1 - ix0) * (iy1 - iy0))
+        if ix1 - ix0 >= min_side and iy1 - iy0 >= min_side and (best_key is None or key > best_key):
+            best, best_key = (w1, w2, (ix0, iy0, ix1, iy1), inside), key
+    if best is None:  # the windows never overlapped enough: both views see the whole image
+        whole = (0, 0, width, height)
+        best = (whole, whole, (0, 0, width, height), list(boxes))
+        if len(best[3]) >= num_instances:
+            return whole, whole, np.array(random.sample(best[3], num_instances), np.float32).reshape(-1, 4), True
+    w1, w2, region, inside = best
+    chosen = [tuple(b) for b in inside] + random_boxes(region, num_instances - len(inside), min_side, inside)
+    return w1, w2, np.array(chosen, np.float32).reshape(-1, 4), True
+
+
+class SceneInstanceAugmentation:
+    """(scene image, boxes) -> (scene view 1, scene view 2, online instances (K, 3, s, s), target instances
+    (K, 3, s, s), fell_back). BYOL's asymmetric photometric lists (Sec. 4.1): view 1 blur p 1.0 and no
+    solarize, view 2 blur p 0.1 and solarize p 0.2; instances use the same two lists."""
+
+    def __init__(self, scene_size, instance_size, num_instances, min_box, scale, with_instances=True):
+        self.scene_size, self.instance_size, self.scale = scene_size, instance_size, scale
+        self.num_instances, self.min_box, self.with_instances = num_instances, min_box, with_instances
+
+        def view(size, blur_p, solarize_p):  # flip comes after cropping: boxes are already cut out
+            return v2.Compose([v2.RandomHorizontalFlip(0.5), *common.color_augmentation(size, blur_p, solarize_p),
+                               *common.to_normalized_tensor()])
+        self.scene_views = (view(scene_size, 1.0, 0.0), view(scene_size, 0.1, 0.2))
+        self.instance_views = (view(instance_size, 1.0, 0.0), view(instance_size, 0.1, 0.2))
+
+    def __call__(self, image, boxes):
+        width, height = image.size
+        if not self.with_instances:  # BYOL: two independent windows, nothing else
+            w1, w2 = random_window(width, height, self.scale), random_window(width, height, self.scale)
+            return self._scene(image, w1, 0), self._scene(image, w2, 1), None, None, False
+        boxes = filter_boxes(boxes, width, height, self.min_box)
+        w1, w2, chosen, fell_back = sample_scene_pair(width, height, boxes, self.num_instances, self.min_box,
+                                                      self.scale)
+        s = (self.instance_size, self.instance_size)
+        crops = [image.resize(s, Image.BICUBIC, box=(x, y, x + w, y + h)) for x, y, w, h in chosen]
+        online = torch.stack([self.instance_views[0](c) for c in crops])
+        target = torch.stack([self.instance_views[1](c) for c in crops])
+        return self._scene(image, w1, 0), self._scene(image, w2, 1), online, target, fell_back
+
+    def _scene(self, image, window, v):
+        x, y, w, h = window
+        crop = image.resize((self.scene_size, self.scene_size), Image.BICUBIC, box=(x, y, x + w, y + h))
+        return self.scene_views[v](crop)
+
+
+def collate_scene_pairs(samples):
+    """-> scenes (2B, 3, S, S) with all view-1 crops first, instances (B*K, 3, s, s) for online and target
+    (None without instances), fell_back (B,) bool: one backbone call per crop resolution."""
+    s1, s2, online, target, fell_back = zip(*samples)
+    scenes = torch.stack(s1 + s2)
+    if online[0] is None:
+        return scenes, None, None, torch.tensor(fell_back)
+    return scenes, torch.cat(online), torch.cat(target), torch.tensor(fell_back)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model: BYOL networks shared by scenes and instances, the instance aggregator, the loss (Sec. 3)
+# ----------------------------------------------------------------------------------------------
+def mlp(in_dim, hidden_dim, out_dim):
+    """BYOL's projector / predictor: Linear -> BN -> ReLU -> Linear."""
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+                         nn.Linear(hidden_dim, out_dim))
+
+
+def distance(a, b):
+    """d(a, b) = 2 - 2 cos(a, b) along the last dim (the paper's -cos plus 2, times 2; detail 4)."""
+    return 2 - 2 * F.cosine_similarity(a, b, dim=-1)
+
+
+@torch.no_grad()
+def sinkhorn_plan(cost, row_marginal, col_marginal, eps=0.1, iters=50):
+    """Entropic optimal transport in the log domain: the plan Y (.., M, N) minimising <Y, cost> - eps H(Y)
+    with row sums `row_marginal` (.., M) and column sums `col_marginal` (.., N). Batched over leading dims."""
+    log_kernel = -cost.float() / eps
+    log_r, log_c = row_marginal.float().log(), col_marginal.float().log()  # a zero mass gives -inf: an empty row
+    f, g = torch.zeros_like(log_r), torch.zeros_like(log_c)
+    for _ in range(iters):
+        f = log_r - torch.logsumexp(log_kernel + g.unsqueeze(-2), dim=-1)
+        g = log_c - torch.logsumexp(log_kernel + f.unsqueeze(-1), dim=-2)
+    return torch.exp(f.unsqueeze(-1) + log_kernel + g.unsqueeze(-2))
+
+
+def transport_marginal(instances, scene):
+    """relu(cos(instance, scene)) normalised to sum 1 over the instances; uniform if all are zero (Sec. 3.3)."""
+    w = F.relu(F.cosine_similarity(instances, scene.unsqueeze(1), dim=-1))  # (B, K)
+    total = w.sum(1, keepdim=True)
+    return torch.where(total > 0, w / total.clamp_min(1e-12), torch.full_like(w, 1 / w.shape[1]))
+
+
+def univip_loss(online_scenes, target_scenes, online_instances=None, target_instances=None, aggregate=None,
+                losses=LOSSES, eps=0.1, iters=50):
+    """The UniVIP objective, per image and averaged over the batch, in fp32. Inputs:
+    online_scenes = (f(s1), f(s2)) and target_scenes = (g(s1), g(s2)), each (B, D); online_instances o
+    (B, K, D) and target_instances t (B, K, D); aggregate I (B, D) = aggregator(concat(o_1 .. o_K)).
+    Returns {"loss", "ss", "si", "ii"} (only the terms named in `losses`)."""
+    p1, p2 = (x.float() for x in online_scenes)
+    z1, z2 = (x.float().detach() for x in target_scenes)
+    out = {}
+    if "ss" in losses:  # scene-scene (BYOL, Eq. 1): each online view predicts the other target view
+        out["ss"] = (distance(p1, z2) + distance(p2, z1)).mean()
+    if "si" in losses:  # scene-instance (Eq. 2): the aggregate of the K instances predicts both scenes
+        agg = aggregate.float()
+        out["si"] = (distance(agg, z1) + distance(agg, z2)).mean()
+    if "ii" in losses:  # instance-instance with optimal transport (Eq. 3 - 5)
+        o, t = online_instances.float(), target_instances.float().detach()
+        with torch.no_grad():
+            similarity = F.cosine_similarity(o.unsqueeze(2), t.unsqueeze(1), dim=-1)  # S_mn = cos(o_m, t_n)
+            b = transport_marginal(o, z1 + z2)  # mass of each online instance: its agreement with g's scene
+            a = transport_marginal(t, (p1 + p2).detach())  # mass of each target instance: with f's scene
+            plan = sinkhorn_plan(1 - similarity, b, a, eps, iters)
+        pairwise = distance(o.unsqueeze(2), t.unsqueeze(1))  # d(o_m, t_n), (B, K, K): the gradient flows here
+        out["ii"] = (plan * pairwise).sum((1, 2)).mean()
+    out["loss"] = sum(out[k] for k in LOSSES if k in out)
+    return out
+
+
+class UniVIP(nn.Module):
+    """Online f = predictor(projector(backbone)), target g = momentum copy of backbone + projector, and the
+    instance aggregator I = Linear(K * D, D). `forward` is the training step: scenes (2B, 3, S, S) with the
+    B view-1 crops first, online and target instances (B*K, 3, s, s) or None -> the loss dict."""
+
+    def __init__(self, backbone, feat_dim, num_instances=4, hidden_dim=4096, proj_dim=256, losses=LOSSES,
+                 eps=0.1, iters=50):
+        super().__init__()
+        self.losses, self.num_instances, self.eps, self.iters = tuple(losses), num_instances, eps, iters
+        self.backbone = backbone
+        self.projector = mlp(feat_dim, hidden_dim, proj_dim)
+        self.predictor = mlp(proj_dim, hidden_dim, proj_dim)
+        # built only when used, so that DDP never sees parameters without gradients (e.g. --losses ss)
+        self.aggregator = nn.Linear(num_instances * proj_dim, proj_dim) if "si" in losses else None
+        self.target_backbone, self.target_projector = copy.deepcopy(backbone), copy.deepcopy(self.projector)
+        for p in self.target_parameters():
+            p.requires_grad_(False)
+
+    def online_parameters(self):  # the ones the target follows, in the same order as target_parameters
+        return [*self.backbone.parameters(), *self.projector.parameters()]
+
+    def target_parameters(self):
+        return [*self.target_backbone.parameters(), *self.target_projector.parameters()]
+
+    def online(self, x):
+        return self.predictor(self.projector(self.backbone(x)))
+
+    @torch.no_grad()
+    def target(self, x):
+        return self.target_projector(self.target_backbone(x))
+
+    def forward(self, scenes, online_instances=None, target_instances=None):
+        p1, p2 = self.online(scenes).chunk(2)
+        z1, z2 = self.target(scenes).chunk(2)
+        o = t = agg = None
+        if online_instances is not None and ("si" in self.losses or "ii" in self.losses):
+            o = self.online(online_instances).unflatten(0, (-1, self.num_instances))  # (B, K, D)
+            if "ii" in self.losses:
+                t = self.target(target_instances).unflatten(0, (-1, self.num_instances))
+            if self.aggregator is not None:
+                agg = self.aggregator(o.flatten(1))
+        return univip_loss((p1, p2), (z1, z2), o, t, agg, self.losses, self.eps, self.iters)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+def main():
+    args = get_args_parser().parse_args()
+    ddp = common.init_distributed()
+    common.check_common_args(args, ddp.world_size)
+    losses = tuple(args.losses.split(","))
+    common.seed_everything(args.seed + ddp.rank)
+
+    # ---------------------------------------------------------------- data
+    train_set = common.build_scene_dataset(args.data, args.data_dir, args.boxes, "train")
+    if len(train_set) == 0:
+        raise common.UserError(f"--data {args.data} holds no images")
+    resolve_sizes(args, common.native_image_size(train_set))
+    check_args(args)
+    with_instances = "si" in losses or "ii" in losses
+    small = args.instance_size <= 64  # CIFAR-style stem: a 32 px instance would otherwise shrink to 8 px
+    eval_size = args.instance_size if small else args.scene_size
+    augmentation = SceneInstanceAugmentation(args.scene_size, args.instance_size, args.num_instances, args.min_box,
+                                             tuple(args.scene_scale), with_instances)
+    per_rank_batch = args.batch_size // ddp.world_size
+    loader = common.train_loader(train_set, augmentation, per_rank_batch, ddp, args.workers, args.seed,
+                                 args.subset, collate_fn=collate_scene_pairs)
+    knn = None
+    if args.eval_every:
+        knn = common.KNNMonitor(args.eval_data, args.data_dir, eval_size, small, 256, args.workers, ddp.device,
+                                subset=args.eval_subset, seed=args.seed, download=args.download)
+
+    # ---------------------------------------------------------------- model
+    backbone, feat_dim = common.build_backbone(args.arch, small, args.scene_size)
+    model = UniVIP(backbone, feat_dim, args.num_instances, args.hidden_dim, args.proj_dim, losses,
+                   args.sinkhorn_eps, args.sinkhorn_iters)
+    model = common.to_device(model, ddp.device)
+    if ddp.distributed and ddp.device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+    # ---------------------------------------------------------------- optimizer, schedules, precision
+    groups = common.param_groups(model, args.wd)  # the target's parameters have requires_grad False
+    lr = args.lr * args.batch_size / 512  # the paper's scaling: 0.4 at batch 512 (SGD), 4.8 at 4096 (LARS)
+    optimizer = (torch.optim.SGD(groups, lr=lr, momentum=0.9) if args.optimizer == "sgd"
+                 else common.LARS(groups, lr=lr, momentum=0.9))
+    iters = len(loader)
+    lr_schedule = common.cosine_schedule(lr, 0.0, args.epochs, iters, args.warmup_epochs)
+    tau_schedule = common.cosine_schedule(args.momentum_teacher, 1.0, args.epochs, iters)  # BYOL's tau, per step
+    autocast, scaler = common.mixed_precision(args.precision, ddp.device)
+
+    # ---------------------------------------------------------------- resume
+    start_epoch, step, knn_init = 0, 0, None
+    ckpt = common.load_checkpoint(args.out, args, ("arch", "data", "batch_size", "epochs", "losses",
+                                                   "num_instances", "scene_size", "instance_size", "hidden_dim"))
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, step, knn_init = ckpt["epoch"], ckpt["step"], ckpt.get("knn_init")
+        common.set_rng_states(ckpt["rng"][ddp.rank])
+
+    # ---------------------------------------------------------------- compile, DDP (compile before DDP)
+    train_model = torch.compile(model) if args.compile else model
+    if ddp.distributed:
+        train_model = nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[ddp.local_rank] if ddp.device.type == "cuda" else None)
+    online_params, target_params = model.online_parameters(), model.target_parameters()
+
+    # ---------------------------------------------------------------- output folder (all checks passed)
+    log_path = os.path.join(args.out, "log.jsonl")
+    if ddp.is_main:
+        os.makedirs(args.out, exist_ok=True)
+        if ckpt is None:
+            with open(log_path, "w") as f:
+                f.write(json.dumps(common.run_header(args)) + "\n")
+    if ckpt is None and knn is not None:
+        knn_init = knn(model.backbone, autocast)
+        if ddp.is_main:
+            common.write_json_line(log_path, {"epoch": 0, **knn_init})
+            print(f"kNN top-1 of the random-init backbone on {args.eval_data}: {knn_init['knn_top1']:.1f}%")
+
+    # ---------------------------------------------------------------- training
+    stats = {}
+    for epoch in range(start_epoch, args.epochs):
+        loader.sampler.set_epoch(epoch)
+        model.train()
+        sums = torch.zeros(len(losses) + 3, device=ddp.device)  # loss, terms, fallbacks, samples
+        recent, timer, images_per_s, t0 = [], common.StepTimer(ddp.device), 0.0, time.perf_counter()
+        bar = tqdm(loader, disable=not ddp.is_main, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
+        for scenes, online_instances, target_instances, fell_back in bar:
+            for group in optimizer.param_groups:
+                group["lr"] = float(lr_schedule[step])  # a float: the checkpoint must load with weights_only
+            scenes = scenes.to(ddp.device, non_blocking=True)
+            if online_instances is not None:
+                online_instances = online_instances.to(ddp.device, non_blocking=True)
+                target_instances = target_instances.to(ddp.device, non_blocking=True)
+            if ddp.device.type == "cuda":
+                scenes = scenes.to(memory_format=torch.channels_last)
+                if online_instances is not None:
+                    online_instances = online_instances.to(memory_format=torch.channels_last)
+                    target_instances = target_instances.to(memory_format=torch.channels_last)
+            with autocast():
+                out = train_model(scenes, online_instances, target_instances)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(out["loss"]).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            common.momentum_update(target_params, online_params, float(tau_schedule[step]))  # after the step (BYOL)
+
+            values = torch.stack([out["loss"].detach(), *(out[k].detach() for k in losses)])
+            sums += torch.cat([values, fell_back.to(sums).sum().view(1), sums.new_full((1,), len(fell_back))])
+            recent.append(values[0])
+            timer.add(args.batch_size)
+            step += 1
+            if step % args.log_every == 0:
+                common.check_finite(torch.stack(recent), step)
+                images_per_s = timer.rate()
+                bar.set_postfix(loss=f"{torch.stack(recent).mean().item():.3f}", img_s=f"{images_per_s:.0f}")
+                recent = []
+        if recent:
+            common.check_finite(torch.stack(recent), step)
+        epoch_time = time.perf_counter() - t0
+
+        # ------------------------------------------------------------ end of epoch: monitor, log, checkpoint
+        sums = common.all_reduce_sum(sums).tolist()
+        n_steps = sums[-1] / per_rank_batch  # steps x processes: each added its mean
+        stats = {"epoch": epoch + 1, "loss": sums[0] / n_steps,
+                 **{f"loss_{k}": v / n_steps for k, v in zip(losses, sums[1:-2])},
+                 "fallback_rate": sums[-2] / sums[-1] if with_instances else None,
+                 "lr": float(lr_schedule[step - 1]), "tau": float(tau_schedule[step - 1]),
+                 "images_per_s": iters * args.batch_size / epoch_time,
+                 "peak_mem_mb": common.peak_memory_mb(ddp.device)}
+        if knn is not None and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
+            stats.update(knn(model.backbone, autocast))
+        record = dict(method="univip", arch=args.arch, small_images=small, img_size=eval_size, feat_dim=feat_dim,
+                      args=args, epoch=epoch + 1)
+        rng = common.gather_rng_states()  # a collective: every rank takes part
+        if ddp.is_main:
+            common.write_json_line(log_path, stats)
+            terms = " ".join(f"{k} {stats[f'loss_{k}']:.3f}" for k in losses)
+            knn_text = f" | kNN top-1 {stats['knn_top1']:.1f}%" if "knn_top1" in stats else ""
+            fb_text = f" | fallback {100 * stats['fallback_rate']:.0f}%" if with_instances else ""
+            print(f"epoch {epoch + 1}/{args.epochs} | loss {stats['loss']:.3f} ({terms}){fb_text} | "
+                  f"lr {stats['lr']:.4f} | tau {stats['tau']:.4f} | {stats['images_per_s']:.0f} img/s{knn_text}")
+            common.atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                "scaler": scaler.state_dict(), "epoch": epoch + 1, "step": step,
+                                "args": common.plain_args(args), "rng": rng, "knn_init": knn_init,
+                                "backbone": common.backbone_record(model.backbone, **record)},
+                               os.path.join(args.out, "checkpoint.pt"))
+            common.save_backbone(os.path.join(args.out, "backbone.pt"), model.backbone, **record)
+
+    if ddp.is_main and knn_init is not None and "knn_top1" in stats:
+        print(f"kNN top-1 on {args.eval_data} (single-object images): random-init backbone "
+              f"{knn_init['knn_top1']:.1f}% -> UniVIP {stats['knn_top1']:.1f}%")
+
+
+if __name__ == "__main__":
+    common.run_main(main)
