@@ -916,7 +916,7 @@ def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0.0, war
     total = int(epochs * iters_per_epoch)
     warmup = min(int(warmup_epochs * iters_per_epoch), total)
     ramp = np.linspace(warmup_start, base, warmup, endpoint=False)
-    t = np.arange(total - warmup) / max(1, total - warmup)
+    t = np.linspace(0.0, 1.0, total - warmup)  # the last iteration lands exactly on `final`
     cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * t))
     return np.concatenate([ramp, cosine])
 

@@ -1,0 +1,305 @@
+"""Evaluate frozen features of any checkpoint: weighted kNN and a linear probe.
+
+Reads the `backbone.pt` record that every method writes (also a `checkpoint.pt`, or a bare
+torchvision state dict with `--arch`), or builds a randomly initialised backbone with
+`--ckpt random --arch X`: the baseline every results table needs.
+
+Protocols
+1. kNN (DINO's): l2-normalised features of train and test images (Resize + CenterCrop, no
+   augmentation), cosine similarity, k = 20 neighbours, votes weighted by exp(sim / 0.07).
+2. Linear probe, `--mode fast` (default): features are extracted once, standardised with the
+   training split's mean and std, and a linear layer is trained on them (SGD momentum 0.9, cosine
+   schedule). lr and weight decay are chosen by a small sweep on a held-out 10 % of the training
+   split, then the chosen setting is refit on the whole training split. Minutes, not hours.
+3. Linear probe, `--mode full` (MoCo v3 / DINO): the backbone stays frozen in eval mode; a linear
+   layer initialised N(0, 0.01) with bias 0 is trained on augmented images (RandomResizedCrop + flip;
+   on small images RandomCrop with 4 px padding + flip, the usual CIFAR choice), SGD momentum 0.9,
+   weight decay 0, lr 0.1 x batch/256, cosine over 90 epochs, no warmup. At the end the script
+   checks that the backbone's weights did not change.
+Every number is the final-epoch value (never the best epoch). Results: a printed table and
+`OUT/eval_<data>.json` (OUT = the checkpoint's folder unless `--out` is given).
+
+Commands
+    python eval_linear.py --ckpt random --arch resnet_tiny --data synthetic      # CPU, ~1 minute
+    python eval_linear.py --ckpt runs/trex/backbone.pt --data cifar10 --download
+    python eval_linear.py --ckpt runs/trex/backbone.pt --data data/cifar10       # an ImageFolder
+    torchrun --nproc_per_node=8 eval_linear.py --ckpt runs/opera/backbone.pt --data /imagenet --mode full
+"""
+import argparse
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+import common
+
+FAST_LRS = (0.01, 0.1, 1.0)
+FAST_WDS = (0.0, 1e-4, 1e-3)
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("eval_linear", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", required=True,
+                   help="backbone.pt or checkpoint.pt of any method, a torchvision state dict (with --arch), "
+                        "or 'random' for a randomly initialised backbone (with --arch)")
+    p.add_argument("--arch", default=None, choices=common.ARCHS,
+                   help="backbone architecture; required for 'random' and bare state dicts, checked otherwise")
+    p.add_argument("--data", default="synthetic",
+                   help="synthetic, cifar10, cifar100, stl10, or an ImageFolder root with train/ and val/ or test/")
+    p.add_argument("--data-dir", default="data", help="root of the torchvision datasets")
+    p.add_argument("--download", action="store_true", help="download the torchvision dataset into --data-dir")
+    p.add_argument("--subset", type=int, default=0, help="use a fixed random subset of this many training images (0 = all)")
+    p.add_argument("--img-size", type=int, default=0,
+                   help="evaluation resolution (0 = the checkpoint's training size, else the data's own size if "
+                        "at most 64 px, else 224)")
+    p.add_argument("--mode", default="fast", choices=("fast", "full"),
+                   help="fast: linear layer on cached features with an lr/wd sweep; full: MoCo v3 protocol on augmented images")
+    p.add_argument("--epochs", type=int, default=0, help="linear-probe epochs (0 = 100 in fast mode, 90 in full mode)")
+    p.add_argument("--lr", type=float, default=0.0,
+                   help="fast: fix the lr instead of sweeping it; full: base lr, scaled by batch/256 (0 = 0.1)")
+    p.add_argument("--wd", type=float, default=-1.0, help="fast: fix the weight decay instead of sweeping it; full: default 0")
+    p.add_argument("--batch-size", type=int, default=256, help="global batch size of the linear probe and of feature extraction")
+    p.add_argument("--knn-k", type=int, default=20, help="number of neighbours of the kNN classifier")
+    p.add_argument("--knn-t", type=float, default=0.07, help="temperature of the kNN votes")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader processes per GPU")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                   help="feature extraction precision (auto = bf16 on GPUs that support it, fp32 on CPU)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (held-out split, subset, linear init)")
+    p.add_argument("--out", default=None, help="folder of eval_<data>.json (default: the checkpoint's folder)")
+    return p
+
+
+def check_args(args, world_size):
+    if args.ckpt == "random" and args.arch is None:
+        raise common.UserError("--ckpt random needs --arch (e.g. --arch resnet_tiny)")
+    if args.batch_size < world_size or args.batch_size % world_size:
+        raise common.UserError(f"--batch-size {args.batch_size} must be a positive multiple of the number of processes")
+    if args.epochs < 0 or args.subset < 0 or args.img_size < 0 or args.knn_k < 1 or args.knn_t <= 0:
+        raise common.UserError("--epochs, --subset and --img-size must not be negative; --knn-k and --knn-t must be positive")
+
+
+# ----------------------------------------------------------------------------------------------
+# Linear probe on cached features (--mode fast)
+# ----------------------------------------------------------------------------------------------
+def train_linear(features, labels, num_classes, lr, wd, epochs, batch_size, seed):
+    """SGD (momentum 0.9) with a per-iteration cosine schedule on fixed features; returns the layer."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    layer = nn.Linear(features.shape[1], num_classes).to(features.device)
+    nn.init.normal_(layer.weight, std=0.01, generator=g)
+    nn.init.zeros_(layer.bias)
+    opt = torch.optim.SGD(layer.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
+    steps_per_epoch = max(1, len(features) // batch_size)
+    schedule = common.cosine_schedule(lr, 0.0, epochs, steps_per_epoch)
+    step = 0
+    for _ in range(epochs):
+        order = torch.randperm(len(features), generator=g).to(features.device)
+        for i in range(steps_per_epoch):
+            idx = order[i * batch_size:(i + 1) * batch_size]
+            for group in opt.param_groups:
+                group["lr"] = schedule[step]
+            loss = F.cross_entropy(layer(features[idx]), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+    return layer
+
+
+@torch.no_grad()
+def accuracy(logits, labels):
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    top1 = round((top[:, 0] == labels).float().mean().item() * 100, 2)
+    top5 = round((top == labels[:, None]).any(1).float().mean().item() * 100, 2)
+    return top1, top5
+
+
+def fast_linear_probe(ftrain, ytrain, ftest, ytest, num_classes, args):
+    """Standardise, sweep lr x wd on a held-out 10 % of the training split, refit on all of it."""
+    mean, std = ftrain.mean(0), ftrain.std(0) + 1e-6
+    ftrain, ftest = (ftrain - mean) / std, (ftest - mean) / std
+    epochs = args.epochs or 100
+    lrs = (args.lr,) if args.lr > 0 else FAST_LRS
+    wds = (args.wd,) if args.wd >= 0 else FAST_WDS
+    perm = torch.randperm(len(ftrain), generator=torch.Generator().manual_seed(args.seed)).to(ftrain.device)
+    n_val = max(1, len(ftrain) // 10)
+    held, fit = perm[:n_val], perm[n_val:]
+    grid = [(lr, wd) for lr in lrs for wd in wds]
+    sweep = {}
+    for lr, wd in grid if len(grid) > 1 else []:
+        layer = train_linear(ftrain[fit], ytrain[fit], num_classes, lr, wd, epochs, args.batch_size, args.seed)
+        sweep[(lr, wd)] = accuracy(layer(ftrain[held]), ytrain[held])[0]
+    lr, wd = max(sweep, key=sweep.get) if sweep else grid[0]
+    layer = train_linear(ftrain, ytrain, num_classes, lr, wd, epochs, args.batch_size, args.seed)
+    top1, top5 = accuracy(layer(ftest), ytest)
+    return {"top1": top1, "top5": top5, "mode": "fast", "lr": lr, "weight_decay": wd, "epochs": epochs,
+            "batch_size": args.batch_size, "optimizer": "SGD momentum 0.9, cosine, no warmup",
+            "features": "standardised with the training split's mean and std",
+            "sweep_heldout_top1": {f"lr={k[0]},wd={k[1]}": v for k, v in sweep.items()}}
+
+
+# ----------------------------------------------------------------------------------------------
+# Linear probe on augmented images with the frozen backbone (--mode full)
+# ----------------------------------------------------------------------------------------------
+class ProbeAugmentation:
+    """RandomResizedCrop + flip (ImageNet-sized images) or pad-4 RandomCrop + flip (small images)."""
+
+    def __init__(self, img_size, small_images, mean, std):
+        crop = (v2.RandomCrop(img_size, padding=4, padding_mode="reflect") if small_images else
+                v2.RandomResizedCrop(img_size, interpolation=v2.InterpolationMode.BICUBIC))
+        if small_images:
+            crop = v2.Compose([v2.Resize(img_size), crop])
+        self.transform = v2.Compose([crop, v2.RandomHorizontalFlip(), *common.to_normalized_tensor(mean, std)])
+
+    def __call__(self, image, label):
+        return self.transform(image), label
+
+
+class FrozenProbe(nn.Module):
+    """A frozen backbone (eval mode, no gradient) followed by a trainable linear layer."""
+
+    def __init__(self, backbone, feat_dim, num_classes):
+        super().__init__()
+        self.backbone = backbone.requires_grad_(False).eval()
+        self.linear = nn.Linear(feat_dim, num_classes)
+        nn.init.normal_(self.linear.weight, std=0.01)
+        nn.init.zeros_(self.linear.bias)
+
+    def train(self, mode=True):  # the backbone stays in eval mode: batch-norm statistics are frozen
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def forward(self, images):
+        with torch.no_grad():
+            features = self.backbone(images)
+        return self.linear(features.float())
+
+
+def full_linear_probe(backbone, feat_dim, train_set, test_set, num_classes, info, ddp, args, autocast):
+    epochs = args.epochs or 90
+    lr = (args.lr or 0.1) * args.batch_size / 256
+    wd = max(args.wd, 0.0)
+    before = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
+    probe = common.to_device(FrozenProbe(backbone, feat_dim, num_classes), ddp.device)
+    augmentation = ProbeAugmentation(info["img_size"], info["small_images"], info["mean"], info["std"])
+    loader = common.train_loader(train_set, augmentation, args.batch_size // ddp.world_size, ddp, args.workers,
+                                 args.seed, args.subset)
+    linear = DistributedDataParallel(probe.linear) if ddp.distributed else probe.linear
+    opt = torch.optim.SGD(probe.linear.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
+    schedule = common.cosine_schedule(lr, 0.0, epochs, len(loader))
+    step = 0
+    for epoch in range(epochs):
+        loader.sampler.set_epoch(epoch)
+        probe.train()
+        for images, labels in tqdm(loader, desc=f"linear epoch {epoch + 1}/{epochs}", disable=not ddp.is_main,
+                                   leave=False):
+            images = images.to(ddp.device, non_blocking=True)
+            labels = labels.to(ddp.device, non_blocking=True)
+            for group in opt.param_groups:
+                group["lr"] = schedule[step]
+            with torch.no_grad(), autocast():
+                features = probe.backbone(images)
+            loss = F.cross_entropy(linear(features.float()), labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+    logits, labels = common.extract_features(probe, test_set, args.batch_size, args.workers, ddp.device,
+                                             autocast)
+    changed = [k for k, v in backbone.state_dict().items() if not torch.equal(v.cpu(), before[k].cpu())]
+    if changed:  # a frozen-feature protocol that moved the features would be meaningless
+        raise RuntimeError(f"the backbone changed during the linear probe ({changed[0]}, ...)")
+    top1, top5 = accuracy(logits, labels)
+    return {"top1": top1, "top5": top5, "mode": "full", "lr": lr, "base_lr": args.lr or 0.1, "weight_decay": wd,
+            "epochs": epochs, "batch_size": args.batch_size, "backbone_unchanged": True,
+            "optimizer": "SGD momentum 0.9, cosine, no warmup",
+            "augmentation": "RandomCrop(pad 4) + flip" if info["small_images"] else "RandomResizedCrop + flip"}
+
+
+# ----------------------------------------------------------------------------------------------
+def main():
+    args = get_args_parser().parse_args()
+    ddp = common.init_distributed()
+    check_args(args, ddp.world_size)
+    common.seed_everything(args.seed)
+    t0 = time.time()
+
+    # -------------------------------------------------------------------- checkpoint and data
+    record = None if args.ckpt == "random" else common.load_backbone(args.ckpt, args.arch)
+    train_raw = common.build_dataset(args.data, "train", args.data_dir, args.download)
+    test_raw = common.build_dataset(args.data, "val", args.data_dir, args.download)
+    num_classes = common.num_classes_of(train_raw)
+    if num_classes == 0 or test_raw is None:
+        raise common.UserError(f"--data {args.data} needs labelled train/ and val/ (or test/) splits for evaluation")
+    native = common.native_image_size(train_raw)
+    small = record["small_images"] if record else native <= 64
+    img_size = args.img_size or (record and record.get("img_size")) or (native if native <= 64 else 224)
+    mean, std = (record["mean"], record["std"]) if record else (common.IMAGENET_MEAN, common.IMAGENET_STD)
+    info = {"img_size": img_size, "small_images": small, "mean": mean, "std": std}
+
+    # -------------------------------------------------------------------- backbone
+    if record is None:
+        torch.manual_seed(args.seed)
+        backbone, feat_dim = common.build_backbone(args.arch, small, img_size)
+    else:
+        backbone, feat_dim = common.backbone_from_record(record, img_size)
+    backbone = common.to_device(backbone, ddp.device).requires_grad_(False).eval()
+    autocast, _ = common.mixed_precision(args.precision, ddp.device)
+
+    # -------------------------------------------------------------------- features, kNN, linear probe
+    tf = common.eval_transform(img_size, small, mean, std)
+    train_indices = common.EpochSampler(len(train_raw), seed=args.seed, subset=args.subset).indices
+    train_eval = common.Transformed(train_raw, tf, train_indices)
+    test_eval = common.Transformed(test_raw, tf)
+    ftrain, ytrain = common.extract_features(backbone, train_eval, args.batch_size, args.workers, ddp.device, autocast)
+    ftest, ytest = common.extract_features(backbone, test_eval, args.batch_size, args.workers, ddp.device, autocast)
+    if (ytrain < 0).all():
+        raise common.UserError(f"the training split of {args.data} has no labels")
+    knn1, knn5 = common.knn_classify(ftrain, ytrain, ftest, ytest, num_classes, args.knn_k, args.knn_t)
+    results = {"knn": {"top1": knn1, "top5": knn5, "k": args.knn_k, "temperature": args.knn_t}}
+    if args.mode == "fast":
+        labelled = ytrain >= 0
+        if ddp.is_main:
+            results["linear"] = fast_linear_probe(ftrain[labelled], ytrain[labelled], ftest, ytest, num_classes, args)
+    else:
+        train_probe = train_raw if args.subset == 0 else torch.utils.data.Subset(train_raw, train_indices)
+        results["linear"] = full_linear_probe(backbone, feat_dim, train_probe, test_eval, num_classes, info, ddp,
+                                              args, autocast)
+
+    # -------------------------------------------------------------------- report (rank 0, written atomically)
+    if not ddp.is_main:
+        return
+    data_name = os.path.basename(os.path.normpath(args.data))
+    results.update({
+        "ckpt": args.ckpt, "method": record["method"] if record else "random",
+        "arch": record["arch"] if record else args.arch, "trained_epochs": record.get("epoch") if record else 0,
+        "data": args.data, "num_classes": num_classes, "train_images": len(train_eval), "test_images": len(test_eval),
+        "img_size": img_size, "small_images": small, "feat_dim": feat_dim, "processes": ddp.world_size,
+        "seconds": round(time.time() - t0, 1)})
+    out = args.out or (os.path.dirname(os.path.abspath(args.ckpt)) if record else f"runs/eval_random_{args.arch}")
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, f"eval_{data_name}.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=2)
+    os.replace(tmp, path)
+    print(f"\n{results['method']} {results['arch']} on {data_name} ({len(train_eval)} train / {len(test_eval)} test images)")
+    print(f"{'protocol':<24}{'top-1':>8}{'top-5':>8}")
+    print(f"{'kNN (k=%d, T=%g)' % (args.knn_k, args.knn_t):<24}{knn1:>8.2f}{knn5:>8.2f}")
+    lin = results["linear"]
+    print(f"{'linear (' + lin['mode'] + ')':<24}{lin['top1']:>8.2f}{lin['top5']:>8.2f}")
+    print(f"wrote {path} ({results['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    common.run_main(main)

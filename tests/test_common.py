@@ -1,0 +1,253 @@
+"""common.py: backbones, synthetic data, loaders, checkpoint record, LARS, schedules, kNN."""
+import argparse
+import math
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torchvision
+from torchvision.transforms import v2
+
+import common
+
+
+def test_resnet_tiny_is_small_and_maps_images_to_features():
+    model, dim = common.build_backbone("resnet_tiny", small_images=True, img_size=32)
+    n_params = sum(p.numel() for p in model.parameters())
+    assert 100_000 < n_params < 1_000_000
+    assert model(torch.randn(4, 3, 32, 32)).shape == (4, dim) == (4, 128)
+    assert isinstance(model.maxpool, nn.Identity) and model.conv1.kernel_size == (3, 3)
+    big, _ = common.build_backbone("resnet_tiny", small_images=False)
+    assert big.conv1.kernel_size == (7, 7) and big(torch.randn(2, 3, 64, 64)).shape == (2, 128)
+
+
+def test_vit_small_runs_on_small_images_and_other_sizes():
+    model, dim = common.build_backbone("vit_small", small_images=True, img_size=32)
+    assert model.patch_size == 4 and dim == 384  # 8 x 8 tokens on 32 px images
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 384)
+        assert model(torch.randn(2, 3, 16, 16)).shape == (2, 384)  # local crops: interpolated positions
+
+
+def test_zero_init_residual_zeroes_the_last_bn_of_every_block():
+    model, _ = common.build_backbone("resnet_tiny", True, zero_init_residual=True)
+    assert all(float(b.bn2.weight.detach().abs().sum()) == 0 for b in model.modules()
+               if isinstance(b, torchvision.models.resnet.BasicBlock))
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_backbone_record_loads_into_torchvision_missing_only_fc(arch, tmp_path):
+    model, dim = common.build_backbone(arch, small_images=False)
+    common.save_backbone(tmp_path / "backbone.pt", model, method="test", arch=arch, small_images=False,
+                         img_size=224, feat_dim=dim, args=argparse.Namespace(x=1), epoch=3)
+    record = torch.load(tmp_path / "backbone.pt", map_location="cpu", weights_only=True)
+    assert {"method", "arch", "small_images", "img_size", "mean", "std", "feat_dim", "state_dict", "args",
+            "epoch"} <= record.keys()
+    reference = getattr(torchvision.models, arch)()
+    result = reference.load_state_dict(record["state_dict"], strict=False)
+    assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and result.unexpected_keys == []
+    assert torch.equal(reference.layer1[0].conv1.weight, model.layer1[0].conv1.weight)
+
+
+def test_state_dict_prefixes_of_ddp_and_compile_are_removed():
+    sd = {"module._orig_mod.conv1.weight": torch.ones(1), "module.fc.weight": torch.ones(1)}
+    assert list(common.clean_state_dict(sd)) == ["conv1.weight"]
+
+
+def test_load_backbone_accepts_records_checkpoints_and_bare_state_dicts(tmp_path):
+    model, dim = common.build_backbone("resnet_tiny", True)
+    fields = dict(method="m", arch="resnet_tiny", small_images=True, img_size=32, feat_dim=dim,
+                  args=argparse.Namespace(), epoch=1)
+    common.save_backbone(tmp_path / "backbone.pt", model, **fields)
+    common.atomic_save({"model": {}, "backbone": common.backbone_record(model, **fields)}, tmp_path / "checkpoint.pt")
+    torch.save(model.state_dict(), tmp_path / "bare.pt")
+    for name in ("backbone.pt", "checkpoint.pt", "bare.pt"):
+        rebuilt, _ = common.backbone_from_record(common.load_backbone(tmp_path / name, arch="resnet_tiny"))
+        assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), model.state_dict().values()))
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]  # atomic writes leave no temporary file
+
+
+@pytest.mark.parametrize("case", ["missing", "garbage", "wrong_arch", "bare_without_arch", "foreign_dict"])
+def test_load_backbone_rejects_bad_files_with_one_sentence(case, tmp_path):
+    path = tmp_path / "x.pt"
+    model, dim = common.build_backbone("resnet_tiny", True)
+    if case == "garbage":
+        path.write_text("not a checkpoint")
+    elif case == "wrong_arch":
+        common.save_backbone(path, model, method="m", arch="resnet_tiny", small_images=True, img_size=32,
+                             feat_dim=dim, args=argparse.Namespace(), epoch=0)
+    elif case == "bare_without_arch":
+        torch.save(model.state_dict(), path)
+    elif case == "foreign_dict":
+        torch.save({"hello": 1}, path)
+    with pytest.raises(common.UserError) as e:
+        common.load_backbone(path, arch="resnet18" if case == "wrong_arch" else None)
+    assert "\n" not in str(e.value) and str(path) in str(e.value)
+
+
+def test_synthetic_images_are_deterministic_balanced_and_differ():
+    ds = common.Synthetic("train")
+    a, la = ds[7]
+    b, lb = common.Synthetic("train")[7]
+    assert np.array_equal(np.asarray(a), np.asarray(b)) and la == lb and a.size == (32, 32)
+    assert not np.array_equal(np.asarray(a), np.asarray(ds[17][0]))  # same class, another image
+    assert not np.array_equal(np.asarray(a), np.asarray(common.Synthetic("val")[7][0]))
+    assert np.bincount([ds[i][1] for i in range(100)]).tolist() == [10] * 10
+    assert len(ds) == 10_000 and len(common.Synthetic("val")) == 2_000
+
+
+def test_synthetic_scenes_have_exact_boxes_inside_the_image():
+    ds = common.Synthetic("train", scenes=True)
+    for i in range(30):
+        image, target = ds[i]
+        boxes, labels = target["boxes"], target["labels"]
+        assert 3 <= len(boxes) <= 6 and len(labels) == len(boxes) and image.size == (96, 96)
+        assert (boxes[:, :2] >= 0).all() and (boxes[:, 0] + boxes[:, 2] <= 96).all()
+        assert (boxes[:, 1] + boxes[:, 3] <= 96).all() and (boxes[:, 2:] > 4).all()
+        pixels = np.asarray(image).astype(float)
+        x, y, w, h = boxes[0].astype(int)  # the first shape is inside its box: the box is not empty texture
+        assert pixels[y:y + h, x:x + w].std() > 0
+
+
+def test_epoch_sampler_partitions_the_subset_across_ranks_and_reshuffles():
+    shards = [list(common.EpochSampler(103, rank, 3, seed=1, subset=50)) for rank in range(3)]
+    seen = [i for s in shards for i, _ in s]
+    assert len(seen) == len(set(seen)) == 48  # 50 // 3 per rank, no index twice
+    subset = set(common.EpochSampler(103, seed=1, subset=50).indices.tolist())
+    assert set(seen) <= subset and len(subset) == 50
+    s = common.EpochSampler(103, seed=1)
+    first = list(s)
+    s.set_epoch(1)
+    assert first != list(s) and all(e == 1 for _, e in s)
+    s.set_epoch(0)
+    assert first == list(s)
+
+
+class _Jitter:
+    def __init__(self):
+        self.tf = v2.Compose([v2.RandomResizedCrop(16), v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
+
+    def __call__(self, image, label):
+        return self.tf(image), label, random.random()
+
+
+def test_augmentation_depends_only_on_seed_epoch_and_index():
+    ds = common.Augmented(common.Synthetic("train"), _Jitter(), seed=3)
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    a, b = ds[(5, 2)], ds[(5, 2)]
+    assert torch.equal(a[0], b[0]) and a[2] == b[2]
+    assert not torch.equal(a[0], ds[(5, 3)][0])  # another epoch, another augmentation
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is untouched
+
+
+def test_train_loader_gives_the_same_batches_with_and_without_workers():
+    ddp = common.init_distributed()
+    batches = []
+    for workers in (0, 2):
+        loader = common.train_loader(common.Synthetic("train"), _Jitter(), 8, ddp, workers, seed=0, subset=32)
+        loader.sampler.set_epoch(1)
+        batches.append([x for x, _, _ in loader])
+    assert len(batches[0]) == 4 and all(torch.equal(a, b) for a, b in zip(*batches))
+    with pytest.raises(common.UserError):
+        common.train_loader(common.Synthetic("train"), _Jitter(), 64, ddp, 0, seed=0, subset=32)
+
+
+def test_lars_matches_a_hand_computed_step():
+    w = nn.Parameter(torch.tensor([[3.0, 4.0]]))  # ||w|| = 5
+    b = nn.Parameter(torch.tensor([1.0]))
+    w.grad, b.grad = torch.tensor([[0.6, 0.8]]), torch.tensor([2.0])
+    opt = common.LARS([{"params": [w], "weight_decay": 0.1},
+                       {"params": [b], "weight_decay": 0.1, "lars_exclude": True}], lr=0.5, momentum=0.9,
+                      trust_coefficient=0.01)
+    opt.step()
+    update = torch.tensor([[0.6, 0.8]]) + 0.1 * torch.tensor([[3.0, 4.0]])  # g + wd * w, ||.|| = 1.5
+    expected = torch.tensor([[3.0, 4.0]]) - 0.5 * (0.01 * 5.0 / 1.5) * update
+    assert torch.allclose(w, expected)
+    assert torch.allclose(b, torch.tensor([0.0]))  # excluded: plain momentum SGD, no decay: 1 - 0.5 * 2
+
+
+def test_param_groups_decay_only_weights():
+    m = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    decay, no_decay = common.param_groups(m, 0.5)
+    assert [p.shape for p in decay["params"]] == [(4, 3)] and decay["weight_decay"] == 0.5
+    assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0 and no_decay["lars_exclude"]
+
+
+def test_cosine_schedule_warms_up_then_decays():
+    s = common.cosine_schedule(1.0, 0.1, epochs=4, iters_per_epoch=10, warmup_epochs=1, warmup_start=0.2)
+    assert len(s) == 40 and s[0] == pytest.approx(0.2) and s[10] == pytest.approx(1.0)
+    assert np.all(np.diff(s[:11]) > 0) and np.all(np.diff(s[10:]) < 0) and s[-1] == pytest.approx(0.1)
+    m = common.cosine_schedule(0.99, 1.0, 2, 5)
+    assert m[0] == pytest.approx(0.99) and m[-1] == 1.0
+
+
+def test_momentum_update_is_an_exponential_moving_average():
+    target, online = [torch.zeros(3), torch.ones(2)], [torch.ones(3), torch.zeros(2)]
+    common.momentum_update(target, online, 0.9)
+    assert torch.allclose(target[0], torch.full((3,), 0.1)) and torch.allclose(target[1], torch.full((2,), 0.9))
+
+
+def test_knn_votes_are_weighted_by_similarity():
+    train = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.7, 0.7]])
+    labels = torch.tensor([0, 0, 1, -1])  # the unlabelled neighbour must not vote
+    test = torch.tensor([[1.0, 0.05], [0.1, 1.0]])
+    top1, top5 = common.knn_classify(train, labels, test, torch.tensor([0, 1]), num_classes=2, k=3)
+    assert top1 == 100.0 and top5 == 100.0
+    # k = 3 neighbours: two of class 0 at similarity ~0.2, one of class 1 at 1.0 -> class 1 wins by weight
+    test2 = torch.tensor([[0.05, 1.0]])
+    top1, _ = common.knn_classify(train, labels, test2, torch.tensor([1]), num_classes=2, k=3, temperature=0.07)
+    assert top1 == 100.0
+
+
+def _extract_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model, _ = common.build_backbone("resnet_tiny", True)
+    ds = common.Transformed(common.Synthetic("val"), common.eval_transform(32, True), range(7))
+    f, y = common.extract_features(model, ds, 2, 0, torch.device("cpu"))
+    if rank == 0:
+        torch.save((f, y), out)
+    dist.destroy_process_group()
+
+
+def test_feature_extraction_over_two_processes_equals_one(tmp_path):
+    port = 29500 + os.getpid() % 1000
+    mp.spawn(_extract_worker, args=(2, port, tmp_path / "f.pt"), nprocs=2)
+    f2, y2 = torch.load(tmp_path / "f.pt")
+    torch.manual_seed(0)
+    model, _ = common.build_backbone("resnet_tiny", True)
+    ds = common.Transformed(common.Synthetic("val"), common.eval_transform(32, True), range(7))
+    f1, y1 = common.extract_features(model, ds, 3, 0, torch.device("cpu"))
+    assert torch.equal(y1, y2) and y1.tolist() == [i % 10 for i in range(7)]
+    assert torch.allclose(f1, f2, atol=1e-5)
+
+
+def test_bad_data_paths_raise_one_sentence(tmp_path):
+    with pytest.raises(common.UserError, match="does not exist|no such"):
+        common.build_dataset(str(tmp_path / "missing"))
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    with pytest.raises(common.UserError, match="no images"):
+        common.build_dataset(str(tmp_path / "empty"))
+    with pytest.raises(common.UserError, match="fp16"):
+        common.mixed_precision("fp16", torch.device("cpu"))
+
+
+def test_unlabelled_folder_gives_label_minus_one(tmp_path):
+    for i in range(3):
+        common.Synthetic("train")[i][0].save(tmp_path / f"{i}.png")
+    ds = common.build_dataset(str(tmp_path))
+    assert len(ds) == 3 and ds[0][1] == -1 and common.num_classes_of(ds) == 0
+    assert common.build_dataset(str(tmp_path), "val") is None
+
+
+def test_check_finite_names_the_step():
+    common.check_finite(torch.tensor([1.0, 2.0]), 5)
+    with pytest.raises(common.UserError, match="step 7"):
+        common.check_finite(torch.tensor([1.0, math.nan]), 7)
