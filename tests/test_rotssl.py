@@ -152,6 +152,23 @@ def test_byol_loss_is_0_for_identical_and_4_per_pair_for_opposite_vectors():
     assert rotssl.byol_loss(3 * a, b, b, a).item() == pytest.approx(0.0, abs=1e-6)  # scale-invariant
 
 
+def test_byol_target_is_a_frozen_momentum_average_of_the_online_networks():
+    torch.manual_seed(0)
+    backbone, feat_dim = common.build_backbone("resnet_tiny", True, 16)
+    model = rotssl.RotSSL(backbone, feat_dim, "byol", 0.1)
+    online = [*model.backbone.parameters(), *model.projector.parameters()]
+    target = [*model.target_backbone.parameters(), *model.target_projector.parameters()]
+    assert not any(p.requires_grad for p in target)  # trained only through the momentum update
+    assert all(torch.equal(t, o) for t, o in zip(target, online))  # starts as a copy
+    before = [t.clone() for t in target]
+    with torch.no_grad():
+        for p in [*online, *model.predictor.parameters()]:
+            p.add_(torch.randn_like(p))
+    model.momentum_update(0.9)
+    for t, t0, o in zip(target, before, online):
+        assert torch.allclose(t, 0.9 * t0 + 0.1 * o, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------- the script
 def test_demo_path_runs_and_logs_the_rotation_task(tmp_path):
     out = tmp_path / "demo"
