@@ -314,7 +314,9 @@ def _texture(rng, size):
 
 def _draw_shape(mask, rng, label, cx, cy, radius):
     draw = ImageDraw.Draw(mask)
-    c, s = math.cos(theta := rng.uniform(0, 2 * math.pi)), math.sin(theta)
+    # Shapes stand upright up to +-30 degrees, as objects in photos do: the image has an orientation
+    # (rotation prediction is well posed) while rotation still varies within a class.
+    c, s = math.cos(theta := rng.uniform(-math.pi / 6, math.pi / 6)), math.sin(theta)
     for points, fill in SHAPES[SHAPE_NAMES[label]]:
         draw.polygon([(cx + radius * (c * x - s * y), cy + radius * (s * x + c * y)) for x, y in points], fill=fill)
 
@@ -329,7 +331,8 @@ def _foreground_colour(rng, background_mean):
 
 
 class Synthetic(torch.utils.data.Dataset):
-    """Ten shape classes with random colour, size, position and rotation on textured backgrounds.
+    """Ten shape classes with random colour, size, position and rotation (+-30 degrees from upright)
+    on textured backgrounds.
 
     Colour, position and background carry no class information, so a representation must learn
     shape. Every image is a pure function of (seed, split, index): no storage, any worker can

@@ -332,8 +332,9 @@ def classifier_accuracy(model, val_set, batch_size, workers, device, autocast):
 def check_replicas_agree(model):
     """Parameters and the memory must be identical on every process (DDP averages the gradients, the
     memory writes are gathered): compare per-tensor checksums with rank 0's."""
-    sums = torch.stack([t.double().sum() for t in [*model.parameters(), *getattr(model, "memory", nn.Module()).buffers()]])
-    if not torch.equal(common.all_gather_nograd(sums[None]), sums[None].expand(torch.distributed.get_world_size(), -1)):
+    tensors = [*model.parameters(), *(model.memory.buffers() if model.kind == "ocm" else [])]
+    sums = torch.stack([t.double().sum() for t in tensors])[None]
+    if not torch.equal(common.all_gather_nograd(sums), sums.expand(torch.distributed.get_world_size(), -1)):
         raise RuntimeError("the processes' models or memories diverged; this is a bug, please report it")
 
 
@@ -483,6 +484,8 @@ def main():
                   f"trained {knn_last['knn_top1']:.1f}%  (backbone saved to {args.out}/backbone.pt)")
         elif start_epoch >= args.epochs:
             print(f"{args.out} already holds a model trained for {args.epochs} epochs")
+        else:
+            print(f"done: backbone saved to {args.out}/backbone.pt")
 
 
 if __name__ == "__main__":

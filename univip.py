@@ -42,10 +42,11 @@ Implementation details (choices the paper leaves open, and how they are made her
 Commands
   CPU demo (synthetic scenes, about 3 minutes on 2 cores):  python univip.py
   one GPU, COCO:   python univip.py --data coco --data-dir /datasets/coco --arch resnet50 --batch-size 256 \\
-                       --epochs 800 --eval-data stl10 --data-dir /datasets  (see README for folders)
-  several GPUs:    torchrun --nproc_per_node=8 univip.py --data coco --data-dir /datasets/coco --arch resnet50 \\
-                       --batch-size 512 --epochs 800 --workers 10
-  paper recipe, COCO (Sec. 4.1): the line above (SGD, lr 0.4 x batch/512, wd 1e-4, 4 warmup epochs).
+                       --epochs 800 --eval-data stl10 --eval-data-dir /datasets --eval-every 50
+  several GPUs, the paper's COCO recipe (SGD, lr 0.4 x batch/512, wd 1e-4, 4 warmup epochs, batch 512):
+                   torchrun --nproc_per_node=8 univip.py --data coco --data-dir /datasets/coco --arch resnet50 \\
+                       --batch-size 512 --epochs 800 --workers 10 --eval-data stl10 --eval-data-dir /datasets
+  then a linear probe: python eval_linear.py --ckpt runs/univip/backbone.pt --data /datasets/imagenet --mode full
   paper recipe, ImageNet with selective-search boxes: torchrun --nnodes=8 --nproc_per_node=8 ... univip.py \\
       --data /datasets/imagenet/train --boxes imagenet_ss.json --arch resnet50 --batch-size 4096 --epochs 200 \\
       --optimizer lars --lr 0.6 --wd 1e-6 --warmup-epochs 10
@@ -75,7 +76,7 @@ LOSSES = ("ss", "si", "ii")
 def get_args_parser():
     p = argparse.ArgumentParser("UniVIP", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    common.add_common_args(p, "univip", epochs=6, batch_size=64, lr=0.4, wd=1e-4, warmup_epochs=1, eval_every=10)
+    common.add_common_args(p, "univip", epochs=6, batch_size=64, lr=0.4, wd=1e-4, warmup_epochs=None, eval_every=10)
     g = p.add_argument_group("UniVIP")
     g.add_argument("--boxes", default=None,
                    help="JSON file: image path relative to --data -> list of [x, y, w, h] boxes (e.g. selective "
@@ -103,6 +104,8 @@ def get_args_parser():
     g.add_argument("--eval-data", default="synthetic",
                    help="single-object dataset of the kNN monitor: synthetic (32 px shapes), cifar10, stl10 or a "
                         "labelled ImageFolder path with train/ and val/")
+    g.add_argument("--eval-data-dir", default=None,
+                   help="root of the torchvision dataset named by --eval-data (default: --data-dir)")
     g.add_argument("--eval-subset", type=int, default=0,
                    help="kNN memory bank: a fixed random subset of this many eval-data training images (0 = all)")
     return p
@@ -373,8 +376,18 @@ class UniVIP(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
+def to_input(images, device):
+    """A batch of crops onto the device (channels_last for the convnets on CUDA); None stays None."""
+    if images is None:
+        return None
+    images = images.to(device, non_blocking=True)
+    return images.to(memory_format=torch.channels_last) if device.type == "cuda" else images
+
+
 def main():
     args = get_args_parser().parse_args()
+    if args.warmup_epochs is None:  # the paper's 4 epochs, at most a fifth of a short run
+        args.warmup_epochs = min(4.0, args.epochs / 5)
     ddp = common.init_distributed()
     common.check_common_args(args, ddp.world_size)
     losses = tuple(args.losses.split(","))
@@ -396,7 +409,7 @@ def main():
                                  args.subset, collate_fn=collate_scene_pairs)
     knn = None
     if args.eval_every:
-        knn = common.KNNMonitor(args.eval_data, args.data_dir, eval_size, small, 256, args.workers, ddp.device,
+        knn = common.KNNMonitor(args.eval_data, args.eval_data_dir or args.data_dir, eval_size, small, 256, args.workers, ddp.device,
                                 subset=args.eval_subset, seed=args.seed, download=args.download)
 
     # ---------------------------------------------------------------- model
@@ -419,7 +432,7 @@ def main():
 
     # ---------------------------------------------------------------- resume
     start_epoch, step, knn_init = 0, 0, None
-    ckpt = common.load_checkpoint(args.out, args, ("arch", "data", "batch_size", "epochs", "losses",
+    ckpt = common.load_checkpoint(args.out, args, ("arch", "data", "batch_size", "epochs", "subset", "seed", "losses",
                                                    "num_instances", "scene_size", "instance_size", "hidden_dim"))
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -459,15 +472,8 @@ def main():
         for scenes, online_instances, target_instances, fell_back in bar:
             for group in optimizer.param_groups:
                 group["lr"] = float(lr_schedule[step])  # a float: the checkpoint must load with weights_only
-            scenes = scenes.to(ddp.device, non_blocking=True)
-            if online_instances is not None:
-                online_instances = online_instances.to(ddp.device, non_blocking=True)
-                target_instances = target_instances.to(ddp.device, non_blocking=True)
-            if ddp.device.type == "cuda":
-                scenes = scenes.to(memory_format=torch.channels_last)
-                if online_instances is not None:
-                    online_instances = online_instances.to(memory_format=torch.channels_last)
-                    target_instances = target_instances.to(memory_format=torch.channels_last)
+            scenes, online_instances, target_instances = (
+                to_input(x, ddp.device) for x in (scenes, online_instances, target_instances))
             with autocast():
                 out = train_model(scenes, online_instances, target_instances)
             optimizer.zero_grad(set_to_none=True)
