@@ -688,7 +688,8 @@ def train_loader(dataset, transform, batch_size, ddp, workers, seed, subset=0, c
     return torch.utils.data.DataLoader(
         Augmented(dataset, transform, seed), batch_size=batch_size, sampler=sampler, num_workers=workers,
         pin_memory=ddp.device.type == "cuda", persistent_workers=workers > 0, drop_last=True,
-        collate_fn=collate_fn, prefetch_factor=4 if workers > 0 else None)
+        collate_fn=collate_fn, prefetch_factor=4 if workers > 0 else None,
+        generator=torch.Generator().manual_seed(seed))  # not the global RNG: resume stays exact with workers
 
 
 class Transformed(torch.utils.data.Dataset):
@@ -708,7 +709,7 @@ class Transformed(torch.utils.data.Dataset):
 
 def eval_loader(dataset, batch_size, workers, device):
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                       pin_memory=device.type == "cuda")
+                                       pin_memory=device.type == "cuda", generator=torch.Generator())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -921,7 +922,7 @@ def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0.0, war
     ramp = np.linspace(warmup_start, base, warmup, endpoint=False)
     t = np.linspace(0.0, 1.0, total - warmup)  # the last iteration lands exactly on `final`
     cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * t))
-    return np.concatenate([ramp, cosine])
+    return np.concatenate([ramp, cosine]).tolist()  # Python floats: optimizer states stay weights_only-loadable
 
 
 @torch.no_grad()
