@@ -152,7 +152,9 @@ def test_train_loader_gives_the_same_batches_with_and_without_workers():
     for workers in (0, 2):
         loader = common.train_loader(common.Synthetic("train"), _Jitter(), 8, ddp, workers, seed=0, subset=32)
         loader.sampler.set_epoch(1)
+        state = torch.get_rng_state()
         batches.append([x for x, _, _ in loader])
+        assert torch.equal(state, torch.get_rng_state())  # loading never advances the training's RNG
     assert len(batches[0]) == 4 and all(torch.equal(a, b) for a, b in zip(*batches))
     with pytest.raises(common.UserError):
         common.train_loader(common.Synthetic("train"), _Jitter(), 64, ddp, 0, seed=0, subset=32)
