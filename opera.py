@@ -1,0 +1,435 @@
+"""OPERA: omni-supervised representation learning with a class head on top of MoCo v3.
+
+Paper: "OPERA: Omni-Supervised Representation Learning with Hierarchical Supervisions",
+Chengkun Wang, Wenzhao Zheng, Zheng Zhu, Jie Zhou, Jiwen Lu, ICCV 2023, arXiv 2210.05557.
+Reference code: github.com/wangck20/OPERA, a small change to MoCo v3 (Chen, Xie, He, arXiv 2104.02057).
+
+The idea. Contrastive self-supervision and supervised classification are both similarity objectives
+that differ only in what a positive pair is: two views of one image, or two images of one class.
+Imposed on the same embedding they fight: the instance term pushes apart the images of a class that
+the class term pulls together. OPERA computes a hierarchy of proxy representations from the backbone
+features Y, Y_self = g(Y) and Y_full = h(Y_self), and puts the self-supervised loss on the lower one
+and the supervised loss on the higher one (eqs. 8-9); the objective is their sum (eq. 13). Here g is
+MoCo v3's projector + predictor (its output q is the contrastive query) and h a small MLP class head
+on q. Labelled and unlabelled images train together ("omni-supervised"): an image without a label
+gets only the self-supervised term (`--labeled-fraction`, the setting of the paper's Table 8).
+With `--sup-weight 0` the class head is not built and this file is plain MoCo v3: the baseline of
+all of the paper's comparisons.
+
+Implementation details (choices the paper leaves to its code)
+1. The loss is the reference code's, not eq. 13 verbatim:
+   L = 0.5 (ctr(q1, k2) + ctr(q2, k1)) + w (CE(z1, y) + CE(z2, y)), w = --sup-weight = 0.5,
+   where ctr is MoCo v3's InfoNCE multiplied by 2T. The ratio of the two terms therefore depends on
+   the temperature: 1:1 as in eq. 13 for ResNets (T = 1), 0.4:1 for ViTs (T = 0.2).
+2. Negatives are the other keys of the global batch, gathered from every process without gradient
+   (no queue); the positive of query i on process r is key i + r * B_local. Gradient reaches the
+   online network only through the local queries, and DDP's gradient averaging then gives exactly
+   the gradient of one process holding the whole batch (tests/test_opera.py checks this).
+3. The momentum encoder (backbone + projector, no predictor, no class head) is updated before the
+   keys are computed, from the online weights of the current step, with m rising from 0.99 to 1 on a
+   per-iteration cosine: m(t) = 1 - (1 - 0.99)(1 + cos(pi t / T_total)) / 2.
+4. The class cross-entropy is computed in fp32 over labelled views only (label -1 = none) and divided
+   by the number of labelled views in the global batch, so that a partly labelled batch split over
+   processes trains exactly like one process, and a batch without labels gives 0 (not NaN). With
+   every image labelled this is the plain mean of the reference code.
+5. Every Linear of the MLPs has no bias; the projector ends with BN(affine=False) (SimCLR's last BN
+   without gamma), the predictor does too for ViTs only. The class head Linear-BN-ReLU-Linear reads the
+   unnormalised q, and its gradient flows through the predictor, projector and backbone.
+6. ResNets: the last BN of each residual block starts at zero (not the tiny demo network, which then
+   learns several times slower). ViTs: the patch embedding is random and frozen (MoCo v3, Sec. 5: it
+   removes the training instability of ViTs).
+7. Both views go through each network in one call (batch 2B, so BN statistics cover both views); the
+   reference calls each view separately. Fewer, larger kernels; SyncBatchNorm on several GPUs.
+8. lr = base x batch / 256, linear warmup per iteration then cosine to 0. LARS (ResNets) excludes
+   biases and BN from weight decay and adaptation; AdamW (ViTs) decays every parameter, as MoCo v3.
+9. `--labeled-fraction F` keeps the label of round(F n) of the n training images in use, chosen by a
+   permutation seeded by --seed: the same images on every process, whatever the data order.
+10. Reported each epoch: both loss terms, lr, momentum, images/s, the class head's top-1 on the
+   validation split (online network in eval mode, evaluation transform) and the kNN monitor.
+
+Commands
+    python opera.py                                                   # CPU demo, synthetic shapes, ~2 min
+    python opera.py --data cifar10 --download --arch resnet18 --epochs 200 --batch-size 512   # one GPU
+    torchrun --nproc_per_node=8 opera.py --data /imagenet --arch resnet50 --epochs 150 --batch-size 1024
+    # paper recipes (ImageNet-1K, 8 GPUs per node; multi-node: torchrun with --rdzv-endpoint):
+    torchrun --nproc_per_node=8 opera.py --data /imagenet --arch resnet50 --epochs 300 --batch-size 1024
+    torchrun --nproc_per_node=8 opera.py --data /imagenet --arch vit_small --epochs 300 --batch-size 1024
+    # the MoCo v3 baseline: add --sup-weight 0; the omni-supervised setting: --labeled-fraction 0.1
+"""
+import argparse
+import copy
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+import common
+
+# The two columns of the paper's recipe (MoCo v3's): chosen from --arch, each overridable.
+PAPER_DEFAULTS = {
+    "resnet": dict(optimizer="lars", lr=0.3, wd=1e-6, temperature=1.0, warmup_epochs=10, crop_min=0.2),
+    "vit": dict(optimizer="adamw", lr=1.5e-4, wd=0.1, temperature=0.2, warmup_epochs=40, crop_min=0.08),
+}
+# The CPU demo (resnet_tiny, ~500 steps on 32 px shapes) learns nothing in that time with LARS at base lr
+# 0.3 and 10 warmup epochs, values made for 100+ epochs of ImageNet; crops of 0.2 of a 32 px image often
+# miss the shape. Measured on the demo: kNN top-1 ~11% (paper values) vs ~28% (these) after 600 steps.
+DEMO_DEFAULTS = dict(lr=2.4, warmup_epochs=1, crop_min=0.5)
+RESUME_MUST_MATCH = ("arch", "data", "batch_size", "epochs", "subset", "seed", "sup_weight",
+                     "labeled_fraction", "dim", "mlp_dim", "optimizer")
+
+
+# ----------------------------------------------------------------------------------------------
+# Options
+# ----------------------------------------------------------------------------------------------
+def get_args_parser():
+    parser = argparse.ArgumentParser(
+        description="OPERA (MoCo v3 + a class head): omni-supervised pretraining",
+        epilog="--lr, --wd, --warmup-epochs, --temperature, --optimizer and --crop-min default to the "
+               f"paper's ResNet or ViT column, chosen from --arch: {PAPER_DEFAULTS}; the demo network "
+               f"resnet_tiny changes {DEMO_DEFAULTS}. --subset defaults to 4000 on synthetic data, else 0 (all).")
+    common.add_common_args(parser, "opera", epochs=8, batch_size=64, lr=None, wd=None, warmup_epochs=None,
+                           eval_every=4)
+    parser.set_defaults(subset=None)  # resolved below: 4,000 of the synthetic images for the demo, else all
+    g = parser.add_argument_group("OPERA options")
+    g.add_argument("--sup-weight", type=float, default=0.5,
+                   help="weight w of the class terms w (CE(z1, y) + CE(z2, y)); 0 = plain MoCo v3 (no class head)")
+    g.add_argument("--labeled-fraction", type=float, default=1.0,
+                   help="fraction of the training images that keep their label (seeded); the others get only "
+                        "the self-supervised term (the omni-supervised setting, paper's Table 8)")
+    g.add_argument("--temperature", type=float, default=None, help="InfoNCE temperature T (ResNet 1.0, ViT 0.2)")
+    g.add_argument("--optimizer", choices=("lars", "adamw"), default=None, help="ResNet: lars, ViT: adamw")
+    g.add_argument("--crop-min", type=float, default=None,
+                   help="smallest RandomResizedCrop scale (ResNet 0.2, ViT 0.08)")
+    g.add_argument("--base-momentum", type=float, default=0.99,
+                   help="momentum encoder: m rises from this value to 1 on a per-iteration cosine")
+    g.add_argument("--dim", type=int, default=256, help="output size of the projector and predictor (q, k)")
+    g.add_argument("--mlp-dim", type=int, default=4096, help="hidden size of the projector and predictor MLPs")
+    return parser
+
+
+def resolve_defaults(args):
+    defaults = dict(PAPER_DEFAULTS["vit" if args.arch.startswith("vit") else "resnet"])
+    if args.arch == "resnet_tiny":
+        defaults.update(DEMO_DEFAULTS)
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.subset is None:
+        args.subset = 4000 if args.data == "synthetic" else 0
+    return args
+
+
+def check_method_args(args):
+    if args.sup_weight < 0:
+        raise common.UserError(f"--sup-weight {args.sup_weight} must not be negative (0 = plain MoCo v3)")
+    if not 0 <= args.labeled_fraction <= 1:
+        raise common.UserError(f"--labeled-fraction {args.labeled_fraction} must be between 0 and 1")
+    if args.temperature <= 0:
+        raise common.UserError(f"--temperature {args.temperature} must be positive")
+    if not 0 < args.crop_min <= 1:
+        raise common.UserError(f"--crop-min {args.crop_min} must be in (0, 1]")
+    if not 0 <= args.base_momentum <= 1:
+        raise common.UserError(f"--base-momentum {args.base_momentum} must be between 0 and 1")
+    if args.dim < 1 or args.mlp_dim < 1:
+        raise common.UserError("--dim and --mlp-dim must be positive")
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: two asymmetric views (BYOL / MoCo v3) and the seeded labelled fraction
+# ----------------------------------------------------------------------------------------------
+class TwoViewAugmentation:
+    """(image, label) -> (view1, view2, label). Both views: RandomResizedCrop(scale=(crop_min, 1)),
+    colour jitter p 0.8, grayscale p 0.2, flip; view 1 always blurred, view 2 blurred with p 0.1 and
+    solarized with p 0.2 (BYOL's asymmetric pair)."""
+
+    def __init__(self, crop_size, crop_min, mean=common.IMAGENET_MEAN, std=common.IMAGENET_STD):
+        def view(blur_p, solarize_p):
+            return v2.Compose([v2.RandomResizedCrop(crop_size, scale=(crop_min, 1.0)),
+                               *common.color_augmentation(crop_size, blur_p, solarize_p),
+                               v2.RandomHorizontalFlip(), *common.to_normalized_tensor(mean, std)])
+        self.view1, self.view2 = view(blur_p=1.0, solarize_p=0.0), view(blur_p=0.1, solarize_p=0.2)
+
+    def __call__(self, image, label):
+        return self.view1(image), self.view2(image), label
+
+
+def labeled_indices(indices, fraction, seed):
+    """The round(fraction * n) of these image indices that keep their label: a permutation seeded by
+    `seed` alone, so every process (and every resumed run) picks the same images."""
+    indices = np.sort(np.asarray(indices))  # independent of the order in which they are given
+    order = np.random.default_rng([seed, 2210_05557]).permutation(len(indices))
+    return set(indices[order[: round(fraction * len(indices))]].tolist())
+
+
+class PartiallyLabeled(torch.utils.data.Dataset):
+    """A dataset whose images outside `keep` lose their label (-1): the omni-supervised setting."""
+
+    def __init__(self, dataset, keep):
+        self.dataset, self.keep, self.classes = dataset, keep, getattr(dataset, "classes", None)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        image, label = self.dataset[index]
+        return image, label if index in self.keep else -1
+
+
+# ----------------------------------------------------------------------------------------------
+# Model: MoCo v3's online and momentum networks plus OPERA's class head; the loss
+# ----------------------------------------------------------------------------------------------
+def mlp(num_layers, in_dim, hidden_dim, out_dim, last_bn):
+    """Linear (no bias) -> BN -> ReLU blocks, then a last Linear (no bias), optionally BN(affine=False)."""
+    layers = []
+    for i in range(num_layers):
+        d_in, d_out = in_dim if i == 0 else hidden_dim, out_dim if i == num_layers - 1 else hidden_dim
+        layers.append(nn.Linear(d_in, d_out, bias=False))
+        if i < num_layers - 1:
+            layers += [nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
+        elif last_bn:
+            layers.append(nn.BatchNorm1d(d_out, affine=False))
+    return nn.Sequential(*layers)
+
+
+def contrastive_loss(q, k, temperature):
+    """MoCo v3's InfoNCE times 2T. Keys are gathered from every process without gradient; the
+    positive of local query i is global key i + rank * B_local; all other keys are negatives."""
+    with torch.autocast(q.device.type, enabled=False):  # logits in fp32
+        q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)
+        keys = common.all_gather_nograd(k)
+        logits = q @ keys.t() / temperature
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        positives = torch.arange(len(q), device=q.device) + rank * len(q)
+        return 2 * temperature * F.cross_entropy(logits, positives)
+
+
+def class_loss(logits, labels):
+    """Cross-entropy over the labelled samples (label -1 = none) of the global batch, in fp32.
+
+    Divided by the global number of labelled samples times the number of processes, so that after
+    DDP averages the gradients, the result equals one process holding the whole batch (detail 4).
+    """
+    with torch.autocast(logits.device.type, enabled=False):
+        total = F.cross_entropy(logits.float(), labels, ignore_index=-1, reduction="sum")
+    count = common.all_reduce_sum((labels >= 0).sum().float())  # no gradient needed through the count
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return total * world / count.clamp(min=1)
+
+
+class OPERA(nn.Module):
+    """Online network (backbone -> projector -> predictor -> q = Y_self), class head (q -> z = Y_full)
+    and momentum encoder (backbone + projector -> keys k). `forward` is the training step."""
+
+    def __init__(self, backbone, feat_dim, num_classes, vit=False, dim=256, mlp_dim=4096, temperature=1.0,
+                 sup_weight=0.5):
+        super().__init__()
+        self.temperature, self.sup_weight = temperature, sup_weight
+        if vit:  # MoCo v3: a random, frozen patch embedding stabilises ViT training
+            backbone.conv_proj.requires_grad_(False)
+        self.backbone = backbone
+        self.projector = mlp(3 if vit else 2, feat_dim, mlp_dim, dim, last_bn=True)
+        self.predictor = mlp(2, dim, mlp_dim, dim, last_bn=vit)
+        # h: Y_self -> Y_full (eq. 9); the reference's `fully_projector`
+        self.class_head = mlp(2, dim, dim, num_classes, last_bn=False) if num_classes else None
+        self.momentum_backbone = copy.deepcopy(backbone).requires_grad_(False)
+        self.momentum_projector = copy.deepcopy(self.projector).requires_grad_(False)
+
+    def momentum_pairs(self):
+        """(momentum encoder parameters, matching online parameters), for common.momentum_update."""
+        online = [*self.backbone.parameters(), *self.projector.parameters()]
+        target = [*self.momentum_backbone.parameters(), *self.momentum_projector.parameters()]
+        return target, online
+
+    def forward(self, view1, view2, labels):
+        n = len(view1)
+        views = torch.cat([view1, view2])  # one call per network for both views
+        q = self.predictor(self.projector(self.backbone(views)))  # Y_self, not normalised
+        with torch.no_grad():
+            k = self.momentum_projector(self.momentum_backbone(views))
+        q1, q2, k1, k2 = *q.split(n), *k.split(n)
+        loss_self = 0.5 * (contrastive_loss(q1, k2, self.temperature) + contrastive_loss(q2, k1, self.temperature))
+        if self.class_head is None:  # --sup-weight 0: plain MoCo v3
+            return {"loss": loss_self, "loss_self": loss_self, "loss_class": torch.zeros_like(loss_self)}
+        z1, z2 = self.class_head(q).split(n)  # Y_full = h(Y_self): class logits
+        loss_class = class_loss(z1, labels) + class_loss(z2, labels)
+        # The reference code's weighting (detail 1); eq. 13 of the paper writes J_self + J_full.
+        return {"loss": loss_self + self.sup_weight * loss_class, "loss_self": loss_self, "loss_class": loss_class}
+
+
+def momentum_schedule(base_momentum, epochs, iters_per_epoch):
+    """m(t) = 1 - (1 - base)(1 + cos(pi t / T_total)) / 2 for iterations t = 0 .. T_total - 1 (MoCo v3's
+    per-iteration half cosine: m(0) = base, m(T_total) = 1)."""
+    t, total = np.arange(epochs * iters_per_epoch), epochs * iters_per_epoch
+    return 1 - (1 - base_momentum) * (1 + np.cos(np.pi * t / total)) / 2
+
+
+def build_model(args, num_classes, small_images, img_size):
+    """OPERA around a fresh backbone. ResNets start with zero-init residual branches (MoCo v3's choice),
+    except the 4-block demo network, which then needs several times more steps to start learning."""
+    backbone, feat_dim = common.build_backbone(args.arch, small_images, img_size,
+                                               zero_init_residual=args.arch != "resnet_tiny")
+    model = OPERA(backbone, feat_dim, num_classes, args.arch.startswith("vit"), args.dim, args.mlp_dim,
+                  args.temperature, args.sup_weight)
+    return model, feat_dim
+
+
+@torch.no_grad()
+def class_head_top1(model, val_set, batch_size, workers, device, autocast):
+    """Top-1 (%) of the class head on the validation split: online network in eval mode."""
+    network = nn.Sequential(model.backbone, model.projector, model.predictor, model.class_head)
+    logits, labels = common.extract_features(network, val_set, batch_size, workers, device, autocast)
+    return 100.0 * (logits.argmax(1) == labels).float().mean().item()
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+def main():
+    args = resolve_defaults(get_args_parser().parse_args())
+    ddp = common.init_distributed()
+    common.check_common_args(args, ddp.world_size)
+    check_method_args(args)
+    common.seed_everything(args.seed + ddp.rank)
+
+    # ---------------------------------------------------------------- data
+    train_set = common.build_dataset(args.data, "train", args.data_dir, args.download, with_unlabeled=True)
+    num_classes = common.num_classes_of(train_set) if args.sup_weight > 0 else 0
+    if args.sup_weight > 0 and num_classes == 0:
+        raise common.UserError(f"--data {args.data} has no class labels for OPERA's class head; add labelled "
+                               "images or pass --sup-weight 0 to train plain MoCo v3")
+    if args.labeled_fraction < 1:
+        in_use = common.EpochSampler(len(train_set), subset=args.subset, seed=args.seed).indices
+        train_set = PartiallyLabeled(train_set, labeled_indices(in_use, args.labeled_fraction, args.seed))
+    native = common.native_image_size(train_set)
+    small, img_size = native <= 64, min(native, 224)
+    augmentation = TwoViewAugmentation(img_size, args.crop_min)
+    loader = common.train_loader(train_set, augmentation, args.batch_size // ddp.world_size, ddp, args.workers,
+                                 args.seed, args.subset)
+    knn = (common.KNNMonitor(args.data, args.data_dir, img_size, small, 256, args.workers, ddp.device,
+                             args.subset, args.seed, args.download) if args.eval_every else None)
+    val_set = common.build_dataset(args.data, "val", args.data_dir, args.download) if num_classes else None
+    if val_set is not None:
+        val_set = common.Transformed(val_set, common.eval_transform(img_size, small))
+
+    # ---------------------------------------------------------------- model
+    model, feat_dim = build_model(args, num_classes, small, img_size)
+    model = common.to_device(model, ddp.device)
+    if ddp.distributed and ddp.device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+    # ---------------------------------------------------------------- optimizer, schedules, precision
+    if args.optimizer == "lars":
+        optimizer = common.LARS(common.param_groups(model, args.wd), momentum=0.9, trust_coefficient=0.001)
+    else:
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], weight_decay=args.wd,
+                                      fused=ddp.device.type == "cuda")
+    lr_schedule = common.cosine_schedule(args.lr * args.batch_size / 256, 0.0, args.epochs, len(loader),
+                                         args.warmup_epochs)
+    m_schedule = momentum_schedule(args.base_momentum, args.epochs, len(loader))
+    autocast, scaler = common.mixed_precision(args.precision, ddp.device)
+
+    # ---------------------------------------------------------------- resume
+    start_epoch, step, knn_init = 0, 0, None
+    ckpt = common.load_checkpoint(args.out, args, RESUME_MUST_MATCH)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, step, knn_init = ckpt["epoch"], ckpt["step"], ckpt.get("knn_init")
+        common.set_rng_states(ckpt["rng"][ddp.rank % len(ckpt["rng"])])
+    momentum_params, online_params = model.momentum_pairs()
+
+    # ---------------------------------------------------------------- compile, DDP (compile before DDP)
+    train_model = torch.compile(model) if args.compile else model
+    if ddp.distributed:
+        train_model = nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[ddp.local_rank] if ddp.device.type == "cuda" else None)
+
+    # ---------------------------------------------------------------- output folder (all checks passed)
+    log_path = os.path.join(args.out, "log.jsonl")
+    if ddp.is_main:
+        os.makedirs(args.out, exist_ok=True)
+        if ckpt is None:
+            common.write_json_line(log_path, common.run_header(args))
+    if ckpt is None and knn is not None:
+        knn_init = knn(model.backbone, autocast)
+        if ddp.is_main and knn_init:
+            common.write_json_line(log_path, {"epoch": 0, **knn_init})
+            print(f"random-init backbone: kNN top-1 {knn_init['knn_top1']:.1f}%")
+
+    # ---------------------------------------------------------------- training
+    record = {}
+    for epoch in range(start_epoch, args.epochs):
+        loader.sampler.set_epoch(epoch)
+        train_model.train()
+        totals, recent = {}, []
+        epoch_timer, bar_timer = common.StepTimer(ddp.device), common.StepTimer(ddp.device)
+        bar = tqdm(loader, disable=not ddp.is_main, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
+        for view1, view2, labels in bar:
+            view1, view2, labels = (t.to(ddp.device, non_blocking=True) for t in (view1, view2, labels))
+            if ddp.device.type == "cuda":
+                view1, view2 = (v.to(memory_format=torch.channels_last) for v in (view1, view2))
+            for group in optimizer.param_groups:
+                group["lr"] = lr_schedule[step]
+            # MoCo v3 (and OPERA's code) update the momentum encoder before computing the keys, from the
+            # online weights of this step (detail 3)
+            common.momentum_update(momentum_params, online_params, m_schedule[step])
+            with autocast():
+                losses = train_model(view1, view2, labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(losses["loss"]).backward()
+            scaler.step(optimizer)
+            scaler.update()
+
+            for key, value in losses.items():
+                totals[key] = totals.get(key, 0.0) + value.detach()
+            recent.append(losses["loss"].detach())
+            epoch_timer.add(args.batch_size)
+            bar_timer.add(args.batch_size)
+            step += 1
+            if step % args.log_every == 0:
+                common.check_finite(torch.stack(recent), step)
+                recent = []
+                bar.set_postfix(loss=f"{losses['loss'].item():.3f}", img_s=f"{bar_timer.rate():.0f}")
+        if recent:
+            common.check_finite(torch.stack(recent), step)
+        images_per_s = epoch_timer.rate()
+
+        # ------------------------------------------------------------ end of epoch: evaluate, log, save
+        terms = common.all_reduce_sum(torch.stack([totals[k] for k in ("loss", "loss_self", "loss_class")]))
+        terms = (terms / (len(loader) * ddp.world_size)).tolist()  # mean over steps and processes
+        record = {"epoch": epoch + 1, "loss": terms[0], "loss_self": terms[1], "loss_class": terms[2],
+                  "lr": float(lr_schedule[step - 1]), "momentum": float(m_schedule[step - 1]),
+                  "images_per_s": images_per_s, "peak_mem_mb": common.peak_memory_mb(ddp.device)}
+        if val_set is not None:
+            record["head_top1"] = class_head_top1(model, val_set, 256, args.workers, ddp.device, autocast)
+        if knn is not None and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
+            record.update(knn(model.backbone, autocast) or {})
+        rng = common.gather_rng_states()  # a collective: every rank takes part
+        if ddp.is_main:
+            common.write_json_line(log_path, record)
+            head = f", class head top-1 {record['head_top1']:.1f}%" if "head_top1" in record else ""
+            knn_text = f", kNN top-1 {record['knn_top1']:.1f}%" if "knn_top1" in record else ""
+            print(f"epoch {epoch + 1}/{args.epochs}: loss {record['loss']:.3f} (self {record['loss_self']:.3f}, "
+                  f"class {record['loss_class']:.3f}), lr {record['lr']:.4g}, m {record['momentum']:.4f}, "
+                  f"{images_per_s:.0f} images/s{head}{knn_text}")
+            fields = dict(method="opera" if num_classes else "mocov3", arch=args.arch, small_images=small,
+                          img_size=img_size, feat_dim=feat_dim, args=args, epoch=epoch + 1)
+            common.save_backbone(os.path.join(args.out, "backbone.pt"), model.backbone, **fields)
+            common.atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                "scaler": scaler.state_dict(), "epoch": epoch + 1, "step": step,
+                                "args": common.plain_args(args), "rng": rng, "knn_init": knn_init,
+                                "backbone": common.backbone_record(model.backbone, **fields)},
+                               os.path.join(args.out, "checkpoint.pt"))
+
+    if ddp.is_main and knn_init and "knn_top1" in record:
+        print(f"kNN top-1: {record['knn_top1']:.1f}% after training vs {knn_init['knn_top1']:.1f}% at random init")
+
+
+if __name__ == "__main__":
+    common.run_main(main)

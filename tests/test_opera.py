@@ -1,0 +1,286 @@
+"""Tests of opera.py: the loss terms, the momentum schedule, the two-process equivalence of the loss
+and its gradient, the network's structure, and short runs of the script (demo path, torchrun, exact
+resume, eval_linear.py on its backbone.pt, ViT, bad input)."""
+import argparse
+import json
+import math
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.models.resnet import BasicBlock
+from conftest import REPO, assert_same_state, run_killed_after_first_checkpoint, run_script
+
+import common
+import opera
+
+TINY = ("--subset", 256, "--batch-size", 32, "--epochs", 2, "--eval-every", 0, "--workers", 0, "--mlp-dim", 512)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors gain nothing from threads, and spinning threads stall on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def model_args(arch, sup_weight=0.5):
+    args = argparse.Namespace(arch=arch, dim=32, mlp_dim=64, temperature=None, sup_weight=sup_weight, lr=None,
+                              wd=None, warmup_epochs=None, optimizer=None, crop_min=None, subset=None,
+                              data="synthetic")
+    return opera.resolve_defaults(args)
+
+
+# ---------------------------------------------------------------------------------------------- loss terms
+@pytest.mark.parametrize("temperature", [1.0, 0.2])
+def test_contrastive_loss_equals_handwritten_infonce_with_2t_factor(temperature):
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(4, 3, generator=gen), torch.randn(4, 3, generator=gen)
+    total = 0.0
+    for i in range(4):
+        sims = [float(q[i] @ k[j]) / (q[i].norm().item() * k[j].norm().item()) / temperature for j in range(4)]
+        total += -sims[i] + math.log(sum(math.exp(s) for s in sims))  # -log softmax of the positive
+    expected = 2 * temperature * total / 4
+    assert opera.contrastive_loss(q, k, temperature).item() == pytest.approx(expected, rel=1e-5)
+    # scaling the embeddings changes nothing: q and k are normalised
+    assert opera.contrastive_loss(3 * q, 0.5 * k, temperature).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_unlabelled_samples_contribute_no_class_gradient():
+    logits = torch.randn(6, 5, requires_grad=True)
+    labels = torch.tensor([0, -1, 3, -1, -1, 2])
+    loss = opera.class_loss(logits, labels)
+    loss.backward()
+    assert loss.item() == pytest.approx(F.cross_entropy(logits[labels >= 0], labels[labels >= 0]).item(), rel=1e-6)
+    assert logits.grad[labels < 0].abs().sum() == 0
+    assert (logits.grad[labels >= 0].abs().sum(1) > 0).all()
+    # a batch without any label: exactly 0 and no gradient (not NaN)
+    logits.grad = None
+    loss = opera.class_loss(logits, torch.full((6,), -1))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_unlabelled_batch_trains_the_class_head_not_at_all_and_sup_weight_zero_is_mocov3():
+    torch.manual_seed(0)
+    model, _ = opera.build_model(model_args("resnet_tiny"), num_classes=4, small_images=True, img_size=16)
+    x1, x2 = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16)
+    out = model(x1, x2, torch.full((8,), -1))
+    assert out["loss_class"].item() == 0.0 and torch.equal(out["loss"], out["loss_self"])
+    out["loss"].backward()
+    assert all(p.grad is None or not p.grad.any() for p in model.class_head.parameters())
+    plain, _ = opera.build_model(model_args("resnet_tiny", sup_weight=0), num_classes=0, small_images=True,
+                                 img_size=16)
+    assert plain.class_head is None
+    out = plain(x1, x2, torch.zeros(8, dtype=torch.long))
+    assert torch.equal(out["loss"], out["loss_self"])
+
+
+def test_momentum_schedule_rises_from_0_99_to_1():
+    m = opera.momentum_schedule(0.99, epochs=3, iters_per_epoch=10)
+    t = np.arange(30)
+    assert len(m) == 30 and m[0] == pytest.approx(0.99, abs=1e-12)
+    assert np.allclose(m, 1 - 0.5 * (1 + np.cos(np.pi * t / 30)) * (1 - 0.99))  # m(t) of the spec
+    assert (np.diff(m) > 0).all() and 1 - m[-1] < 1e-4  # m(T_total) = 1; the last step is 1 - 3e-5
+
+
+# ---------------------------------------------------------------------------------------------- two processes
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _embed(weight):
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    return layer
+
+
+def _losses(out, keys, labels, dim, temperature):
+    q, z = out[:, :dim], out[:, dim:]
+    return {"ctr": opera.contrastive_loss(q, keys, temperature), "cls": opera.class_loss(z, labels)}
+
+
+def _two_process_worker(rank, port, data, result_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    x, keys, labels, weight, dim, temperature = data
+    mine = slice(rank * len(x) // 2, (rank + 1) * len(x) // 2)
+    model = nn.parallel.DistributedDataParallel(_embed(weight))
+    result = {}
+    for term in ("ctr", "cls"):  # one DDP forward / backward per loss term
+        out = model(x[mine])
+        out.retain_grad()
+        loss = _losses(out, keys[mine], labels[mine], dim, temperature)[term]
+        loss.backward()
+        result[term] = (loss.detach(), out.grad / dist.get_world_size(), model.module.weight.grad.clone())
+        model.module.weight.grad = None
+    torch.save(result, os.path.join(result_dir, f"{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_two_processes_equal_one_process_with_the_concatenated_batch(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    dim, classes, temperature = 5, 3, 0.2
+    x, keys = torch.randn(8, 6, generator=gen), torch.randn(8, dim, generator=gen)
+    labels = torch.tensor([0, 2, -1, 1, -1, -1, 2, -1])  # 3 labelled on process 0, 1 on process 1
+    weight = torch.randn(dim + classes, 6, generator=gen)
+    mp.spawn(_two_process_worker, args=(_free_port(), (x, keys, labels, weight, dim, temperature), str(tmp_path)),
+             nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"{r}.pt", weights_only=True) for r in range(2)]
+    layer = _embed(weight)
+    for term in ("ctr", "cls"):
+        out = layer(x)
+        out.retain_grad()
+        loss = _losses(out, keys, labels, dim, temperature)[term]
+        loss.backward()
+        per_process = [r[term] for r in results]
+        # the loss averaged over the processes, the embeddings' gradient and DDP's averaged weight gradient
+        assert torch.allclose(torch.stack([p[0] for p in per_process]).mean(), loss, atol=1e-6), term
+        assert torch.allclose(torch.cat([p[1] for p in per_process]), out.grad, atol=1e-6), term
+        for p in per_process:
+            assert torch.allclose(p[2], layer.weight.grad, atol=1e-6), term
+        assert out.grad.abs().sum() > 0
+        layer.weight.grad = None
+
+
+# ---------------------------------------------------------------------------------------------- structure, data
+@pytest.mark.parametrize("arch", ["resnet_tiny", "resnet18", "vit_small"])
+def test_network_structure(arch):
+    vit = arch == "vit_small"
+    model, feat_dim = opera.build_model(model_args(arch), num_classes=7, small_images=True, img_size=32)
+    for mlp in (model.projector, model.predictor, model.class_head):
+        assert all(m.bias is None for m in mlp if isinstance(m, nn.Linear))
+    assert isinstance(model.projector[-1], nn.BatchNorm1d) and not model.projector[-1].affine
+    assert sum(isinstance(m, nn.Linear) for m in model.projector) == (3 if vit else 2)
+    assert isinstance(model.predictor[-1], nn.BatchNorm1d if vit else nn.Linear)
+    assert model.class_head[0].in_features == 32 and model.class_head[-1].out_features == 7
+    assert not any(p.requires_grad for p in model.momentum_backbone.parameters())
+    assert not any(p.requires_grad for p in model.momentum_projector.parameters())
+    assert_same_state(model.momentum_backbone.state_dict(), model.backbone.state_dict())
+    if vit:
+        assert not any(p.requires_grad for p in model.backbone.conv_proj.parameters())
+    else:  # zero-init residual branches for the paper's ResNets, not for the demo network
+        blocks = [m for m in model.backbone.modules() if isinstance(m, BasicBlock)]
+        assert blocks and all(b.bn2.weight.any() == (arch == "resnet_tiny") for b in blocks)
+
+
+def test_labeled_fraction_is_a_seeded_function_of_the_image_index():
+    indices = np.arange(100, 300)
+    keep = opera.labeled_indices(indices, 0.25, seed=3)
+    assert len(keep) == 50 and keep <= set(indices.tolist())
+    assert keep == opera.labeled_indices(indices[::-1].copy(), 0.25, seed=3)  # order of the list is irrelevant
+    assert keep != opera.labeled_indices(indices, 0.25, seed=4)
+    data = opera.PartiallyLabeled(common.Synthetic("train", size=300), keep)
+    for i in (100, 150, 299):
+        assert data[i][1] == (i % 10 if i in keep else -1)
+
+
+# ---------------------------------------------------------------------------------------------- runs of the script
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """The no-argument demo, shortened: one epoch on 256 images (kNN before and after, class head top-1)."""
+    out = tmp_path_factory.mktemp("opera") / "demo"
+    result = run_script("opera.py", "--epochs", 1, "--subset", 256, "--out", out)
+    return out, result
+
+
+def test_demo_path_runs_and_logs(demo_run):
+    out, result = demo_run
+    log = read_log(out)
+    assert "args" in log[0] and log[0]["args"]["arch"] == "resnet_tiny" and log[0]["args"]["optimizer"] == "lars"
+    assert log[1]["epoch"] == 0 and 0 <= log[1]["knn_top1"] <= 100
+    last = log[-1]
+    for key in ("loss", "loss_self", "loss_class", "lr", "momentum", "images_per_s", "peak_mem_mb", "head_top1",
+                "knn_top1", "knn_top5"):
+        assert key in last and math.isfinite(last[key]), key
+    assert last["loss"] == pytest.approx(last["loss_self"] + 0.5 * last["loss_class"], rel=1e-4)
+    assert "kNN top-1" in result.stdout
+    ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["backbone"]["method"] == "opera"
+
+
+def test_eval_linear_reads_backbone_pt(demo_run):
+    out, _ = demo_run
+    if not (REPO / "eval_linear.py").exists():
+        pytest.skip("eval_linear.py is not in the repository yet")
+    run_script("eval_linear.py", "--ckpt", out / "backbone.pt", "--data", "synthetic", "--subset", 500)
+    with open(out / "eval_synthetic.json") as f:
+        result = json.load(f)
+    assert 0 <= result["knn"]["top1"] <= 100 and 0 <= result["linear"]["top1"] <= 100
+
+
+def test_torchrun_two_processes_with_partial_labels(tmp_path):
+    out = tmp_path / "ddp"
+    run_script("opera.py", *TINY, "--eval-every", 2, "--labeled-fraction", 0.5, "--out", out, nproc=2)
+    log = read_log(out)
+    assert [line["epoch"] for line in log[1:]] == [0, 1, 2]
+    assert all(math.isfinite(line["loss"]) and line["loss_class"] > 0 for line in log[2:])
+    assert "knn_top1" in log[-1] and "head_top1" in log[-1]
+    ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert ckpt["step"] == 2 * (256 // 32) and len(ckpt["rng"]) == 2
+
+
+def test_exact_resume_after_a_crash(tmp_path):
+    run_script("opera.py", *TINY, "--out", tmp_path / "straight")
+    first = run_killed_after_first_checkpoint("opera.py", *TINY, out=tmp_path / "crashed")
+    assert first["epoch"] == 1
+    run_script("opera.py", *TINY, "--out", tmp_path / "crashed")
+    a, b = (torch.load(tmp_path / name / "checkpoint.pt", map_location="cpu", weights_only=True)
+            for name in ("straight", "crashed"))
+    assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"]
+    assert_same_state(a["model"], b["model"])
+    assert_same_state(a["optimizer"]["state"], b["optimizer"]["state"])
+    # the momentum encoder moved, but less than the online network
+    assert not torch.equal(a["model"]["momentum_projector.0.weight"], a["model"]["projector.0.weight"])
+    # resuming with other options is refused in one sentence
+    result = run_script("opera.py", *TINY, "--sup-weight", 0, "--out", tmp_path / "crashed", check=False)
+    assert result.returncode == 2 and "--sup-weight" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_vit_small_runs_a_few_steps_with_a_frozen_patch_embedding(tmp_path):
+    out = tmp_path / "vit"
+    run_script("opera.py", "--arch", "vit_small", "--subset", 16, "--batch-size", 8, "--epochs", 1, "--eval-every", 0,
+               "--workers", 0, "--mlp-dim", 256, "--warmup-epochs", 0, "--lr", 0.01, "--out", out)
+    ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    model = ckpt["model"]
+    assert ckpt["step"] == 2 and ckpt["args"]["optimizer"] == "adamw" and ckpt["args"]["temperature"] == 0.2
+    # the online weights moved away from the momentum encoder's, except the frozen patch embedding
+    assert not torch.equal(model["backbone.encoder.ln.weight"], model["momentum_backbone.encoder.ln.weight"])
+    assert torch.equal(model["backbone.conv_proj.weight"], model["momentum_backbone.conv_proj.weight"])
+    assert ckpt["backbone"]["arch"] == "vit_small" and ckpt["backbone"]["img_size"] == 32
+
+
+@pytest.mark.parametrize("flags, word", [(("--labeled-fraction", 1.5), "--labeled-fraction"),
+                                         (("--sup-weight", -1), "--sup-weight")])
+def test_bad_flag_exits_with_one_sentence_and_no_output(tmp_path, flags, word):
+    out = tmp_path / "bad"
+    result = run_script("opera.py", *flags, "--out", out, check=False)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and word in lines[0]
+    assert not out.exists()
+
+
+def test_unlabelled_folder_needs_sup_weight_zero(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(2):
+        common.Synthetic("val", size=2)[i][0].save(folder / f"{i}.png")
+    result = run_script("opera.py", "--data", folder, "--out", tmp_path / "out", check=False)
+    assert result.returncode == 2 and "--sup-weight 0" in result.stderr and not (tmp_path / "out").exists()
