@@ -45,7 +45,8 @@ Implementation details (choices the paper leaves to its code)
 9. `--labeled-fraction F` keeps the label of round(F n) of the n training images in use, chosen by a
    permutation seeded by --seed: the same images on every process, whatever the data order.
 10. Reported each epoch: both loss terms, lr, momentum, images/s, the class head's top-1 on the
-   validation split (online network in eval mode, evaluation transform) and the kNN monitor.
+   validation split (online network in eval mode, evaluation transform), and every --eval-every
+   epochs the kNN monitor on backbone features (--eval-every 0 turns both evaluations off).
 
 Commands
     python opera.py                                                   # CPU demo, synthetic shapes, ~2 min
@@ -265,7 +266,7 @@ def momentum_schedule(base_momentum, epochs, iters_per_epoch):
     """m(t) = 1 - (1 - base)(1 + cos(pi t / T_total)) / 2 for iterations t = 0 .. T_total - 1 (MoCo v3's
     per-iteration half cosine: m(0) = base, m(T_total) = 1)."""
     t, total = np.arange(epochs * iters_per_epoch), epochs * iters_per_epoch
-    return 1 - (1 - base_momentum) * (1 + np.cos(np.pi * t / total)) / 2
+    return (1 - (1 - base_momentum) * (1 + np.cos(np.pi * t / total)) / 2).tolist()
 
 
 def build_model(args, num_classes, small_images, img_size):
@@ -312,7 +313,9 @@ def main():
                                  args.seed, args.subset)
     knn = (common.KNNMonitor(args.data, args.data_dir, img_size, small, 256, args.workers, ddp.device,
                              args.subset, args.seed, args.download) if args.eval_every else None)
-    val_set = common.build_dataset(args.data, "val", args.data_dir, args.download) if num_classes else None
+    # the class head's top-1 on the validation split, every epoch (off with --eval-every 0)
+    val_set = (common.build_dataset(args.data, "val", args.data_dir, args.download)
+               if num_classes and args.eval_every else None)
     if val_set is not None:
         val_set = common.Transformed(val_set, common.eval_transform(img_size, small))
 
