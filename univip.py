@@ -73,10 +73,16 @@ import common
 LOSSES = ("ss", "si", "ii")
 
 
+# ----------------------------------------------------------------------------------------------
+# Options
+# ----------------------------------------------------------------------------------------------
 def get_args_parser():
     p = argparse.ArgumentParser("UniVIP", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    common.add_common_args(p, "univip", epochs=6, batch_size=64, lr=0.4, wd=1e-4, warmup_epochs=None, eval_every=10)
+    common.add_common_args(p, "univip", epochs=4, batch_size=32, lr=0.4, wd=1e-4, warmup_epochs=None, eval_every=10)
+    p.set_defaults(subset=None)  # resolved in main: 1024 scenes for the synthetic demo, all images otherwise
+    p._option_string_actions["--subset"].help = ("train on a fixed random subset of this many images, 0 = all; "
+                                                 "None = 1024 for --data synthetic (the CPU demo), else all")
     g = p.add_argument_group("UniVIP")
     g.add_argument("--boxes", default=None,
                    help="JSON file: image path relative to --data -> list of [x, y, w, h] boxes (e.g. selective "
@@ -120,13 +126,16 @@ def resolve_sizes(args, native_size):
 
 
 def check_args(args):
+    """Reject bad UniVIP options with one sentence, before any data is read."""
     terms = args.losses.split(",")
-    if not terms or any(t not in LOSSES for t in terms) or len(set(terms)) != len(terms):
+    if any(t not in LOSSES for t in terms) or len(set(terms)) != len(terms):
         raise common.UserError(f"--losses {args.losses} must be a comma-separated subset of ss,si,ii, e.g. ss,si,ii")
-    if args.num_instances < 1 or args.min_box <= 0:
+    if args.num_instances < 1 or (args.min_box is not None and args.min_box <= 0):
         raise common.UserError("--num-instances must be at least 1 and --min-box positive")
-    if min(args.scene_size, args.instance_size) < 16:
+    if min(args.scene_size or 16, args.instance_size or 16) < 16:
         raise common.UserError("--scene-size and --instance-size must be at least 16 pixels")
+    if args.eval_subset < 0 or args.hidden_dim < 1 or args.proj_dim < 1:
+        raise common.UserError("--eval-subset must not be negative, --hidden-dim and --proj-dim must be positive")
     lo, hi = args.scene_scale
     if not 0 < lo <= hi <= 1:
         raise common.UserError(f"--scene-scale {lo} {hi} must satisfy 0 < low <= high <= 1")
@@ -134,7 +143,10 @@ def check_args(args):
         raise common.UserError("--momentum-teacher must be in [0, 1], --sinkhorn-eps positive, --sinkhorn-iters >= 1")
     if args.boxes is not None and args.data in ("synthetic", "coco"):
         raise common.UserError(f"--boxes is for a folder of images; --data {args.data} brings its own boxes")
-    if args.arch.startswith("vit"):
+
+
+def check_sizes(args):
+    if args.arch.startswith("vit"):  # called once the sizes are resolved
         patch = common.vit_patch_size(args.scene_size)
         if args.scene_size % patch or args.instance_size % patch:
             raise common.UserError(f"with {args.arch}, --scene-size and --instance-size must be multiples of the "
@@ -213,12 +225,11 @@ def sample_scene_pair(width, height, boxes, num_instances=4, min_box=64.0, scale
         key = (len(inside), (ix1 - ix0) * (iy1 - iy0))
         if ix1 - ix0 >= min_side and iy1 - iy0 >= min_side and (best_key is None or key > best_key):
             best, best_key = (w1, w2, (ix0, iy0, ix1, iy1), inside), key
-    if best is None:  # the windows never overlapped enough: both views see the whole image
+    if best is None:  # no intersection could hold a box: both views become the whole image
         whole = (0, 0, width, height)
         best = (whole, whole, (0, 0, width, height), list(boxes))
-        if len(best[3]) >= num_instances:
-            return whole, whole, np.array(random.sample(best[3], num_instances), np.float32).reshape(-1, 4), True
     w1, w2, region, inside = best
+    inside = random.sample(inside, min(len(inside), num_instances))
     chosen = [tuple(b) for b in inside] + random_boxes(region, num_instances - len(inside), min_side, inside)
     return w1, w2, np.array(chosen, np.float32).reshape(-1, 4), True
 
@@ -388,8 +399,11 @@ def main():
     args = get_args_parser().parse_args()
     if args.warmup_epochs is None:  # the paper's 4 epochs, at most a fifth of a short run
         args.warmup_epochs = min(4.0, args.epochs / 5)
+    if args.subset is None:  # the CPU demo: 4 epochs of 1024 synthetic scenes fit in 3 minutes on 2 cores
+        args.subset = 1024 if args.data == "synthetic" else 0
     ddp = common.init_distributed()
     common.check_common_args(args, ddp.world_size)
+    check_args(args)
     losses = tuple(args.losses.split(","))
     common.seed_everything(args.seed + ddp.rank)
 
@@ -398,7 +412,7 @@ def main():
     if len(train_set) == 0:
         raise common.UserError(f"--data {args.data} holds no images")
     resolve_sizes(args, common.native_image_size(train_set))
-    check_args(args)
+    check_sizes(args)
     with_instances = "si" in losses or "ii" in losses
     small = args.instance_size <= 64  # CIFAR-style stem: a 32 px instance would otherwise shrink to 8 px
     eval_size = args.instance_size if small else args.scene_size
