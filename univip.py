@@ -423,8 +423,8 @@ def main():
                                  args.subset, collate_fn=collate_scene_pairs)
     knn = None
     if args.eval_every:
-        knn = common.KNNMonitor(args.eval_data, args.eval_data_dir or args.data_dir, eval_size, small, 256, args.workers, ddp.device,
-                                subset=args.eval_subset, seed=args.seed, download=args.download)
+        knn = common.KNNMonitor(args.eval_data, args.eval_data_dir or args.data_dir, eval_size, small, 256,
+                                args.workers, ddp.device, args.eval_subset, args.seed, args.download)
 
     # ---------------------------------------------------------------- model
     backbone, feat_dim = common.build_backbone(args.arch, small, args.scene_size)
