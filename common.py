@@ -54,15 +54,19 @@ def run_main(main):
 # Options shared by every script (same names and meaning everywhere)
 # ----------------------------------------------------------------------------------------------
 def add_common_args(parser, method, *, epochs, batch_size, lr, wd, warmup_epochs, arch="resnet_tiny",
-                    eval_every=10):
+                    eval_every=10, demo_subset=0):
+    """The flags of DESIGN.md. Defaults: the method's paper values, except data, arch, epochs, batch size
+    and `demo_subset` (images of --data synthetic used by default), which size the CPU demo."""
     g = parser.add_argument_group("common options (same in every script)")
     g.add_argument("--data", default="synthetic",
                    help="synthetic (embedded, no download), cifar10, cifar100, stl10, or the path of an "
                         "ImageFolder root with train/ and val/ (or test/)")
     g.add_argument("--data-dir", default="data", help="root of the torchvision datasets (cifar10, ...)")
     g.add_argument("--download", action="store_true", help="download the torchvision dataset into --data-dir")
-    g.add_argument("--subset", type=int, default=0,
-                   help="train on a fixed random subset of this many images (0 = all): quick experiments")
+    g.add_argument("--subset", type=int, default=None,
+                   help="train on a fixed random subset of this many images, 0 = all (default: "
+                        f"{demo_subset or 'all'} with --data synthetic, the CPU demo; all otherwise)")
+    parser.set_defaults(demo_subset=demo_subset)
     g.add_argument("--arch", default=arch, choices=ARCHS, help="backbone; resnet_tiny is the CPU demo network")
     g.add_argument("--epochs", type=int, default=epochs, help="number of training epochs")
     g.add_argument("--batch-size", type=int, default=batch_size,
@@ -84,7 +88,9 @@ def add_common_args(parser, method, *, epochs, batch_size, lr, wd, warmup_epochs
 
 
 def check_common_args(args, world_size):
-    """Reject bad values with one sentence before anything is built or written."""
+    """Resolve --subset, then reject bad values with one sentence before anything is built or written."""
+    if args.subset is None:
+        args.subset = args.demo_subset if args.data == "synthetic" else 0
     if args.epochs < 1:
         raise UserError("--epochs must be at least 1")
     if args.batch_size < 1 or args.batch_size % world_size:
@@ -147,13 +153,6 @@ def all_gather_nograd(x):
     out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(out, x.contiguous())
     return torch.cat(out)
-
-
-def all_gather_grad(x):
-    """Concatenate over processes along dim 0 with gradient flowing back to every process's slice."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    return torch.cat(torch.distributed.nn.functional.all_gather(x.contiguous()))
 
 
 def all_reduce_sum(x):
@@ -291,25 +290,29 @@ SHAPES = {
 SHAPE_NAMES = tuple(SHAPES)
 
 
+# Colours and textures come from small shared sets: many images of every class share them, so
+# neither a colour histogram nor a background pattern can tell one image from all others, and a
+# self-supervised network, too, has to look at the shapes (with unique random colours, instance
+# discrimination is solved by colour alone, as SimCLR found on photos without colour jitter).
+PALETTE = np.array([[230, 60, 50], [60, 170, 70], [50, 90, 220], [240, 200, 40], [150, 60, 190], [40, 190, 200],
+                    [240, 130, 30], [235, 235, 235], [30, 30, 30], [130, 130, 130]], np.float32)
+
+
 def _texture(rng, size):
-    """A coloured background: smooth blobs, stripes or a checkerboard between two random colours."""
-    c1 = rng.uniform(0, 255, 3)
-    c2 = np.clip(c1 + rng.uniform(-70, 70, 3), 0, 255)  # low contrast: the shape must stand out
-    kind = rng.integers(3)
+    """A background of two palette colours: flat, stripes or a checkerboard, at 4 angles and 2 frequencies."""
+    c1 = PALETTE[rng.integers(len(PALETTE))]
+    c2 = 0.75 * c1 + 0.25 * PALETTE[rng.integers(len(PALETTE))]  # low contrast: the shape must stand out
+    kind, freq, theta = rng.integers(3), (3, 6)[rng.integers(2)], math.pi / 4 * rng.integers(4)
     yy, xx = np.mgrid[0:size, 0:size] / size
-    theta = rng.uniform(0, math.pi)
+    u, v = xx * math.cos(theta) + yy * math.sin(theta), yy * math.cos(theta) - xx * math.sin(theta)
     if kind == 0:
-        coarse = Image.fromarray(rng.integers(0, 256, (4, 4), dtype=np.uint8))
-        w = np.asarray(coarse.resize((size, size), Image.BICUBIC), np.float32) / 255
+        w = np.zeros_like(u)
     elif kind == 1:
-        freq, phase = rng.uniform(3, 10), rng.uniform(0, 2 * math.pi)
-        w = 0.5 + 0.5 * np.sin(2 * math.pi * freq * (xx * math.cos(theta) + yy * math.sin(theta)) + phase)
+        w = 0.5 + 0.5 * np.sin(2 * math.pi * freq * u)
     else:
-        freq = rng.uniform(3, 8)
-        u, v = xx * math.cos(theta) + yy * math.sin(theta), yy * math.cos(theta) - xx * math.sin(theta)
         w = (np.floor(u * freq) + np.floor(v * freq)) % 2
     w = w.astype(np.float32)[..., None]
-    return c1.astype(np.float32) * (1 - w) + c2.astype(np.float32) * w + rng.normal(0, 10, (size, size, 3)).astype(np.float32)
+    return c1 * (1 - w) + c2 * w + rng.normal(0, 10, (size, size, 3)).astype(np.float32)
 
 
 def _draw_shape(mask, rng, label, cx, cy, radius):
@@ -322,17 +325,14 @@ def _draw_shape(mask, rng, label, cx, cy, radius):
 
 
 def _foreground_colour(rng, background_mean):
-    colour = rng.uniform(0, 255, 3)
-    for _ in range(20):  # keep the shape visible: far enough from the background's mean colour
-        if np.abs(colour - background_mean).sum() > 150:
-            break
-        colour = rng.uniform(0, 255, 3)
-    return colour
+    """A palette colour far enough from the background's mean colour to keep the shape visible."""
+    far = [c for c in PALETTE if np.abs(c - background_mean).sum() > 150]
+    return far[rng.integers(len(far))] if far else 255 - background_mean
 
 
 class Synthetic(torch.utils.data.Dataset):
-    """Ten shape classes with random colour, size, position and rotation (+-30 degrees from upright)
-    on textured backgrounds.
+    """Ten shape classes with random colour (from a palette), size, position and rotation (+-30 degrees
+    from upright) on textured backgrounds.
 
     Colour, position and background carry no class information, so a representation must learn
     shape. Every image is a pure function of (seed, split, index): no storage, any worker can
