@@ -27,13 +27,10 @@ Commands
 """
 import argparse
 import json
-import math
 import os
 import time
 
-import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel

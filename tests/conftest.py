@@ -1,4 +1,5 @@
-"""Shared test fixtures: the repository path, script runners and the CIFAR-10 folder."""
+"""Shared test fixtures: the repository path, script runners, the log reader and the CIFAR-10 folder."""
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +13,21 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 CIFAR_TARBALL = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 sys.path.insert(0, str(REPO))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """In-process tests use tiny tensors: one thread avoids OpenMP's overhead on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def read_log(out):
+    """The records of OUT/log.jsonl: the header (arguments, versions) first, then one per epoch."""
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
 
 
 def script_env():

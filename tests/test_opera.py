@@ -15,26 +15,12 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.resnet import BasicBlock
-from conftest import REPO, assert_same_state, run_killed_after_first_checkpoint, run_script
+from conftest import REPO, assert_same_state, read_log, run_killed_after_first_checkpoint, run_script
 
 import common
 import opera
 
 TINY = ("--subset", 256, "--batch-size", 32, "--epochs", 2, "--eval-every", 0, "--workers", 0, "--mlp-dim", 512)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and spinning threads stall on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def read_log(out):
-    with open(os.path.join(out, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def model_args(arch, sup_weight=0.5):

@@ -12,16 +12,11 @@ from torch.utils.data import default_collate
 
 import common
 import rotssl
-from conftest import assert_same_state, run_killed_after_first_checkpoint, run_script
+from conftest import assert_same_state, read_log, run_killed_after_first_checkpoint, run_script
 
 # a tiny run: 256 images, batch 32, 16 px global / 8 px local crops, no kNN monitor
 TINY = ["--subset", "256", "--batch-size", "32", "--epochs", "2", "--eval-every", "0", "--workers", "0",
         "--global-size", "16", "--local-size", "8", "--n-local", "2"]
-
-
-def read_log(out):
-    with open(os.path.join(out, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 # ---------------------------------------------------------------------------- the rotation task
@@ -175,7 +170,7 @@ def test_demo_path_runs_and_logs_the_rotation_task(tmp_path):
     result = run_script("rotssl.py", "--epochs", "1", "--subset", "256", "--workers", "1", "--out", out)
     assert "kNN top-1" in result.stdout and "at random init" in result.stdout
     header, init, epoch = read_log(out)
-    assert header["args"]["base"] == "swav" and header["args"]["n_prototypes"] == 300
+    assert header["args"]["base"] == "swav" and header["args"]["n_prototypes"] == 32  # min(300, batch 32)
     assert init["epoch"] == 0 and "knn_top1" in init
     for key in ("loss", "loss_base", "loss_rot", "rot_acc", "lr", "images_per_s", "peak_mem_mb", "knn_top1"):
         assert math.isfinite(epoch[key]), key
@@ -217,7 +212,7 @@ def test_exact_resume_after_a_crash(tmp_path):
     # optimizer has no state for them yet at the first checkpoint, and has at the end
     n_params = sum(len(group["params"]) for group in first["optimizer"]["param_groups"])
     assert len(first["optimizer"]["state"]) == n_params - 1
-    assert torch.allclose(first["model"]["prototypes.weight"].norm(dim=1), torch.ones(300), atol=1e-6)
+    assert torch.allclose(first["model"]["prototypes.weight"].norm(dim=1), torch.ones(32), atol=1e-6)
     run_script("rotssl.py", *args, "--out", tmp_path / "resumed")
     a = torch.load(tmp_path / "straight" / "checkpoint.pt", map_location="cpu", weights_only=True)
     b = torch.load(tmp_path / "resumed" / "checkpoint.pt", map_location="cpu", weights_only=True)

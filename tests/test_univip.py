@@ -14,25 +14,11 @@ from torchvision.transforms import v2
 
 import common
 import univip
-from conftest import REPO, assert_same_state, run_killed_after_first_checkpoint, run_script
+from conftest import REPO, assert_same_state, read_log, run_killed_after_first_checkpoint, run_script
 
 # A tiny configuration for whole runs: small crops and heads keep every run to a few seconds.
 TINY = ("--subset", "64", "--batch-size", "32", "--scene-size", "32", "--instance-size", "16",
         "--hidden-dim", "128", "--eval-every", "0", "--workers", "0")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The in-process tests are tiny: one thread avoids OpenMP's overhead on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def read_log(out):
-    with open(os.path.join(out, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def inside(box, window, tol=1e-3):
