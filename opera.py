@@ -93,10 +93,9 @@ def get_args_parser():
         description="OPERA (MoCo v3 + a class head): omni-supervised pretraining",
         epilog="--lr, --wd, --warmup-epochs, --temperature, --optimizer and --crop-min default to the "
                f"paper's ResNet or ViT column, chosen from --arch: {PAPER_DEFAULTS}; the demo network "
-               f"resnet_tiny changes {DEMO_DEFAULTS}. --subset defaults to 4000 on synthetic data, else 0 (all).")
+               f"resnet_tiny changes {DEMO_DEFAULTS}.")
     common.add_common_args(parser, "opera", epochs=8, batch_size=64, lr=None, wd=None, warmup_epochs=None,
-                           eval_every=4)
-    parser.set_defaults(subset=None)  # resolved below: 4,000 of the synthetic images for the demo, else all
+                           eval_every=4, demo_subset=3200)
     g = parser.add_argument_group("OPERA options")
     g.add_argument("--sup-weight", type=float, default=0.5,
                    help="weight w of the class terms w (CE(z1, y) + CE(z2, y)); 0 = plain MoCo v3 (no class head)")
@@ -121,8 +120,6 @@ def resolve_defaults(args):
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.subset is None:
-        args.subset = 4000 if args.data == "synthetic" else 0
     return args
 
 
