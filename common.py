@@ -824,8 +824,12 @@ def gather_rng_states():
     return everyone
 
 
-def load_checkpoint(out, args, keys_that_must_match=("arch", "data", "batch_size", "epochs")):
-    """The checkpoint.pt in `out` if there is one (resume), after checking it belongs to this run."""
+RESUME_KEYS = ("arch", "data", "subset", "seed", "batch_size", "epochs")  # what decides the data order and steps
+
+
+def load_checkpoint(out, args, keys_that_must_match=()):
+    """The checkpoint.pt in `out` if there is one (resume), after checking it belongs to this run: the
+    common options of RESUME_KEYS and the method's `keys_that_must_match` must equal the saved ones."""
     path = os.path.join(out, "checkpoint.pt")
     if not os.path.exists(path):
         return None
@@ -834,7 +838,7 @@ def load_checkpoint(out, args, keys_that_must_match=("arch", "data", "batch_size
     except Exception as e:
         raise UserError(f"{path} cannot be read ({type(e).__name__}); delete it or use another --out") from None
     old = ckpt.get("args", {})
-    for key in keys_that_must_match:
+    for key in dict.fromkeys(RESUME_KEYS + tuple(keys_that_must_match)):
         if key in old and old[key] != getattr(args, key):
             raise UserError(f"{path} was trained with --{key.replace('_', '-')} {old[key]}, not "
                             f"{getattr(args, key)}; use the same options to resume or another --out")

@@ -42,7 +42,7 @@ Implementation details (choices the paper leaves open, and how they are made her
     the demo has 128 steps, the paper 800 COCO epochs.
 
 Commands
-  CPU demo (synthetic scenes, about 3 minutes on 2 cores):  python univip.py
+  CPU demo (synthetic scenes, about 2 minutes on 2 cores):  python univip.py
   one GPU, COCO:   python univip.py --data coco --data-dir /datasets/coco --arch resnet50 --batch-size 256 \\
                        --epochs 800 --eval-data stl10 --eval-data-dir /datasets --eval-every 50
   several GPUs, the paper's COCO recipe (SGD, lr 0.4 x batch/512, wd 1e-4, 4 warmup epochs, batch 512):
@@ -447,8 +447,8 @@ def main():
 
     # ---------------------------------------------------------------- resume
     start_epoch, step, knn_init = 0, 0, None
-    ckpt = common.load_checkpoint(args.out, args, ("arch", "data", "batch_size", "epochs", "subset", "seed", "losses",
-                                                   "num_instances", "scene_size", "instance_size", "hidden_dim"))
+    ckpt = common.load_checkpoint(args.out, args, ("losses", "num_instances", "scene_size", "instance_size",
+                                                   "hidden_dim"))
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])

@@ -253,3 +253,25 @@ def test_check_finite_names_the_step():
     common.check_finite(torch.tensor([1.0, 2.0]), 5)
     with pytest.raises(common.UserError, match="step 7"):
         common.check_finite(torch.tensor([1.0, math.nan]), 7)
+
+
+def test_subset_defaults_to_the_demo_size_on_synthetic_data_only():
+    parser = argparse.ArgumentParser()
+    common.add_common_args(parser, "m", epochs=1, batch_size=8, lr=0.1, wd=0.0, warmup_epochs=0, demo_subset=300)
+    resolved = []
+    for argv in ([], ["--data", "cifar10"], ["--subset", "0"], ["--data", "cifar10", "--subset", "50"]):
+        args = parser.parse_args(argv)
+        common.check_common_args(args, world_size=1)
+        resolved.append(args.subset)
+    assert resolved == [300, 0, 0, 50]  # an explicit --subset always wins; 0 = every image
+
+
+def test_resume_refuses_a_checkpoint_of_other_options(tmp_path):
+    saved = argparse.Namespace(arch="resnet_tiny", data="synthetic", subset=300, seed=0, batch_size=8, epochs=2, tau=0.1)
+    common.atomic_save({"args": common.plain_args(saved), "epoch": 1}, str(tmp_path / "checkpoint.pt"))
+    assert common.load_checkpoint(str(tmp_path), saved, ("tau",))["epoch"] == 1  # the same run resumes
+    assert common.load_checkpoint(str(tmp_path / "elsewhere"), saved) is None  # no checkpoint: a fresh run
+    for key, value in (("subset", 0), ("seed", 1), ("tau", 0.2)):  # a common key, and the method's own
+        other = argparse.Namespace(**{**vars(saved), key: value})
+        with pytest.raises(common.UserError, match=f"--{key} "):
+            common.load_checkpoint(str(tmp_path), other, ("tau",))
