@@ -227,6 +227,20 @@ def test_exact_resume_after_a_crash(tmp_path):
     assert 0 <= result["knn"]["top1"] <= 100 and 0 <= result["linear"]["top1"] <= 100
 
 
+def test_byol_exact_resume_after_a_crash(tmp_path):
+    """The BYOL base resumes exactly too: target network, tau schedule position, optimizer state."""
+    args = ["--base", "byol", *TINY]
+    run_script("rotssl.py", *args, "--out", tmp_path / "straight")
+    first = run_killed_after_first_checkpoint("rotssl.py", *args, out=tmp_path / "resumed")
+    assert first["epoch"] == 1
+    run_script("rotssl.py", *args, "--out", tmp_path / "resumed")
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2 and any(k.startswith("target_backbone.") for k in a["model"])
+    assert_same_state(a["model"], b["model"])
+    assert_same_state(a["optimizer"]["state"], b["optimizer"]["state"])
+
+
 @pytest.mark.parametrize("flag, value", [("--rot-weight", "-0.1")])
 def test_bad_flag_exits_with_one_sentence_and_no_output(tmp_path, flag, value):
     out = tmp_path / "bad"
