@@ -20,7 +20,7 @@ Every number is the final-epoch value (never the best epoch). Results: a printed
 `OUT/eval_<data>.json` (OUT = the checkpoint's folder unless `--out` is given).
 
 Commands
-    python eval_linear.py --ckpt random --arch resnet_tiny --data synthetic      # CPU, ~1 minute
+    python eval_linear.py --ckpt random --arch resnet_tiny --data synthetic      # CPU, ~25 s
     python eval_linear.py --ckpt runs/trex/backbone.pt --data cifar10 --download
     python eval_linear.py --ckpt runs/trex/backbone.pt --data data/cifar10       # an ImageFolder
     torchrun --nproc_per_node=8 eval_linear.py --ckpt runs/opera/backbone.pt --data /imagenet --mode full
