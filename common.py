@@ -96,7 +96,7 @@ def check_common_args(args, world_size):
     if args.batch_size < 1 or args.batch_size % world_size:
         raise UserError(f"--batch-size {args.batch_size} must be a positive multiple of the number of "
                         f"processes ({world_size})")
-    if args.lr <= 0 or args.wd < 0 or args.warmup_epochs < 0 or args.subset < 0:
+    if (args.lr is not None and args.lr <= 0) or args.wd < 0 or args.warmup_epochs < 0 or args.subset < 0:
         raise UserError("--lr must be positive and --wd, --warmup-epochs, --subset must not be negative")
     if args.log_every < 1 or args.eval_every < 0 or args.workers < 0:
         raise UserError("--log-every must be at least 1, --eval-every and --workers not negative")
@@ -885,11 +885,14 @@ class LARS(torch.optim.Optimizer):
 
     update = g + wd * w, scaled by eta * ||w|| / ||update|| (1 if either norm is 0), then
     momentum. Groups with `lars_exclude=True` (biases, norms) skip decay and adaptation.
+    `clip=True` caps the layer's rate at the global one (the LARC variant): the scale becomes
+    min(eta * ||w|| / (lr * ||update||), 1), so a step moves a layer by at most eta of its norm
+    whatever the lr; the CIFAR recipes tuned with eta 0.02 (solo-learn's BYOL) assume it.
     """
 
-    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
+    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001, clip=False):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                      trust_coefficient=trust_coefficient, lars_exclude=False))
+                                      trust_coefficient=trust_coefficient, clip=clip, lars_exclude=False))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -904,6 +907,8 @@ class LARS(torch.optim.Optimizer):
                 w_norms, g_norms = torch._foreach_norm(params), torch._foreach_norm(grads)
                 trust = [torch.where((w > 0) & (g > 0), group["trust_coefficient"] * w / g, torch.ones_like(w))
                          for w, g in zip(w_norms, g_norms)]
+                if group.get("clip") and group["lr"] > 0:
+                    trust = [(t / group["lr"]).clamp(max=1.0) for t in trust]
                 grads = torch._foreach_mul(grads, trust)
             bufs = []
             for p, g in zip(params, grads):

@@ -174,6 +174,20 @@ def test_lars_matches_a_hand_computed_step():
     assert torch.allclose(b, torch.tensor([0.0]))  # excluded: plain momentum SGD, no decay: 1 - 0.5 * 2
 
 
+def test_clipped_lars_caps_the_layer_rate_at_the_global_one():
+    def step(lr, grad):
+        w = nn.Parameter(torch.tensor([[3.0, 4.0]]))  # ||w|| = 5
+        w.grad = torch.tensor(grad)
+        common.LARS([w], lr=lr, momentum=0.0, trust_coefficient=0.02, clip=True).step()
+        return w.detach()
+    # large gradient: eta * ||w|| / (lr * ||g||) = 0.02 * 5 / (1 * 10) < 1, so the step is eta * ||w|| = 0.1 long
+    moved = step(1.0, [[6.0, 8.0]])
+    assert torch.allclose(moved, torch.tensor([[3.0, 4.0]]) - 0.1 * torch.tensor([[0.6, 0.8]]))
+    # small gradient: the ratio exceeds 1 and is clipped, so this is a plain SGD step lr * g
+    moved = step(0.5, [[0.006, 0.008]])
+    assert torch.allclose(moved, torch.tensor([[3.0, 4.0]]) - 0.5 * torch.tensor([[0.006, 0.008]]))
+
+
 def test_param_groups_decay_only_weights():
     m = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
     decay, no_decay = common.param_groups(m, 0.5)
