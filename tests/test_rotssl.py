@@ -193,6 +193,10 @@ def test_byol_base_trains_a_momentum_target(tmp_path):
     # the target trails the online network (momentum < 1), so the two differ
     assert any(not torch.equal(online[k], target[k]) for k in weights)
     assert "rotation_head.0.weight" in ckpt["model"] and "prototypes.weight" not in ckpt["model"]
+    # small images get BYOL's CIFAR recipe: lr 1.0 per 256 under LARS with eta 0.02, clipped
+    assert read_log(out)[0]["args"]["lr"] == 1.0
+    lars = ckpt["optimizer"]["param_groups"][0]
+    assert lars["trust_coefficient"] == 0.02 and lars["clip"] and not lars["lars_exclude"]
 
 
 @pytest.mark.parametrize("base", ["swav", "byol"])
