@@ -361,10 +361,8 @@ def main():
         # stuck at ln K. Small data get at most one prototype per image of the batch (measured on the
         # demo, batch 32: kNN top-1 38.7 % with 32 prototypes, 26.8 % at init).
         args.n_prototypes = min(300, args.batch_size) if small else 3000
-    # BYOL has two recipes. ImageNet (the paper): LARS with eta 0.001, lr 0.2 x batch/256. Small images
-    # (CIFAR, the demo): lr 1.0 x batch/256 with eta 0.02 and the layer rate clipped at the global one,
-    # the setting that value was tuned with (solo-learn); with eta 0.001 it would move the weights 20x
-    # less per step.
+    # BYOL's two LARS recipes (detail 5): ImageNet eta 0.001 and lr 0.2; small images (CIFAR) eta 0.02,
+    # clipped, and lr 1.0, the setting solo-learn tuned that lr with
     byol_small = not swav and small
     if args.lr is None:
         args.lr = 1.0 if byol_small else 0.2
