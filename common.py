@@ -577,10 +577,43 @@ def num_classes_of(dataset):
     return len(classes) if classes else 0
 
 
-def native_image_size(dataset):
-    """Side of the first image: decides `small_images` (64 px or less) and the default crop size."""
-    image = dataset[0][0]
-    return min(image.size)
+SMALL_IMAGES = 64  # a dataset whose images have a shorter side of 64 px or less: CIFAR stem, native-size crops
+
+
+def native_image_size(dataset, sample=64, seed=0):
+    """The shorter side of the dataset's images, decided from the dataset as a whole.
+
+    The median over a seeded sample of up to `sample` images (of a folder, only the file headers are
+    read), so one odd file never decides it: a folder whose first image is 240 x 180 is still a folder
+    of ImageNet-sized photos. It decides `small_images` (SMALL_IMAGES px or less: the CIFAR stem and crops
+    at the native size); larger images get the references' crop sizes (224, and 96 for local crops),
+    whatever their own size. Torchvision datasets go the same way (CIFAR 32, STL-10 96 for every image).
+    """
+    inner = dataset
+    while not isinstance(inner, (ImageList, SceneBoxes)) and hasattr(inner, "dataset"):
+        inner = inner.dataset  # through wrappers such as a partly labelled view of the data
+    if len(inner) == 0:
+        raise UserError("the training set is empty")
+    picks = np.random.default_rng(seed).choice(len(inner), size=min(sample, len(inner)), replace=False)
+    sides = []
+    for i in picks:
+        if isinstance(inner, (ImageList, SceneBoxes)):
+            try:
+                with Image.open(inner.paths[i]) as image:  # the header only: no decoding
+                    sides.append(min(image.size))
+            except Exception as e:
+                raise UserError(f"cannot read image {inner.paths[i]} ({type(e).__name__}); remove or replace "
+                                "the file") from None
+        else:
+            sides.append(min(inner[int(i)][0].size))
+    return int(np.median(sides))
+
+
+def describe_sizes(native, small, **sizes):
+    """The line every script prints (and logs) about the crop sizes it chose."""
+    chosen = ", ".join(f"{name.replace('_', ' ')} {px} px" for name, px in sizes.items())
+    kind = f"{SMALL_IMAGES} px or less: CIFAR stem" if small else f"above {SMALL_IMAGES} px: ImageNet stem"
+    return f"crop sizes: {chosen} (images of about {native} px, {kind})"
 
 
 # ----------------------------------------------------------------------------------------------
