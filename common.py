@@ -170,12 +170,51 @@ def unwrap(model):
 # ----------------------------------------------------------------------------------------------
 # Backbones: image batch -> pooled features, with torchvision's parameter names
 # ----------------------------------------------------------------------------------------------
-class ViT(VisionTransformer):
-    """torchvision's VisionTransformer that also accepts other image sizes (multi-crop).
+def sincos_position_embedding(grid, dim, temperature=10000.0):
+    """MoCo v3's fixed 2-D sin-cos position embedding, (1, 1 + grid^2, dim) with a zero row for the class token.
 
-    The position embedding is interpolated (bicubic) to the token grid of the input, as DINO does,
-    so a ViT trained on 224 px global crops also runs on 96 px local crops. Output: the class token.
+    Token t = r * grid + c (row-major, as the patch embedding is flattened) gets
+    [sin(r w), cos(r w), sin(c w), cos(c w)] with frequencies w_i = temperature^(-i / (dim / 4)).
     """
+    if dim % 4:
+        raise ValueError(f"the sin-cos position embedding needs a width divisible by 4, got {dim}")
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                                indexing="ij")
+    r, c = rows.flatten()[:, None] * omega, cols.flatten()[:, None] * omega
+    table = torch.cat([r.sin(), r.cos(), c.sin(), c.cos()], dim=1)
+    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), table]).float().unsqueeze(0)
+
+
+class ViT(VisionTransformer):
+    """torchvision's VisionTransformer built and initialised as MoCo v3's ViT, for any image size.
+
+    As MoCo v3 (Chen, Xie, He 2021, Sec. 5 and its vits.py): the position embedding is the fixed 2-D
+    sin-cos table, a buffer, neither trained nor weight-decayed (it keeps torchvision's key
+    `encoder.pos_embedding`, so backbone.pt loads into torchvision's VisionTransformer); q, k and v are
+    initialised as three separate xavier-uniform blocks, every other Linear xavier-uniform, biases 0, the
+    class token N(0, 1e-6) and the patch embedding uniform with bound sqrt(6 / (3 p^2 + D)). Methods that
+    freeze the patch embedding (MoCo v3, OPERA) do so themselves. For other input sizes (multi-crop) the
+    table is interpolated (bicubic) to the token grid of the input, as DINO does. Output: the class token.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        dim, grid = self.hidden_dim, self.image_size // self.patch_size
+        del self.encoder.pos_embedding  # torchvision's learned Parameter ...
+        self.encoder.register_buffer("pos_embedding", sincos_position_embedding(grid, dim))  # ... becomes fixed
+        for name, m in self.named_modules():
+            if isinstance(m, nn.MultiheadAttention):  # in_proj_weight = [W_q; W_k; W_v], each (D, D)
+                bound = math.sqrt(6.0 / (m.in_proj_weight.shape[0] // 3 + m.in_proj_weight.shape[1]))
+                nn.init.uniform_(m.in_proj_weight, -bound, bound)
+                nn.init.zeros_(m.in_proj_bias)
+            elif isinstance(m, nn.Linear):  # MLP blocks and the attention's out_proj
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.class_token, std=1e-6)
+        bound = math.sqrt(6.0 / (3 * self.patch_size ** 2 + dim))
+        nn.init.uniform_(self.conv_proj.weight, -bound, bound)
+        nn.init.zeros_(self.conv_proj.bias)
 
     def forward(self, x):
         n, _, h, w = x.shape
@@ -234,7 +273,7 @@ def build_backbone(arch, small_images=False, img_size=224, zero_init_residual=Fa
         model = getattr(torchvision.models, arch)(zero_init_residual=zero_init_residual)
         feat_dim = model.fc.in_features
     elif arch in ("vit_small", "vit_base"):
-        width, heads = (384, 6) if arch == "vit_small" else (768, 12)
+        width, heads = (384, 12) if arch == "vit_small" else (768, 12)  # MoCo v3: ViT-S has 12 heads
         model = ViT(image_size=img_size, patch_size=vit_patch_size(img_size), num_layers=12, num_heads=heads,
                     hidden_dim=width, mlp_dim=4 * width)
         model.heads = nn.Identity()

@@ -37,10 +37,13 @@ Implementation details (choices the paper leaves to its code)
    without gamma), the predictor does too for ViTs only. The class head Linear-BN-ReLU-Linear reads the
    unnormalised q, and its gradient flows through the predictor, projector and backbone.
 6. ResNets: the last BN of each residual block starts at zero (not the tiny demo network, which then
-   learns several times slower). ViTs: the patch embedding is random and frozen (MoCo v3, Sec. 5: it
-   removes the training instability of ViTs).
-7. Both views go through each network in one call (batch 2B, so BN statistics cover both views); the
-   reference calls each view separately. Fewer, larger kernels; SyncBatchNorm on several GPUs.
+   learns several times slower). ViTs are MoCo v3's (common.ViT: ViT-S with 12 heads, a fixed 2-D
+   sin-cos position embedding, MoCo v3's initialisation), and the patch embedding stays random and
+   frozen (MoCo v3, Sec. 5: it removes the training instability of ViTs).
+7. Each view goes through each network in a call of its own, as in the reference: BatchNorm (SyncBatchNorm
+   on several GPUs) normalises over the B images of one view. One call on both views (2B images) would
+   be faster, but it mixes the views' statistics and changes the gradient (cosine 0.14 to the
+   reference's at batch 8, 0.54 at batch 128, measured at initialisation).
 8. lr = base x batch / 256, linear warmup per iteration then cosine to 0. LARS (ResNets) excludes
    biases and BN from weight decay and adaptation; AdamW (ViTs) decays every parameter, as MoCo v3.
 9. `--labeled-fraction F` keeps the label of round(F n) of the n training images in use, chosen by a
@@ -48,6 +51,16 @@ Implementation details (choices the paper leaves to its code)
 10. Reported each epoch: both loss terms, lr, momentum, images/s, the class head's top-1 on the
    validation split (online network in eval mode, evaluation transform), and every --eval-every
    epochs the kNN monitor on backbone features (--eval-every 0 turns both evaluations off).
+
+Compared with the reference code (wangck20/OPERA on facebookresearch/moco-v3)
+Equal: the augmentation (bilinear RandomResizedCrop at 224 px, BYOL's asymmetric colour ops), the
+networks and their initialisation, the calls (one per view and network), the loss and its weighting,
+the momentum update before the keys, the schedules. tests/test_opera.py computes a step the
+reference's way, by hand from this file's modules, and checks the loss and every gradient (fp32, 1e-5).
+Deliberate differences: the class loss over partly labelled batches (detail 4; with every image
+labelled it is the reference's mean); on images of 64 px or less (no such recipe in the reference)
+crops at the native size, the CIFAR stem and a blur sigma scaled by crop/224; the cosine lr lands on 0
+at the last step (the reference's per-iteration formula reaches 0 one step after the end).
 
 Commands
     python opera.py                                                   # CPU demo, synthetic shapes, ~2 min
@@ -82,7 +95,7 @@ PAPER_DEFAULTS = {
 # miss the shape. Measured on an earlier version of the synthetic data (600 steps of 64): kNN top-1 11 %
 # with the paper's values, 28 % with these, 10 % at init. The demo now ends at 46 % (19 % at init).
 DEMO_DEFAULTS = dict(lr=2.4, warmup_epochs=1, crop_min=0.5)
-RESUME_MUST_MATCH = ("sup_weight", "labeled_fraction", "dim", "mlp_dim", "optimizer")  # besides common's
+RESUME_MUST_MATCH = ("sup_weight", "labeled_fraction", "dim", "mlp_dim", "optimizer", "crop_size")  # besides common's
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,6 +119,8 @@ def get_args_parser():
     g.add_argument("--optimizer", choices=("lars", "adamw"), default=None, help="ResNet: lars, ViT: adamw")
     g.add_argument("--crop-min", type=float, default=None,
                    help="smallest RandomResizedCrop scale (ResNet 0.2, ViT 0.08)")
+    g.add_argument("--crop-size", type=int, default=None,
+                   help="side of both views (default: 224, or the native size of images of 64 px or less)")
     g.add_argument("--base-momentum", type=float, default=0.99,
                    help="momentum encoder: m rises from this value to 1 on a per-iteration cosine")
     g.add_argument("--dim", type=int, default=256, help="output size of the projector and predictor (q, k)")
@@ -132,6 +147,8 @@ def check_method_args(args):
         raise common.UserError(f"--temperature {args.temperature} must be positive")
     if not 0 < args.crop_min <= 1:
         raise common.UserError(f"--crop-min {args.crop_min} must be in (0, 1]")
+    if args.crop_size is not None and args.crop_size < 8:
+        raise common.UserError(f"--crop-size {args.crop_size} must be at least 8 pixels")
     if not 0 <= args.base_momentum <= 1:
         raise common.UserError(f"--base-momentum {args.base_momentum} must be between 0 and 1")
     if args.dim < 1 or args.mlp_dim < 1:
@@ -247,16 +264,15 @@ class OPERA(nn.Module):
         return target, online
 
     def forward(self, view1, view2, labels):
-        n = len(view1)
-        views = torch.cat([view1, view2])  # one call per network for both views
-        q = self.predictor(self.projector(self.backbone(views)))  # Y_self, not normalised
+        # One call per view and network, as MoCo v3 and OPERA's code make them (detail 7): every BatchNorm
+        # normalises over the B images of one view, and the two views never share batch statistics.
+        q1, q2 = (self.predictor(self.projector(self.backbone(v))) for v in (view1, view2))  # Y_self
         with torch.no_grad():
-            k = self.momentum_projector(self.momentum_backbone(views))
-        q1, q2, k1, k2 = *q.split(n), *k.split(n)
+            k1, k2 = (self.momentum_projector(self.momentum_backbone(v)) for v in (view1, view2))
         loss_self = 0.5 * (contrastive_loss(q1, k2, self.temperature) + contrastive_loss(q2, k1, self.temperature))
         if self.class_head is None:  # --sup-weight 0: plain MoCo v3
             return {"loss": loss_self, "loss_self": loss_self, "loss_class": torch.zeros_like(loss_self)}
-        z1, z2 = self.class_head(q).split(n)  # Y_full = h(Y_self): class logits
+        z1, z2 = self.class_head(q1), self.class_head(q2)  # Y_full = h(Y_self): class logits, per view
         loss_class = class_loss(z1, labels) + class_loss(z2, labels)
         # The reference code's weighting (detail 1); eq. 13 of the paper writes J_self + J_full.
         return {"loss": loss_self + self.sup_weight * loss_class, "loss_self": loss_self, "loss_class": loss_class}
@@ -306,8 +322,12 @@ def main():
     if args.labeled_fraction < 1:
         in_use = common.EpochSampler(len(train_set), subset=args.subset, seed=args.seed).indices
         train_set = PartiallyLabeled(train_set, labeled_indices(in_use, args.labeled_fraction, args.seed))
+    # Crops of 224 px (MoCo v3) on ImageNet-sized images, at the native size on small ones (CIFAR stem)
     native = common.native_image_size(train_set)
-    small, img_size = native <= 64, min(native, 224)
+    small = native <= common.SMALL_IMAGES
+    img_size = args.crop_size = args.crop_size or (native if small else 224)
+    if ddp.is_main:
+        print(common.describe_sizes(native, small, crop=img_size))
     augmentation = TwoViewAugmentation(img_size, args.crop_min)
     loader = common.train_loader(train_set, augmentation, args.batch_size // ddp.world_size, ddp, args.workers,
                                  args.seed, args.subset)

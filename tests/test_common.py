@@ -34,6 +34,61 @@ def test_vit_small_runs_on_small_images_and_other_sizes():
         assert model(torch.randn(2, 3, 16, 16)).shape == (2, 384)  # local crops: interpolated positions
 
 
+def test_vit_is_moco_v3s_fixed_sincos_position_embedding_and_initialisation(tmp_path):
+    torch.manual_seed(0)
+    model, dim = common.build_backbone("vit_small", small_images=False, img_size=224)
+    attention = model.encoder.layers[0].self_attention
+    assert attention.num_heads == 12 and dim == 384  # MoCo v3's ViT-S: 12 heads of 32
+    # the position embedding is a buffer (not trained, not decayed) holding the 2-D sin-cos table
+    assert "encoder.pos_embedding" not in dict(model.named_parameters())
+    assert "encoder.pos_embedding" in model.state_dict()
+    pos, grid, quarter = model.encoder.pos_embedding[0], 14, dim // 4
+    assert pos.shape == (1 + grid * grid, dim) and not pos[0].any()  # the class token's row is zero
+    for token, (r, c) in [(1, (0, 0)), (2, (0, 1)), (1 + grid, (1, 0)), (1 + 5 * grid + 9, (5, 9))]:
+        for i in (0, 7, quarter - 1):
+            w = 10000.0 ** (-i / quarter)
+            expected = [math.sin(r * w), math.cos(r * w), math.sin(c * w), math.cos(c * w)]
+            got = [pos[token, i + j * quarter].item() for j in range(4)]
+            assert got == pytest.approx(expected, abs=1e-6), (token, i)
+    # MoCo v3's initialisation: q, k, v as three xavier blocks, xavier elsewhere, zero biases
+    assert attention.in_proj_weight.std().item() == pytest.approx(math.sqrt(1 / dim), rel=0.02)  # 0.051
+    bound = math.sqrt(6 / (3 * 16 * 16 + dim))
+    assert model.conv_proj.weight.abs().max().item() <= bound
+    assert model.conv_proj.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.02)  # 0.042
+    fc1 = model.encoder.layers[0].mlp[0]
+    assert fc1.weight.std().item() == pytest.approx(math.sqrt(2 / (dim + 4 * dim)), rel=0.02)
+    assert not fc1.bias.any() and not attention.in_proj_bias.any() and not attention.out_proj.bias.any()
+    assert 0 < model.class_token.std().item() < 1e-5
+    # backbone.pt still loads into torchvision's VisionTransformer of the same shape
+    common.save_backbone(tmp_path / "backbone.pt", model, method="test", arch="vit_small", small_images=False,
+                         img_size=224, feat_dim=dim, args=argparse.Namespace(x=1), epoch=1)
+    record = torch.load(tmp_path / "backbone.pt", map_location="cpu", weights_only=True)
+    reference = torchvision.models.VisionTransformer(224, 16, 12, 12, 384, 1536)
+    result = reference.load_state_dict(record["state_dict"], strict=False)
+    assert sorted(result.missing_keys) == ["heads.head.bias", "heads.head.weight"] and not result.unexpected_keys
+    assert torch.equal(reference.encoder.pos_embedding, model.encoder.pos_embedding)
+    with torch.no_grad():
+        reference.heads = nn.Identity()
+        x = torch.randn(2, 3, 224, 224)
+        assert torch.allclose(reference(x), model(x), atol=1e-5)
+
+
+def test_native_image_size_is_decided_by_a_sample_not_the_first_image(tmp_path):
+    from PIL import Image
+    folder = tmp_path / "photos" / "a"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (240, 180)).save(folder / "0.jpg")  # the first file is an odd one out
+    for i in range(1, 12):
+        Image.new("RGB", (500, 375)).save(folder / f"{i}.jpg")
+    assert common.native_image_size(common.image_folder(tmp_path / "photos")) == 375
+    assert common.native_image_size(common.Synthetic("train", size=20)) == 32
+    small = tmp_path / "tiny" / "a"
+    small.mkdir(parents=True)
+    for i in range(5):
+        Image.new("RGB", (32, 32)).save(small / f"{i}.png")
+    assert common.native_image_size(common.image_folder(tmp_path / "tiny")) == 32 <= common.SMALL_IMAGES
+
+
 def test_zero_init_residual_zeroes_the_last_bn_of_every_block():
     model, _ = common.build_backbone("resnet_tiny", True, zero_init_residual=True)
     assert all(float(b.bn2.weight.detach().abs().sum()) == 0 for b in model.modules()

@@ -2,6 +2,7 @@
 and its gradient, the network's structure, and short runs of the script (demo path, torchrun, exact
 resume, eval_linear.py on its backbone.pt, ViT, bad input)."""
 import argparse
+import copy
 import json
 import math
 import os
@@ -73,6 +74,53 @@ def test_unlabelled_batch_trains_the_class_head_not_at_all_and_sup_weight_zero_i
     assert plain.class_head is None
     out = plain(x1, x2, torch.zeros(8, dtype=torch.long))
     assert torch.equal(out["loss"], out["loss_self"])
+
+
+def _reference_step(model, x1, x2, labels, temperature, sup_weight, per_view=True):
+    """One OPERA step written the way wangck20/OPERA (on MoCo v3's builder) computes it: each view goes
+    through the online network and the momentum encoder in a call of its own."""
+    def ctr(q, k):  # MoCo v3's contrastive_loss on one process
+        q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+        return nn.CrossEntropyLoss()(q @ k.t() / temperature, torch.arange(len(q))) * 2 * temperature
+    online = nn.Sequential(model.backbone, model.projector, model.predictor)
+    momentum = nn.Sequential(model.momentum_backbone, model.momentum_projector)
+    if per_view:
+        q1, q2 = online(x1), online(x2)
+        with torch.no_grad():
+            k1, k2 = momentum(x1), momentum(x2)
+        z1, z2 = model.class_head(q1), model.class_head(q2)
+    else:  # both views in one call: batch-norm statistics over 2B mixed images
+        q1, q2 = online(torch.cat([x1, x2])).chunk(2)
+        with torch.no_grad():
+            k1, k2 = momentum(torch.cat([x1, x2])).chunk(2)
+        z1, z2 = model.class_head(torch.cat([q1, q2])).chunk(2)
+    loss_self = 0.5 * (ctr(q1, k2) + ctr(q2, k1))
+    return loss_self + sup_weight * (F.cross_entropy(z1, labels) + F.cross_entropy(z2, labels))
+
+
+def _gradients(model):
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_training_step_equals_the_reference_computation_per_view():
+    torch.manual_seed(0)
+    model, _ = opera.build_model(model_args("resnet_tiny"), num_classes=4, small_images=True, img_size=16)
+    args = model_args("resnet_tiny")
+    x1, x2, labels = torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16), torch.randint(0, 4, (8,))
+    ours, reference, mixed = model, copy.deepcopy(model), copy.deepcopy(model)
+    loss = ours(x1, x2, labels)["loss"]
+    loss.backward()
+    expected = _reference_step(reference, x1, x2, labels, args.temperature, 0.5)
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    got, want = _gradients(ours), _gradients(reference)
+    assert got.keys() == want.keys() and len(got) > 20
+    for name in want:
+        assert (got[name] - want[name]).norm() <= 1e-5 * want[name].norm() + 1e-12, name
+    # the test can fail: one call on both views gives another loss and another backbone gradient
+    _reference_step(mixed, x1, x2, labels, args.temperature, 0.5, per_view=False).backward()
+    g_mixed, g_ref = _gradients(mixed)["backbone.conv1.weight"], want["backbone.conv1.weight"]
+    assert (g_mixed - g_ref).norm() > 0.05 * g_ref.norm()
 
 
 def test_momentum_schedule_rises_from_0_99_to_1():
@@ -251,6 +299,27 @@ def test_vit_small_runs_a_few_steps_with_a_frozen_patch_embedding(tmp_path):
     assert not torch.equal(model["backbone.encoder.ln.weight"], model["momentum_backbone.encoder.ln.weight"])
     assert torch.equal(model["backbone.conv_proj.weight"], model["momentum_backbone.conv_proj.weight"])
     assert ckpt["backbone"]["arch"] == "vit_small" and ckpt["backbone"]["img_size"] == 32
+
+
+def test_crop_size_comes_from_the_dataset_as_a_whole_and_the_flag_overrides_it(tmp_path):
+    from PIL import Image
+    root = tmp_path / "photos"
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(4):  # the first training image is 240 x 180, the others 300 x 400
+                size = (240, 180) if (split, c, i) == ("train", "a", 0) else (300, 400)
+                Image.new("RGB", size, (60 * i, 100, 200 if c == "a" else 20)).save(root / split / c / f"{i}.jpg")
+    tiny = ("--batch-size", 4, "--epochs", 1, "--eval-every", 0, "--workers", 0, "--mlp-dim", 32, "--dim", 16)
+    result = run_script("opera.py", "--data", root, *tiny, "--out", tmp_path / "big")
+    assert "crop sizes: crop 224 px (images of about 300 px" in result.stdout
+    assert read_log(tmp_path / "big")[0]["args"]["crop_size"] == 224
+    ckpt = torch.load(tmp_path / "big" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert ckpt["backbone"]["img_size"] == 224 and not ckpt["backbone"]["small_images"]
+    result = run_script("opera.py", "--data", root, *tiny, "--crop-size", 64, "--out", tmp_path / "flag")
+    assert "crop 64 px" in result.stdout and read_log(tmp_path / "flag")[0]["args"]["crop_size"] == 64
+    result = run_script("opera.py", *tiny, "--subset", 8, "--out", tmp_path / "small")  # 32 px synthetic images
+    assert "crop 32 px (images of about 32 px, 64 px or less" in result.stdout
 
 
 @pytest.mark.parametrize("flags, word", [(("--labeled-fraction", 1.5), "--labeled-fraction"),
