@@ -1,4 +1,5 @@
-"""Tests of trex.py: prototypes, memory, loss, augmentation, the order of a step, two processes, the script."""
+"""Tests of trex.py: prototypes, memory, loss, augmentation, a step against the reference's computation, crop
+sizes, two processes, the script."""
 import copy
 import json
 import math
@@ -49,19 +50,21 @@ def test_class_prototypes_are_normalised_class_sums_and_zero_for_empty_classes()
     assert not trex.OCMMemory(8, 4).prototypes(3).any()
 
 
-def test_ring_buffer_holds_the_newest_entries_in_order():
-    size = 5
-    memory = trex.OCMMemory(size, 2)
-    entries = torch.arange(9.0)
-    for chunk in (entries[:3], entries[3:7], entries[7:]):  # 9 writes > 5 slots: wraps around
-        memory.write(torch.stack([chunk, -chunk], 1), chunk.long())
-    order = torch.roll(torch.arange(size), -int(memory.ptr))  # oldest first
-    assert memory.labels[order].tolist() == [4, 5, 6, 7, 8]
-    assert torch.equal(memory.features[order], torch.stack([entries[4:], -entries[4:]], 1))
-    big = torch.arange(100.0, 107.0)  # one batch larger than the memory keeps its newest entries
-    memory.write(torch.stack([big, -big], 1), big.long())
-    order = torch.roll(torch.arange(size), -int(memory.ptr))
-    assert memory.labels[order].tolist() == [102, 103, 104, 105, 106]
+def test_memory_fills_to_the_end_then_restarts_at_slot_0_as_the_reference():
+    memory = trex.OCMMemory(5, 2)  # 5 slots, writes of 3: not a multiple
+    write = lambda chunk: memory.write(torch.stack([chunk, -chunk], 1), chunk.long())
+    write(torch.arange(0.0, 3.0))
+    assert memory.labels.tolist() == [0, 1, 2, -1, -1] and int(memory.ptr) == 3
+    write(torch.arange(3.0, 6.0))  # slots 3, 4 take entries 3, 4; entry 5 is dropped (naver/trex's Memory.update)
+    assert memory.labels.tolist() == [0, 1, 2, 3, 4] and int(memory.ptr) == 0
+    write(torch.arange(6.0, 9.0))
+    assert memory.labels.tolist() == [6, 7, 8, 3, 4] and int(memory.ptr) == 3
+    assert torch.equal(memory.features[:, 0], torch.tensor([6.0, 7, 8, 3, 4])) and torch.equal(
+        memory.features[:, 1], -memory.features[:, 0])
+    write(torch.arange(100.0, 107.0))  # larger than the memory: the first entries that fit, then slot 0
+    assert memory.labels.tolist() == [6, 7, 8, 100, 101] and int(memory.ptr) == 0
+    write(torch.arange(200.0, 207.0))
+    assert memory.labels.tolist() == [200, 201, 202, 203, 204] and int(memory.ptr) == 0
 
 
 def test_loss_equals_hand_computed_cross_entropy_over_all_crops():
@@ -155,6 +158,69 @@ def test_recipes_and_the_ordinary_supervised_baseline():
     assert tiny_model(memory_size=0, projector_layers=1).kind == "cosine"
 
 
+def reference_step(model, crops, labels):
+    """One training step as naver/trex computes it (trex.py tReX.forward, multi_crop.MultiCropWrapper,
+    Memory.class_weights / update), written out from `model`'s own submodules, fp32."""
+    n_crops = len(crops)
+    # MultiCropWrapper: one encoder call per resolution, the head on the concatenated features
+    pooled = torch.cat([model.backbone(crops[0]), model.backbone(torch.cat(crops[1:]))])
+    x = model.projector.mlp(F.normalize(pooled, dim=1))
+    if model.kind == "cosine":  # ClfLayer: l2-normalised x and weights, / tau
+        logits = F.normalize(x, dim=1) @ F.normalize(model.classifier.weight, dim=1).t() / model.tau
+    else:
+        memory = model.memory
+        with torch.no_grad():  # class_weights(): normalised per-class sums of the whole memory
+            w = F.normalize(torch.zeros(10, x.shape[1]).index_add_(0, memory.labels, memory.features), dim=1)
+        logits = F.normalize(x, dim=1) @ w.t() / model.tau
+        with torch.no_grad():  # update_model_ema(), then the EMA model on the global crops, then Memory.update
+            online = [*model.backbone.parameters(), *model.projector.parameters()]
+            ema = [*model.momentum_backbone.parameters(), *model.momentum_projector.parameters()]
+            for p, q in zip(online, ema):
+                q.data = q.data * model.momentum + p.data * (1.0 - model.momentum)
+            keys = model.momentum_projector.mlp(F.normalize(model.momentum_backbone(crops[0]), dim=1))
+            ptr, size = int(memory.ptr), memory.labels.shape[0]
+            keys, new = keys[:size - ptr], labels[:size - ptr]
+            memory.features[ptr:ptr + len(new)] = keys
+            memory.labels[ptr:ptr + len(new)] = new
+            memory.ptr.fill_((ptr + len(new)) % size)
+    loss = F.cross_entropy(logits, labels.repeat(n_crops))
+    loss.backward()
+    return loss
+
+
+@pytest.mark.parametrize("memory_size", [16, 0])  # t-ReX (OCM) and the plain variant (learned cosine classifier)
+def test_training_step_equals_the_reference_computation(memory_size):
+    model = tiny_model(memory_size=memory_size, projector_layers=3)
+    g = torch.Generator().manual_seed(1)
+    if memory_size:  # a full memory (as the reference's always is) with the pointer 2 slots before the end
+        model.memory.features.copy_(torch.randn(16, 8, generator=g))
+        model.memory.labels.copy_(torch.randint(0, 10, (16,), generator=g))
+        model.memory.ptr.fill_(14)
+        with torch.no_grad():  # a momentum encoder that differs from the online one
+            for p in [*model.momentum_backbone.parameters(), *model.momentum_projector.parameters()]:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    reference = copy.deepcopy(model)
+    crops, labels = tiny_batch(batch=6, n_local=3, seed=2)
+    loss = model(crops, labels)
+    loss.backward()
+    expected = reference_step(reference, crops, labels)
+    relative = lambda a, b: ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+    assert relative(loss.detach(), expected.detach()) <= 1e-5
+    grads = {name: p.grad for name, p in reference.named_parameters()}
+    # the bias of a Linear layer followed by BatchNorm (train mode) has a gradient of exactly 0 in exact
+    # arithmetic, float noise on both sides: measure it against the gradient of the layer's weight instead
+    mlp = model.projector.mlp
+    before_bn = {f"projector.mlp.{i}.bias" for i in range(len(mlp) - 1) if isinstance(mlp[i + 1], nn.BatchNorm1d)}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            scale = grads[name.replace("bias", "weight")] if name in before_bn else grads[name]
+            assert p.grad is not None and (p.grad - grads[name]).norm() <= 1e-5 * scale.norm(), name
+    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        assert relative(a.double(), b.double()) <= 1e-5, name  # BN statistics, momentum encoder, memory
+    if memory_size:
+        assert int(model.memory.ptr) == 0 and model.memory.labels[14:].tolist() == labels[:2].tolist()
+
+
 # ----------------------------------------------------------------------------------------------
 # Two processes (gloo, CPU): identical memories and parameters on both ranks
 # ----------------------------------------------------------------------------------------------
@@ -163,15 +229,15 @@ def _two_process_worker(rank, world_size, port, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     g = torch.Generator().manual_seed(0)  # the same global batches on both ranks; each writes its share
-    features, labels = torch.randn(2, 8, 4, generator=g), torch.randint(0, 10, (2, 8), generator=g)
-    memory = trex.OCMMemory(6, 4)
+    features, labels = torch.randn(3, 4, 4, generator=g), torch.randint(0, 10, (3, 4), generator=g)
+    memory = trex.OCMMemory(6, 4)  # 3 writes of 4 into 6 slots: the second one is cut at the end
     for f, y in zip(features, labels):
         memory.write(f.view(world_size, -1, 4)[rank], y.view(world_size, -1)[rank])
-    model = tiny_model(memory_size=8, seed=rank)  # different inits: DDP must broadcast rank 0's, momentum included
+    model = tiny_model(memory_size=6, seed=rank)  # different inits: DDP must broadcast rank 0's, momentum included
     ddp_model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
     optimizer = torch.optim.SGD(common.param_groups(model, 1e-4), lr=0.1, momentum=0.9)
     step_labels = []
-    for step in range(3):  # 3 x 2 ranks x 2 images > 8 slots: the memory wraps
+    for step in range(3):  # 3 steps x 2 ranks x 2 images into 6 slots: step 2 fills 2 slots, step 3 restarts
         crops, y = tiny_batch(batch=2, seed=10 * step + rank)  # different data on each rank
         step_labels.append(common.all_gather_nograd(y))
         loss = ddp_model(crops, y)
@@ -196,13 +262,13 @@ def test_two_processes_hold_identical_memories_and_parameters(tmp_path):
     assert_same_state(r0["model_memory"], r1["model_memory"])
     single = trex.OCMMemory(6, 4)  # one process writing the concatenated batches
     g = torch.Generator().manual_seed(0)
-    features, labels = torch.randn(2, 8, 4, generator=g), torch.randint(0, 10, (2, 8), generator=g)
+    features, labels = torch.randn(3, 4, 4, generator=g), torch.randint(0, 10, (3, 4), generator=g)
     for f, y in zip(features, labels):
         single.write(f, y)
     assert_same_state(single.state_dict(), r0["memory"])
-    newest = r0["step_labels"][-8:]  # 12 labels written into 8 slots: the newest 8, ring order
-    order = torch.roll(torch.arange(8), -int(r0["model_memory"]["ptr"]))
-    assert torch.equal(r0["model_memory"]["labels"][order], newest)
+    assert single.labels.tolist() == labels[2].tolist() + labels[1, :2].tolist() and int(single.ptr) == 4
+    steps = r0["step_labels"].view(3, 4)  # gathered in rank order; step 2 keeps rank 0's two images only
+    assert r0["model_memory"]["labels"].tolist() == steps[2].tolist() + steps[1, :2].tolist()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,6 +284,7 @@ def demo_run(tmp_path_factory):
 def test_demo_path_runs_and_writes_log_checkpoint_and_backbone(demo_run):
     out, result = demo_run
     assert "kNN top-1 on the validation split: random-init backbone" in result.stdout
+    assert "crop sizes: global 32 px, local 16 px (images of about 32 px, 64 px or less: CIFAR stem)" in result.stdout
     lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert lines[0]["args"]["recipe"] == "trex" and lines[0]["args"]["global_size"] == 32
     assert lines[1]["epoch"] == 0 and "knn_top1" in lines[1]
@@ -249,7 +316,7 @@ def test_two_processes_under_torchrun(tmp_path):
 
 
 def test_resume_after_a_kill_gives_the_same_weights(tmp_path):
-    args = ("--epochs", "2", *TINY_RUN, "--memory-size", "96")  # 8 steps x 32 images: the memory wraps
+    args = ("--epochs", "2", *TINY_RUN, "--memory-size", "80")  # 8 steps x 32 images: cut at the end, restarts
     run_script("trex.py", *args, "--out", tmp_path / "straight")
     first = run_killed_after_first_checkpoint("trex.py", *args, out=tmp_path / "resumed")
     assert first["epoch"] == 1
@@ -258,6 +325,57 @@ def test_resume_after_a_kill_gives_the_same_weights(tmp_path):
     a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("straight", "resumed"))
     assert_same_state(a["model"], b["model"])
     assert_same_state(a["optimizer"], b["optimizer"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Crop sizes: from the dataset as a whole, the reference's 224 / 96 unless the images are small
+# ----------------------------------------------------------------------------------------------
+def test_crop_sizes_are_the_references_unless_the_images_are_small_and_flags_override_them():
+    def sizes(native, *flags):
+        args = trex.get_args_parser().parse_args(list(flags))
+        small = trex.resolve_crop_sizes(args, native)
+        return args.global_size, args.local_size, small
+    assert sizes(375) == sizes(180) == sizes(96) == sizes(65) == (224, 96, False)  # whatever the images' size
+    assert sizes(32) == (32, 16, True) and sizes(64) == (64, 32, True)
+    assert sizes(375, "--global-size", "160") == (160, 96, False)
+    assert sizes(375, "--global-size", "128", "--local-size", "48") == (128, 48, False)
+    assert sizes(32, "--global-size", "24") == (24, 12, True) and sizes(32, "--local-size", "10") == (32, 10, True)
+
+
+def image_folder(root, first, others, per_class=4):
+    """root/{train,val}/{a,b}/NN.png; the very first training file has size `first`, every other one `others`."""
+    for split, n in (("train", per_class), ("val", 2)):
+        for c, colour in (("a", (200, 40, 40)), ("b", (40, 40, 200))):
+            os.makedirs(root / split / c)
+            for i in range(n):
+                size = first if (split, c, i) == ("train", "a", 0) else others
+                Image.new("RGB", size, colour).save(root / split / c / f"{i:02d}.png")
+    return root
+
+
+def crop_sizes_run(data, out, *flags):
+    result = run_script("trex.py", "--data", data, "--epochs", "1", "--batch-size", "4", "--n-local", "2",
+                        "--eval-every", "0", "--workers", "0", "--out", out, *flags)
+    header = json.loads((out / "log.jsonl").read_text().splitlines()[0])["args"]
+    record = torch.load(out / "backbone.pt", weights_only=True)
+    return result.stdout, (header["global_size"], header["local_size"]), (record["img_size"], record["small_images"])
+
+
+def test_a_folder_whose_first_image_is_240x180_trains_at_224_and_96_and_flags_override(tmp_path):
+    data = image_folder(tmp_path / "photos", first=(240, 180), others=(300, 400))  # 8 images: median side 300
+    stdout, logged, record = crop_sizes_run(data, tmp_path / "default")
+    assert "crop sizes: global 224 px, local 96 px (images of about 300 px, above 64 px: ImageNet stem)" in stdout
+    assert logged == (224, 96) and record == (224, False)
+    stdout, logged, record = crop_sizes_run(data, tmp_path / "flags", "--global-size", "48", "--local-size", "24")
+    assert "crop sizes: global 48 px, local 24 px (images of about 300 px" in stdout
+    assert logged == (48, 24) and record == (48, False)
+
+
+def test_a_folder_of_32px_images_trains_at_32_and_16(tmp_path):
+    data = image_folder(tmp_path / "tiny", first=(32, 32), others=(32, 32))
+    stdout, logged, record = crop_sizes_run(data, tmp_path / "run")
+    assert "crop sizes: global 32 px, local 16 px (images of about 32 px, 64 px or less: CIFAR stem)" in stdout
+    assert logged == (32, 16) and record == (32, True)
 
 
 def test_bad_scale_split_exits_with_one_sentence_and_no_output(tmp_path):
