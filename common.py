@@ -11,6 +11,7 @@ import os
 import platform
 import random
 import re
+import signal
 import sys
 import time
 from types import SimpleNamespace
@@ -66,7 +67,7 @@ def add_common_args(parser, method, *, epochs, batch_size, lr, wd, warmup_epochs
     g.add_argument("--subset", type=int, default=None,
                    help="train on a fixed random subset of this many images, 0 = all (default: "
                         f"{demo_subset or 'all'} with --data synthetic, the CPU demo; all otherwise)")
-    parser.set_defaults(demo_subset=demo_subset)
+    parser.set_defaults(demo_subset=demo_subset, script=method)  # `script`: which method wrote a checkpoint
     g.add_argument("--arch", default=arch, choices=ARCHS, help="backbone; resnet_tiny is the CPU demo network")
     g.add_argument("--epochs", type=int, default=epochs, help="number of training epochs")
     g.add_argument("--batch-size", type=int, default=batch_size,
@@ -81,6 +82,9 @@ def add_common_args(parser, method, *, epochs, batch_size, lr, wd, warmup_epochs
     g.add_argument("--out", default=f"runs/{method}",
                    help="output folder; if it holds a checkpoint.pt, training resumes from it")
     g.add_argument("--seed", type=int, default=0, help="random seed")
+    g.add_argument("--save-every", type=float, default=0, metavar="MINUTES",
+                   help="also write checkpoint.pt every this many minutes inside an epoch, for machines that die "
+                        "without a signal (SIGTERM and SIGUSR1 always save and stop); 0 = at epoch ends only")
     g.add_argument("--log-every", type=int, default=20, help="steps between progress-bar and NaN checks")
     g.add_argument("--eval-every", type=int, default=eval_every,
                    help="epochs between kNN monitors (also run before training and after the last epoch); 0 = off")
@@ -98,8 +102,10 @@ def check_common_args(args, world_size):
                         f"processes ({world_size})")
     if (args.lr is not None and args.lr <= 0) or args.wd < 0 or args.warmup_epochs < 0 or args.subset < 0:
         raise UserError("--lr must be positive and --wd, --warmup-epochs, --subset must not be negative")
-    if args.log_every < 1 or args.eval_every < 0 or args.workers < 0:
-        raise UserError("--log-every must be at least 1, --eval-every and --workers not negative")
+    if args.log_every < 1 or args.eval_every < 0 or args.workers < 0 or args.save_every < 0:
+        raise UserError("--log-every must be at least 1, --eval-every, --workers and --save-every not negative")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a file, not a folder; choose another --out")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -472,7 +478,7 @@ class ImageList(torch.utils.data.Dataset):
         return load_rgb(self.paths[index]), self.labels[index]
 
 
-def _is_image(name):
+def is_image_file(name):
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
@@ -485,12 +491,12 @@ def image_folder(root):
     for label, d in enumerate(subdirs):
         for dirpath, _, files in sorted(os.walk(os.path.join(root, d))):
             for f in sorted(files):
-                if _is_image(f):
+                if is_image_file(f):
                     paths.append(os.path.join(dirpath, f))
                     labels.append(label)
     if paths:
         return ImageList(paths, labels, subdirs)
-    flat = sorted(os.path.join(root, f) for f in os.listdir(root) if _is_image(f))
+    flat = sorted(os.path.join(root, f) for f in os.listdir(root) if is_image_file(f))
     if not flat:
         raise UserError(f"no images found in {root}; expected class subfolders or image files")
     return ImageList(flat)
@@ -715,13 +721,14 @@ class EpochSampler(torch.utils.data.Sampler):
         self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, 0
         self.per_rank = len(self.indices) // world_size  # drop the tail: every rank, same step count
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+    def set_epoch(self, epoch, skip=0):
+        """Start `epoch`; `skip` > 0 leaves out its first samples of this process (resume inside an epoch)."""
+        self.epoch, self.skip = epoch, skip
 
     def __iter__(self):
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.indices))
         mine = order[: self.per_rank * self.world_size][self.rank::self.world_size]
-        return iter([(int(self.indices[i]), self.epoch) for i in mine])
+        return iter([(int(self.indices[i]), self.epoch) for i in mine[getattr(self, "skip", 0):]])
 
     def __len__(self):
         return self.per_rank
@@ -900,9 +907,19 @@ RESUME_KEYS = ("arch", "data", "subset", "seed", "batch_size", "epochs")  # what
 
 
 def load_checkpoint(out, args, keys_that_must_match=()):
-    """The checkpoint.pt in `out` if there is one (resume), after checking it belongs to this run: the
-    common options of RESUME_KEYS and the method's `keys_that_must_match` must equal the saved ones."""
+    """The checkpoint.pt in `out` if there is one (resume), after checking it belongs to this run: the same
+    script, and the common options of RESUME_KEYS and the method's `keys_that_must_match` equal the saved ones.
+
+    Also tidies `out` for the run: removes the temporary files of saves that a kill interrupted, and
+    drops log.jsonl lines of epochs after the checkpoint's (a run killed between writing an epoch's line
+    and its checkpoint repeats that epoch), so the log holds one line per completed epoch.
+    """
     path = os.path.join(out, "checkpoint.pt")
+    is_main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    if is_main and os.path.isdir(out):
+        for name in os.listdir(out):
+            if re.fullmatch(r".+\.pt\.tmp\d+", name):  # atomic_save's temporaries: only a killed run leaves one
+                os.remove(os.path.join(out, name))
     if not os.path.exists(path):
         return None
     try:
@@ -910,11 +927,76 @@ def load_checkpoint(out, args, keys_that_must_match=()):
     except Exception as e:
         raise UserError(f"{path} cannot be read ({type(e).__name__}); delete it or use another --out") from None
     old = ckpt.get("args", {})
+    script = old.get("script") or str(ckpt.get("backbone", {}).get("method", "?"))
+    if not script.startswith(args.script) and not (args.script == "opera" and script == "mocov3"):
+        raise UserError(f"{path} is a checkpoint of {script}, not of {args.script}; use another --out")
     for key in dict.fromkeys(RESUME_KEYS + tuple(keys_that_must_match)):
         if key in old and old[key] != getattr(args, key):
             raise UserError(f"{path} was trained with --{key.replace('_', '-')} {old[key]}, not "
                             f"{getattr(args, key)}; use the same options to resume or another --out")
+    log = os.path.join(out, "log.jsonl")
+    if is_main and os.path.exists(log):
+        with open(log) as f:
+            lines = [line for line in f if line.strip()]
+        kept = [line for line in lines if json.loads(line).get("epoch", 0) <= ckpt["epoch"]]
+        if len(kept) < len(lines):
+            with open(f"{log}.tmp{os.getpid()}", "w") as f:
+                f.writelines(kept)
+            os.replace(f"{log}.tmp{os.getpid()}", log)
     return ckpt
+
+
+def resume_position(ckpt, iters_per_epoch):
+    """(epoch, step, batches of that epoch already done) to start from; (0, 0, 0) without a checkpoint.
+
+    `ckpt["epoch"]` counts completed epochs and `ckpt["step"]` the steps taken, so a checkpoint written
+    inside an epoch (preemption, --save-every) resumes at its next batch."""
+    if ckpt is None:
+        return 0, 0, 0
+    return ckpt["epoch"], ckpt["step"], ckpt["step"] - ckpt["epoch"] * iters_per_epoch
+
+
+EXIT_STOPPED = 3  # the exit status of a run stopped by SIGTERM / SIGUSR1 after saving: run it again to resume
+
+
+class Preemption:
+    """SIGTERM or SIGUSR1 (clusters stop jobs with them) and `--save-every`: checkpoints inside an epoch.
+
+    `poll(step)` after each optimizer step returns None, "save" or "stop", the same on every process:
+    one rank receiving the signal is enough. Under torchrun the ranks agree through a small all_reduce
+    every `sync_every` steps (the steps at which the loop syncs anyway); one process checks every step,
+    without a host sync. The caller writes its checkpoint on "save" and "stop", then calls `stop()`.
+    """
+
+    def __init__(self, ddp, save_every_minutes=0.0, sync_every=1):
+        self.ddp, self.sync_every, self.signal = ddp, sync_every if ddp.distributed else 1, None
+        self.save_every, self.last_save = 60.0 * save_every_minutes, time.monotonic()
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._received)
+
+    def _received(self, signum, frame):
+        self.signal = signal.Signals(signum).name  # finish the step in progress, then save and stop
+
+    def poll(self, step):
+        if step % self.sync_every:
+            return None
+        due = bool(self.save_every) and time.monotonic() - self.last_save >= self.save_every
+        stop = self.signal is not None
+        if self.ddp.distributed:  # rank 0's clock decides the timed saves; any rank's signal stops everyone
+            flags = torch.tensor([stop, due and self.ddp.is_main], dtype=torch.int32, device=self.ddp.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            stop, due = bool(flags[0]), bool(flags[1])
+        if stop or due:
+            self.last_save = time.monotonic()
+        return "stop" if stop else "save" if due else None
+
+    def stop(self, step, out):
+        if self.ddp.distributed:
+            dist.barrier()  # rank 0 has written the checkpoint before any rank exits
+        if self.ddp.is_main:
+            print(f"stopped by {self.signal or 'a signal to another process'} after step {step}: the checkpoint "
+                  f"in {out} holds it; run the same command to resume from that step", file=sys.stderr)
+        sys.exit(EXIT_STOPPED)
 
 
 def write_json_line(path, obj):

@@ -28,11 +28,13 @@ Commands
 import argparse
 import json
 import os
+import sys
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.transforms import v2
 from tqdm import tqdm
@@ -46,7 +48,10 @@ FAST_WDS = (0.0, 1e-4, 1e-3)
 def get_args_parser():
     p = argparse.ArgumentParser("eval_linear", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ckpt", required=True,
+    p.add_argument("--check-data", metavar="DIR", default=None,
+                   help="only decode every image under DIR (with --workers processes) and list the unreadable "
+                        "ones; exit status 1 if there are any. Run it once on a new dataset before training")
+    p.add_argument("--ckpt", default=None,
                    help="backbone.pt or checkpoint.pt of any method, a torchvision state dict (with --arch), "
                         "or 'random' for a randomly initialised backbone (with --arch)")
     p.add_argument("--arch", default=None, choices=common.ARCHS,
@@ -77,12 +82,53 @@ def get_args_parser():
 
 
 def check_args(args, world_size):
+    if args.ckpt is None:
+        raise common.UserError("--ckpt is required: a backbone.pt, checkpoint.pt, state dict or 'random'")
     if args.ckpt == "random" and args.arch is None:
         raise common.UserError("--ckpt random needs --arch (e.g. --arch resnet_tiny)")
     if args.batch_size < world_size or args.batch_size % world_size:
         raise common.UserError(f"--batch-size {args.batch_size} must be a positive multiple of the number of processes")
     if args.epochs < 0 or args.subset < 0 or args.img_size < 0 or args.knn_k < 1 or args.knn_t <= 0:
         raise common.UserError("--epochs, --subset and --img-size must not be negative; --knn-k and --knn-t must be positive")
+
+
+# ----------------------------------------------------------------------------------------------
+# --check-data: decode every image of a folder once, before a long run meets a broken file
+# ----------------------------------------------------------------------------------------------
+class DecodeCheck(torch.utils.data.Dataset):
+    """Item i: "" if image i decodes completely, else its path and the error."""
+
+    def __init__(self, paths):
+        self.paths = paths
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            with Image.open(self.paths[i]) as image:
+                image.convert("RGB").load()  # the whole file, not only its header: truncated files fail here
+            return ""
+        except Exception as e:
+            return f"{self.paths[i]} ({type(e).__name__}: {e})"
+
+
+def check_data(root, workers):
+    if not os.path.isdir(root):
+        raise common.UserError(f"--check-data {root} is not a folder")
+    paths = sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files if common.is_image_file(f))
+    if not paths:
+        raise common.UserError(f"no image files under {root}")
+    start, bad = time.time(), []
+    loader = torch.utils.data.DataLoader(DecodeCheck(paths), batch_size=64, num_workers=workers, collate_fn=list)
+    for batch in tqdm(loader, desc="decoding", leave=False):
+        bad += [line for line in batch if line]
+    seconds = time.time() - start
+    for line in bad:
+        print(f"unreadable: {line}")
+    print(f"{len(paths)} images under {root}: {len(bad)} unreadable; {seconds:.1f} s "
+          f"({len(paths) / max(seconds, 1e-9):.0f} images/s with {workers} workers)")
+    sys.exit(1 if bad else 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,6 +272,8 @@ def full_linear_probe(backbone, feat_dim, train_set, test_set, num_classes, info
 # ----------------------------------------------------------------------------------------------
 def main():
     args = get_args_parser().parse_args()
+    if args.check_data is not None:
+        return check_data(args.check_data, args.workers)
     ddp = common.init_distributed()
     check_args(args, ddp.world_size)
     common.seed_everything(args.seed)

@@ -316,9 +316,9 @@ def main():
     # ---------------------------------------------------------------- data
     train_set = common.build_dataset(args.data, "train", args.data_dir, args.download, with_unlabeled=True)
     num_classes = common.num_classes_of(train_set) if args.sup_weight > 0 else 0
-    if args.sup_weight > 0 and num_classes == 0:
-        raise common.UserError(f"--data {args.data} has no class labels for OPERA's class head; add labelled "
-                               "images or pass --sup-weight 0 to train plain MoCo v3")
+    if args.sup_weight > 0 and num_classes < 2:  # one class: the class loss is 0 from the first step
+        raise common.UserError(f"--data {args.data} has labels for {num_classes} class(es); OPERA's class head needs "
+                               "at least two: add labelled classes or pass --sup-weight 0 to train plain MoCo v3")
     if args.labeled_fraction < 1:
         in_use = common.EpochSampler(len(train_set), subset=args.subset, seed=args.seed).indices
         train_set = PartiallyLabeled(train_set, labeled_indices(in_use, args.labeled_fraction, args.seed))

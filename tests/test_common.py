@@ -1,5 +1,6 @@
 """common.py: backbones, synthetic data, loaders, checkpoint record, LARS, schedules, kNN."""
 import argparse
+import json
 import math
 import os
 import random
@@ -336,7 +337,8 @@ def test_subset_defaults_to_the_demo_size_on_synthetic_data_only():
 
 
 def test_resume_refuses_a_checkpoint_of_other_options(tmp_path):
-    saved = argparse.Namespace(arch="resnet_tiny", data="synthetic", subset=300, seed=0, batch_size=8, epochs=2, tau=0.1)
+    saved = argparse.Namespace(arch="resnet_tiny", data="synthetic", subset=300, seed=0, batch_size=8, epochs=2, tau=0.1,
+                               script="trex")
     common.atomic_save({"args": common.plain_args(saved), "epoch": 1}, str(tmp_path / "checkpoint.pt"))
     assert common.load_checkpoint(str(tmp_path), saved, ("tau",))["epoch"] == 1  # the same run resumes
     assert common.load_checkpoint(str(tmp_path / "elsewhere"), saved) is None  # no checkpoint: a fresh run
@@ -344,3 +346,70 @@ def test_resume_refuses_a_checkpoint_of_other_options(tmp_path):
         other = argparse.Namespace(**{**vars(saved), key: value})
         with pytest.raises(common.UserError, match=f"--{key} "):
             common.load_checkpoint(str(tmp_path), other, ("tau",))
+
+
+def test_resume_refuses_another_methods_checkpoint_and_tidies_the_output_folder(tmp_path):
+    args = argparse.Namespace(arch="resnet_tiny", data="synthetic", subset=0, seed=0, batch_size=8, epochs=3,
+                              script="rotssl")
+    common.atomic_save({"args": common.plain_args(args), "epoch": 1, "step": 5}, str(tmp_path / "checkpoint.pt"))
+    for stale in ("checkpoint.pt.tmp123", "backbone.pt.tmp4"):  # left by saves that a kill interrupted
+        (tmp_path / stale).write_bytes(b"x" * 100)
+    (tmp_path / "notes.tmp1").write_text("the user's")
+    lines = [{"args": {}}, {"epoch": 0, "knn_top1": 10.0}, {"epoch": 1, "loss": 2.0}, {"epoch": 2, "loss": 1.0}]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert common.load_checkpoint(str(tmp_path), args)["step"] == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "log.jsonl", "notes.tmp1"]
+    # epoch 2 was logged but its checkpoint was never written: its line goes, the run will log it again
+    assert [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()] == lines[:3]
+    for script in ("opera", "univip", "trex"):
+        with pytest.raises(common.UserError, match="checkpoint of rotssl, not of " + script):
+            common.load_checkpoint(str(tmp_path), argparse.Namespace(**{**vars(args), "script": script}))
+    # checkpoints written before `script` was recorded: the backbone record names the method
+    old = {"args": {k: v for k, v in common.plain_args(args).items() if k != "script"}, "epoch": 1, "step": 5,
+           "backbone": {"method": "mocov3"}}
+    common.atomic_save(old, str(tmp_path / "checkpoint.pt"))
+    assert common.load_checkpoint(str(tmp_path), argparse.Namespace(**{**vars(args), "script": "opera"}))
+    with pytest.raises(common.UserError, match="checkpoint of mocov3, not of trex"):
+        common.load_checkpoint(str(tmp_path), argparse.Namespace(**{**vars(args), "script": "trex"}))
+
+
+def test_resume_position_and_the_sampler_skip_resume_inside_an_epoch():
+    assert common.resume_position(None, 10) == (0, 0, 0)
+    assert common.resume_position({"epoch": 2, "step": 20}, 10) == (2, 20, 0)  # at an epoch's end
+    assert common.resume_position({"epoch": 2, "step": 27}, 10) == (2, 27, 7)  # inside epoch 3
+    sampler = common.EpochSampler(50, rank=1, world_size=2, seed=3)
+    sampler.set_epoch(4)
+    full = list(sampler)
+    sampler.set_epoch(4, skip=6)
+    assert list(sampler) == full[6:] and len(full) == 25 == len(sampler)
+
+
+def test_preemption_polls_signals_and_timed_saves_without_exiting(monkeypatch):
+    import signal
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    ddp = common.SimpleNamespace(distributed=False, is_main=True, device=torch.device("cpu"))
+    try:
+        preempt = common.Preemption(ddp, save_every_minutes=0)
+        assert preempt.poll(1) is None
+        os.kill(os.getpid(), signal.SIGUSR1)  # SLURM's --signal=USR1@120
+        assert preempt.poll(2) == "stop" and preempt.signal == "SIGUSR1"
+        timed = common.Preemption(ddp, save_every_minutes=1.0)
+        assert timed.poll(1) is None
+        timed.last_save -= 61.0  # a minute has passed
+        assert timed.poll(2) == "save" and timed.poll(3) is None  # the clock restarts at each save
+        with pytest.raises(SystemExit) as stopped:
+            timed.stop(3, "runs/x")
+        assert stopped.value.code == common.EXIT_STOPPED
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+@pytest.mark.parametrize("script", ["trex.py", "opera.py", "rotssl.py", "univip.py"])
+def test_an_out_that_is_a_file_is_refused_in_one_sentence(script, tmp_path):
+    from conftest import run_script
+    (tmp_path / "taken").write_text("a file, not a folder")
+    result = run_script(script, "--out", tmp_path / "taken", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"error: --out {tmp_path / 'taken'} is a file, not a folder; "
+                                                  "choose another --out"]

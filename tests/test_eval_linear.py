@@ -148,3 +148,21 @@ def test_bad_input_exits_with_one_sentence_and_writes_nothing(case, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
     assert "Traceback" not in result.stderr and not out.exists()
+
+
+def test_check_data_decodes_every_image_and_names_the_broken_ones(tmp_path):
+    from PIL import Image
+    folder = tmp_path / "data" / "train" / "cat"
+    folder.mkdir(parents=True)
+    for i in range(6):
+        Image.new("RGB", (40, 30), (40 * i, 0, 0)).save(folder / f"{i}.jpg")
+    (folder / "notes.txt").write_text("not an image: ignored, as training ignores it")
+    result = run_script("eval_linear.py", "--check-data", tmp_path / "data", "--workers", 1)
+    assert "6 images under" in result.stdout and "0 unreadable" in result.stdout
+    whole = (folder / "0.jpg").read_bytes()
+    (folder / "5.jpg").write_bytes(whole[: len(whole) // 2])  # truncated: its header still reads
+    (folder / "4.jpg").write_bytes(b"garbage")
+    result = run_script("eval_linear.py", "--check-data", tmp_path / "data", "--workers", 0, check=False)
+    assert result.returncode == 1 and "2 unreadable" in result.stdout
+    assert {line.split()[1] for line in result.stdout.splitlines() if line.startswith("unreadable:")} == {
+        str(folder / "4.jpg"), str(folder / "5.jpg")}
