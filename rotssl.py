@@ -18,36 +18,46 @@ rotation head sits on its pooled features. `--rot-weight 0` is the plain base me
 
 Implementation details (the choices that matter and that papers leave out):
  1. Rotations are drawn per image and per view, k uniform in {0, 1, 2, 3} (k = 0 is a class too),
-    after all augmentation and normalisation, as in the reference, which rotates inside the data
-    set. Here too the rotation happens in the augmentation, so that its labels are seeded like the
-    rest of the augmentation: identical after a resume and for any number of processes.
- 2. Each rotated batch goes through the backbone in its own call (its own batch-norm statistics);
-    rotated images never enter the base loss, and with BYOL the momentum target never sees them.
-    With `--rot-weight 0` the rotated copies are neither built nor forwarded.
+    after all augmentation and normalisation, as in the reference. The augmentation rotates, so the
+    labels are seeded like the rest of it: identical after a resume and for any number of processes.
+ 2. Each network sees the batches the reference gives it (batch norm normalises over them): SwAV
+    calls the backbone once per crop resolution and the projector once on all crops (EffSSL); BYOL
+    calls backbone, projector, predictor and the target once per view, BN normalising over the B
+    images of one view (DeepMind's BYOL, solo-learn); each rotated view is one more backbone call.
+    Rotated images never enter the base loss nor the BYOL target; `--rot-weight 0` builds none.
  3. The two cross-entropy terms are summed, not averaged (the reference's `loss_rot1 + loss_rot2`).
  4. SwAV: prototypes are l2-normalised in place before every step; their gradients are dropped for
     the first `--freeze-prototypes-iters` iterations; codes come from the two global crops only,
     with Sinkhorn-Knopp (eps 0.05, 3 iterations) whose row and total sums are all-reduced, so that
     N processes x batch B give the codes of one process with batch N*B.
- 5. SwAV's learning rate is not batch-scaled: linear warmup 0.3 -> 1.2 (`--lr` is the peak), then
-    cosine to 0.0012. BYOL's is `--lr` x batch / 256 with a cosine to 0; its target momentum rises
-    from 0.99 to 1 on a per-iteration cosine. BYOL's LARS has two recipes: eta 0.001 with lr 0.2
-    (ImageNet) and, for images of 64 px or less, eta 0.02 with each layer's rate clipped at the
-    global one and lr 1.0 (the CIFAR recipe, in which eta 0.001 would move the weights 20x less).
- 6. Small images (64 px or less): global crops keep the native size, local crops are scaled by
-    SwAV's 96/224 and rounded to a multiple of 8 (32 px -> 16 px). The SwAV queue is not part of
-    the recipe and not implemented; with few samples per batch use fewer prototypes (see
-    `--n-prototypes`).
- 7. Rotation prediction needs images with an upright orientation (photos). The synthetic shapes
-    stand upright within +-30 degrees, but five of the ten classes (disc, ring, square, frame, cross)
-    look the same after a quarter turn, and within the CPU demo's few hundred steps the tiny network
-    does not pick up the orientation of the others: there the rotation accuracy stays near 25 %.
-    Use CIFAR-10 or real images to see the rotation task at work.
- 8. LARS (trust 0.001) changes each weight by about lr x 0.001 of its norm per step: the recipes are
-    made for tens of thousands of iterations. In the CPU demo's 312 steps SwAV gains about 12 kNN
-    points, BYOL (CIFAR recipe) about 5: on the synthetic shapes its loss falls from 4 to 1.3 while
-    the kNN moves little, most likely because two views of one image can be matched by their shared
-    background texture and colours, which say nothing about the class (measurements in the README).
+ 5. SwAV's lr is not batch-scaled: warmup 0.3 -> 1.2 (`--lr` is the peak), cosine to 0.0012. BYOL's
+    is `--lr` x batch / 256, cosine to 0; target momentum 0.99 -> 1 on a per-iteration cosine. BYOL
+    above 64 px: DeepMind's ImageNet recipe (LARS eta 0.001, lr 0.2, wd 1.5e-6, warmup from 0, blur
+    p 1.0 / 0.1). At 64 px or less, solo-learn's CIFAR recipe in full: eta 0.02 with each layer's
+    rate clipped at the global one, lr 1.0, wd 1e-5, no blur, and warmup from 3e-5 (solo-learn's
+    warmup_start_lr), so the clip holds from the first step (eta 0.001 moves weights 20x less).
+ 6. Crop sizes follow the median shorter side of a sample of the training images: above 64 px the
+    reference's 224 and 96 px whatever the images' size; at 64 px or less (CIFAR stem) the native
+    size, local crops x 96/224 to a multiple of 8 (32 -> 16 px); `--global-size`, `--local-size`
+    override; the sizes are printed and logged. Blur sigma (0.1 to 2 px at 224) scales with the
+    global size for all crops, as SwAV blurs 96 px crops like 224 px ones. RandomResizedCrop is
+    bilinear for SwAV (EffSSL) and bicubic for BYOL (solo-learn).
+ 7. Rotation prediction needs upright images (photos): on the synthetic shapes, half of which look
+    the same after a quarter turn, the demo's rotation accuracy stays near 25 %. LARS (trust 0.001)
+    moves each weight by about lr x 0.001 of its norm per step: the recipes are made for tens of
+    thousands of iterations, not the demo's 312 (numbers in the README).
+
+Compared with the reference code. The SwAV + rotation step (crops and calls, Sinkhorn, swapped
+prediction, rotation loss, prototype normalisation and freeze) equals EffSSL's: an audit on the same
+weights and inputs found a loss difference of 0 and gradients within 3e-7, and the BYOL loss within
+1e-7 of solo-learn's. tests/test_rotssl.py recomputes one step of each base by hand from the model's
+modules, called as the reference calls them, and checks the loss and every gradient (fp32, CPU,
+1e-5 relative). Deliberate differences: the small-image recipes (native crops, CIFAR stem, blur
+scaled with the crop, fewer prototypes as there is no queue; EffSSL is ImageNet only, queue 0);
+rotations drawn by torch's seeded generator in the augmentation, not Python's `random` in the data
+set (same distribution, exact resume); LARS's trust ratio eta ||w|| / ||g + wd w|| (LARS, BYOL)
+where EffSSL's wrapper (solo-learn's) divides by ||g|| + wd ||w|| (relative gap <= wd ||w|| / ||g||);
+normalisation std 0.229 for red where SwAV's code has 0.228.
 
 Commands:
     python rotssl.py                                   # CPU demo: SwAV + rotation on synthetic shapes
@@ -88,6 +98,13 @@ def get_args_parser():
                    help="the self-supervised method the rotation task is added to (swav = the reference code)")
     g.add_argument("--rot-weight", type=float, default=0.1,
                    help="lambda, the weight of the summed rotation cross-entropies; 0 = the plain base method")
+    small = f"images of {common.SMALL_IMAGES} px or less"
+    g.add_argument("--global-size", type=int, default=None,
+                   help=f"global crop side (default: the reference's 224; the native size on {small}, e.g. CIFAR)")
+    g.add_argument("--local-size", type=int, default=None,
+                   help=f"SwAV's local crop side (default: the reference's 96; global size x 96/224 on {small})")
+    g.add_argument("--warmup-start-lr", type=float, default=None,
+                   help=f"lr at the start of the warmup (default: SwAV 0.3; BYOL 0, or solo-learn's 3e-5 on {small})")
     g = p.add_argument_group("SwAV base")
     g.add_argument("--n-prototypes", type=int, default=None,
                    help="number of prototypes; default 3000 (the paper) for images above 64 px, min(300, batch size) "
@@ -99,11 +116,6 @@ def get_args_parser():
     g.add_argument("--freeze-prototypes-iters", type=int, default=313,
                    help="iterations at the start during which the prototypes receive no update")
     g.add_argument("--n-local", type=int, default=6, help="number of small local crops (multi-crop)")
-    g.add_argument("--global-size", type=int, default=None,
-                   help="global crop size; default 224, or the native size for images of 64 px or less")
-    g.add_argument("--local-size", type=int, default=None,
-                   help="local crop size; default global size x 96/224, rounded to a multiple of 8")
-    g.add_argument("--warmup-start-lr", type=float, default=0.3, help="learning rate at the start of the warmup")
     g.add_argument("--final-lr", type=float, default=0.0012, help="learning rate at the end of the cosine")
     g = p.add_argument_group("BYOL base")
     g.add_argument("--ema", type=float, default=0.99,
@@ -112,15 +124,34 @@ def get_args_parser():
 
 
 def resolve_defaults(args):
-    """Fill in the options whose paper value depends on the base method (left None by the parser)."""
+    """Fill in the options whose paper value depends on the base method only (left None by the parser)."""
     swav = args.base == "swav"
-    if args.lr is None and swav:  # the peak of the warmup, not batch-scaled; BYOL's waits for the image size
-        args.lr = 1.2
-    if args.wd is None:
+    if swav:  # the peak of the warmup, not batch-scaled; BYOL's values wait for the image size
+        args.lr = 1.2 if args.lr is None else args.lr
+        args.warmup_start_lr = 0.3 if args.warmup_start_lr is None else args.warmup_start_lr
+    if args.wd is None:  # BYOL's small-image recipe may replace it (resolve_image_defaults)
         args.wd = 1e-6 if swav else 1.5e-6
     if args.warmup_epochs is None:  # 10 epochs in both papers; at most a fifth of a short run
         args.warmup_epochs = min(10.0, args.epochs / 5)
     return args
+
+
+def resolve_image_defaults(args, native, recipe_wd=True):
+    """The options whose value depends on the images' shorter side `native` (details 5 and 6), stored in
+    args before the log header is written so that they are logged. Returns small_images."""
+    small = native <= common.SMALL_IMAGES
+    args.global_size = args.global_size or (native if small else 224)
+    args.local_size = args.local_size or (max(8, 8 * round(args.global_size * 96 / 224 / 8)) if small else 96)
+    if args.n_prototypes is None:  # 3000 (the paper) needs batches of 1024 or SwAV's queue: a batch spread
+        # over far more clusters than it has images gets near-uniform codes and a loss stuck at ln K.
+        # Small data get at most one prototype per image of the batch (demo: kNN 38.7 % with 32, 26.8 % at init)
+        args.n_prototypes = min(300, args.batch_size) if small else 3000
+    if args.base == "byol":  # DeepMind's ImageNet recipe, or solo-learn's CIFAR one in full (detail 5)
+        args.lr = args.lr or (1.0 if small else 0.2)
+        args.wd = 1e-5 if small and recipe_wd else args.wd
+        if args.warmup_start_lr is None:
+            args.warmup_start_lr = 3e-5 if small else 0.0
+    return small
 
 
 def check_method_args(args):
@@ -131,12 +162,11 @@ def check_method_args(args):
         raise common.UserError("--n-prototypes must be at least 2")
     if args.temperature <= 0 or args.epsilon <= 0 or args.sinkhorn_iters < 1:
         raise common.UserError("--temperature and --epsilon must be positive and --sinkhorn-iters at least 1")
-    if args.n_local < 0 or args.freeze_prototypes_iters < 0 or args.warmup_start_lr < 0 or args.final_lr < 0:
+    if args.n_local < 0 or args.freeze_prototypes_iters < 0 or (args.warmup_start_lr or 0) < 0 or args.final_lr < 0:
         raise common.UserError("--n-local, --freeze-prototypes-iters, --warmup-start-lr and --final-lr "
                                "must not be negative")
-    for name in ("global_size", "local_size"):
-        if getattr(args, name) is not None and getattr(args, name) < 8:
-            raise common.UserError(f"--{name.replace('_', '-')} must be at least 8 pixels")
+    if min(args.global_size or 8, args.local_size or 8) < 8:
+        raise common.UserError("--global-size and --local-size must be at least 8 pixels")
     if not 0 <= args.ema < 1:
         raise common.UserError(f"--ema must be in [0, 1) (got {args.ema})")
 
@@ -162,26 +192,27 @@ def rotate_views(x):
 class Augmentation:
     """One image -> {"global": [2 views], "local": [n views], "rotated": [2 views], "rotation": k (2,)}.
 
-    swav: SwAV multi-crop, the same pipeline for every crop: RandomResizedCrop (global scale
-    (0.14, 1), local (0.05, 0.14)), flip, ColorJitter(0.8, 0.8, 0.8, 0.2) p 0.8, grayscale 0.2,
-    blur p 0.5. byol: two global views with BYOL's asymmetric blur (1.0 / 0.1) and solarize
-    (0.0 / 0.2), scale (0.08, 1), ColorJitter(0.4, 0.4, 0.2, 0.1) p 0.8. No local crops.
-    With `rotate`, the two global views are also returned rotated, with their labels.
+    swav: multi-crop, one pipeline for all crops: RandomResizedCrop bilinear (scale (0.14, 1) global,
+    (0.05, 0.14) local), flip, ColorJitter(0.8, 0.8, 0.8, 0.2) p 0.8, grayscale 0.2, blur p 0.5.
+    byol: two views, RandomResizedCrop bicubic (0.08, 1), ColorJitter(0.4, 0.4, 0.2, 0.1) p 0.8, blur
+    1.0 / 0.1 (none if `small`) and solarize 0.0 / 0.2. Blur sigmas scale with global_size (detail 6).
     """
 
-    def __init__(self, base, global_size, local_size, n_local, rotate):
-        def pipeline(size, scale, jitter, blur_p, solarize_p):
-            return v2.Compose([v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC),
+    def __init__(self, base, global_size, local_size, n_local, rotate, small=False):
+        def pipeline(size, scale, jitter, blur_p, solarize_p, interpolation):
+            return v2.Compose([v2.RandomResizedCrop(size, scale=scale, interpolation=interpolation),
                                v2.RandomHorizontalFlip(0.5),
-                               *common.color_augmentation(size, blur_p, solarize_p, jitter=jitter),
+                               *common.color_augmentation(global_size, blur_p, solarize_p, jitter=jitter),
                                *common.to_normalized_tensor()])
         if base == "swav":
-            crop = pipeline(global_size, (0.14, 1.0), (0.8, 0.8, 0.8, 0.2), 0.5, 0.0)
-            self.global_views = [crop, crop]
-            self.local_views = [pipeline(local_size, (0.05, 0.14), (0.8, 0.8, 0.8, 0.2), 0.5, 0.0)] * n_local
+            swav = dict(jitter=(0.8, 0.8, 0.8, 0.2), blur_p=0.5, solarize_p=0.0,
+                        interpolation=v2.InterpolationMode.BILINEAR)
+            self.global_views = [pipeline(global_size, (0.14, 1.0), **swav)] * 2
+            self.local_views = [pipeline(local_size, (0.05, 0.14), **swav)] * n_local
         else:
-            self.global_views = [pipeline(global_size, (0.08, 1.0), (0.4, 0.4, 0.2, 0.1), 1.0, 0.0),
-                                 pipeline(global_size, (0.08, 1.0), (0.4, 0.4, 0.2, 0.1), 0.1, 0.2)]
+            blur = (0.0, 0.0) if small else (1.0, 0.1)
+            self.global_views = [pipeline(global_size, (0.08, 1.0), (0.4, 0.4, 0.2, 0.1), blur_p, solarize_p,
+                                          v2.InterpolationMode.BICUBIC) for blur_p, solarize_p in zip(blur, (0.0, 0.2))]
             self.local_views = []
         self.rotate = rotate
 
@@ -269,16 +300,14 @@ class RotSSL(nn.Module):
         else:
             self.projector = mlp(feat_dim, 4096, 256)
             self.predictor = mlp(256, 4096, 256)
-            self.target_backbone = _frozen_copy(backbone)
-            self.target_projector = _frozen_copy(self.projector)
+            self.target_backbone = copy.deepcopy(backbone).requires_grad_(False)  # trained by momentum only
+            self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)
         self.rotation_head = RotationHead(feat_dim) if rot_weight > 0 else None
 
     def forward(self, batch):
         x1, x2 = batch["global"]
-        if self.base == "swav":
-            loss_base = self.swav_step(torch.cat([x1, x2]), batch["local"])
-        else:
-            loss_base = self.byol_step(torch.cat([x1, x2]))
+        swav = self.base == "swav"
+        loss_base = self.swav_step(torch.cat([x1, x2]), batch["local"]) if swav else self.byol_step(x1, x2)
         out = {"loss_base": loss_base}
         if self.rotation_head is None:  # the plain base method: no rotated forward at all
             out["loss"] = loss_base
@@ -301,10 +330,11 @@ class RotSSL(nn.Module):
         codes = [sinkhorn_codes(scores[s].detach(), self.epsilon, self.sinkhorn_iters) for s in (0, 1)]
         return swav_loss(scores, codes, self.temperature)
 
-    def byol_step(self, global_views):
-        p1, p2 = self.predictor(self.projector(self.backbone(global_views))).chunk(2)
+    def byol_step(self, x1, x2):
+        # one call per view and network: BN normalises over the B images of one view (detail 2)
+        p1, p2 = [self.predictor(self.projector(self.backbone(x))) for x in (x1, x2)]
         with torch.no_grad():  # the target sees the two unrotated views only
-            z1, z2 = self.target_projector(self.target_backbone(global_views)).chunk(2)
+            z1, z2 = [self.target_projector(self.target_backbone(x)) for x in (x1, x2)]
         return byol_loss(p1, p2, z1, z2)
 
     @torch.no_grad()
@@ -320,16 +350,19 @@ class RotSSL(nn.Module):
         common.momentum_update(target, online, tau)
 
 
-def _frozen_copy(module):
-    target = copy.deepcopy(module)
-    for p in target.parameters():
-        p.requires_grad_(False)
-    return target
-
-
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
+def schedules(args, iters):
+    """Per-iteration learning rate and (BYOL) target momentum of the whole run (detail 5)."""
+    if args.base == "swav":  # warmup 0.3 -> 1.2, cosine to 0.0012; not batch-scaled (the reference's schedule)
+        return common.cosine_schedule(args.lr, args.final_lr, args.epochs, iters, args.warmup_epochs,
+                                      args.warmup_start_lr), None
+    lr = common.cosine_schedule(args.lr * args.batch_size / 256, 0.0, args.epochs, iters, args.warmup_epochs,
+                                args.warmup_start_lr)  # BYOL: lr x batch/256, cosine to 0
+    return lr, common.cosine_schedule(args.ema, 1.0, args.epochs, iters)  # tau 0.99 -> 1 on a cosine
+
+
 def to_device(batch, device):
     """Move a collated batch (nested lists and dicts of tensors) to the device; images channels_last on CUDA."""
     if isinstance(batch, dict):
@@ -342,7 +375,9 @@ def to_device(batch, device):
 
 
 def main():
-    args = resolve_defaults(get_args_parser().parse_args())
+    args = get_args_parser().parse_args()
+    recipe_wd = args.wd is None  # no --wd: BYOL's weight decay follows the image size (detail 5)
+    resolve_defaults(args)
     ddp = common.init_distributed()
     common.check_common_args(args, ddp.world_size)
     check_method_args(args)
@@ -352,28 +387,19 @@ def main():
     # ---------------------------------------------------------------- data
     train_set = common.build_dataset(args.data, "train", args.data_dir, args.download, with_unlabeled=True)
     native = common.native_image_size(train_set)
-    small = native <= 64
-    global_size = args.global_size or (native if small else 224)
-    local_size = args.local_size or max(8, 8 * round(global_size * 96 / 224 / 8))
-    if args.n_prototypes is None:  # 3000 in the paper, for global batches of 1024 or more. SwAV's queue
-        # (not in the reference recipe) is what lets small batches feed 3000 prototypes; without it, a
-        # batch spread over many more clusters than it has images gets near-uniform codes and a loss
-        # stuck at ln K. Small data get at most one prototype per image of the batch (measured on the
-        # demo, batch 32: kNN top-1 38.7 % with 32 prototypes, 26.8 % at init).
-        args.n_prototypes = min(300, args.batch_size) if small else 3000
-    # BYOL's two LARS recipes (detail 5): ImageNet eta 0.001 and lr 0.2; small images (CIFAR) eta 0.02,
-    # clipped, and lr 1.0, the setting solo-learn tuned that lr with
-    byol_small = not swav and small
-    if args.lr is None:
-        args.lr = 1.0 if byol_small else 0.2
-    augmentation = Augmentation(args.base, global_size, local_size, args.n_local, rotate=args.rot_weight > 0)
+    small = resolve_image_defaults(args, native, recipe_wd)  # before the log header, so that they are logged
+    if ddp.is_main:
+        sizes = {"global": args.global_size, **({"local": args.local_size} if swav and args.n_local else {})}
+        print(common.describe_sizes(native, small, **sizes))
+    augmentation = Augmentation(args.base, args.global_size, args.local_size, args.n_local,
+                                rotate=args.rot_weight > 0, small=small)
     loader = common.train_loader(train_set, augmentation, args.batch_size // ddp.world_size, ddp, args.workers,
                                  args.seed, args.subset)
-    knn = (common.KNNMonitor(args.data, args.data_dir, global_size, small, 256, args.workers, ddp.device,
+    knn = (common.KNNMonitor(args.data, args.data_dir, args.global_size, small, 256, args.workers, ddp.device,
                              args.subset, args.seed, args.download) if args.eval_every else None)
 
     # ---------------------------------------------------------------- model
-    backbone, feat_dim = common.build_backbone(args.arch, small, global_size)
+    backbone, feat_dim = common.build_backbone(args.arch, small, args.global_size)
     model = RotSSL(backbone, feat_dim, args.base, args.rot_weight, args.n_prototypes, args.temperature,
                    args.epsilon, args.sinkhorn_iters)
     model = common.to_device(model, ddp.device)
@@ -381,16 +407,10 @@ def main():
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
     # ---------------------------------------------------------------- optimizer, schedules, precision
+    byol_small = not swav and small  # solo-learn's CIFAR LARS: eta 0.02, clipped (detail 5)
     optimizer = common.LARS(common.param_groups(model, args.wd), momentum=0.9,
                             trust_coefficient=0.02 if byol_small else 0.001, clip=byol_small)
-    iters = len(loader)
-    if swav:  # warmup 0.3 -> 1.2, cosine to 0.0012; not batch-scaled (the reference's schedule)
-        lr_schedule = common.cosine_schedule(args.lr, args.final_lr, args.epochs, iters, args.warmup_epochs,
-                                             args.warmup_start_lr)
-    else:  # BYOL: lr x batch/256, warmup from 0, cosine to 0; target momentum 0.99 -> 1 on a cosine
-        lr_schedule = common.cosine_schedule(args.lr * args.batch_size / 256, 0.0, args.epochs, iters,
-                                             args.warmup_epochs)
-        tau_schedule = common.cosine_schedule(args.ema, 1.0, args.epochs, iters)
+    lr_schedule, tau_schedule = schedules(args, len(loader))
     autocast, scaler = common.mixed_precision(args.precision, ddp.device)
 
     # ---------------------------------------------------------------- resume
@@ -476,7 +496,7 @@ def main():
             print(f"epoch {epoch + 1}/{args.epochs}: loss {record['loss']:.3f}, L_{args.base} "
                   f"{record['loss_base']:.3f}{rot}, lr {record['lr']:.4f}, {images_per_s:.0f} images/s{knn_text}")
             record_fields = dict(method=f"rotssl-{args.base}", arch=args.arch, small_images=small,
-                                 img_size=global_size, feat_dim=feat_dim, args=args, epoch=epoch + 1)
+                                 img_size=args.global_size, feat_dim=feat_dim, args=args, epoch=epoch + 1)
             common.atomic_save({"model": core.state_dict(), "optimizer": optimizer.state_dict(),
                                 "scaler": scaler.state_dict(), "epoch": epoch + 1, "step": step,
                                 "args": common.plain_args(args), "rng": rng, "knn_init": knn_init,

@@ -1,4 +1,5 @@
 """Tests of rotssl.py: the rotation task, Sinkhorn, the SwAV and BYOL losses, and the script end to end."""
+import copy
 import json
 import math
 import os
@@ -9,6 +10,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.utils.data import default_collate
+from torchvision.transforms import v2
 
 import common
 import rotssl
@@ -67,9 +69,10 @@ def test_rot_weight_zero_runs_no_rotated_forward(base):
         model = rotssl.RotSSL(backbone, feat_dim, base, rot_weight, n_prototypes=10)
         calls = count_backbone_calls(model)
         losses = model(batch)
-        base_calls = 2 if base == "swav" else 1  # one call per crop resolution
-        globals_ = torch.cat(batch["global"])
-        assert torch.equal(calls["online"][0], globals_)
+        # SwAV: one call per crop resolution; BYOL: one call per view, in the online and the target network
+        expected = ([torch.cat(batch["global"]), torch.cat(batch["local"])] if base == "swav" else batch["global"])
+        base_calls = len(expected)
+        assert all(torch.equal(seen, x) for seen, x in zip(calls["online"], expected))
         if rot_weight == 0:
             assert len(calls["online"]) == base_calls and model.rotation_head is None
             assert set(losses) == {"loss", "loss_base"} and torch.equal(losses["loss"], losses["loss_base"])
@@ -80,8 +83,170 @@ def test_rot_weight_zero_runs_no_rotated_forward(base):
             expected = losses["loss_base"] + rot_weight * losses["loss_rot"]
             assert torch.allclose(losses["loss"], expected)
             assert losses["loss_rot"] > 2 * math.log(4) * 0.5  # a sum of two CEs near log 4 each at init
-        if base == "byol":  # the target sees the unrotated global views, once
-            assert len(calls["target"]) == 1 and torch.equal(calls["target"][0], globals_)
+        if base == "byol":  # the target sees the two unrotated global views, one call each
+            assert len(calls["target"]) == 2
+            assert all(torch.equal(seen, x) for seen, x in zip(calls["target"], batch["global"]))
+
+
+# ---------------------------------------------------------------------------- one step as the reference
+def random_batch(b=8, size=16, local=8, n_local=2):
+    torch.manual_seed(1)
+    views = [torch.randn(b, 3, size, size) for _ in range(2)]
+    rotated = [rotssl.rotate_views(v) for v in views]
+    return {"global": views, "local": [torch.randn(b, 3, local, local) for _ in range(n_local)],
+            "rotated": [r for r, _ in rotated], "rotation": torch.stack([k for _, k in rotated], 1)}
+
+
+def rotation_loss_by_hand(m, batch):
+    return sum(F.cross_entropy(m.rotation_head(m.backbone(r)), k) for r, k in zip(batch["rotated"], batch["rotation"].t()))
+
+
+def one_step(model, loss_fn):
+    """Loss and parameter gradients of one forward + backward of a fresh copy (BN in training mode)."""
+    m = copy.deepcopy(model)
+    loss = loss_fn(m)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+
+
+def relative_gap(a, b, names=None):
+    names = names or b.keys()
+    return (sum((a[n] - b[n]).norm() ** 2 for n in names) / sum(b[n].norm() ** 2 for n in names)).sqrt().item()
+
+
+def assert_same_step(step, reference):
+    (loss, grads), (ref_loss, ref_grads) = step, reference
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    # every parameter gradient within 1e-5 relative; the floor (1e-7 of the whole gradient) is for a Linear bias
+    # followed by batch norm, whose exact gradient is 0, so that its fp32 value is rounding noise alone
+    floor = 1e-7 * sum(g.norm() ** 2 for g in ref_grads.values()).sqrt()
+    for name in ref_grads:
+        assert (grads[name] - ref_grads[name]).norm() <= 1e-5 * ref_grads[name].norm() + floor, name
+
+
+def test_byol_step_equals_the_reference_computed_one_view_per_call():
+    """DeepMind's BYOL and solo-learn run each view through each network in its own call."""
+    torch.manual_seed(0)
+    backbone, feat_dim = common.build_backbone("resnet_tiny", True, 16)
+    model = rotssl.RotSSL(backbone, feat_dim, "byol", 0.1)
+    batch = random_batch(n_local=0)
+
+    def reference(m, per_view=True):
+        x1, x2 = batch["global"]
+        if per_view:
+            p = [m.predictor(m.projector(m.backbone(x))) for x in (x1, x2)]
+            with torch.no_grad():
+                z = [m.target_projector(m.target_backbone(x)) for x in (x1, x2)]
+        else:  # the old way: both views in one call, BN statistics over 2B mixed images
+            p = m.predictor(m.projector(m.backbone(torch.cat([x1, x2])))).chunk(2)
+            with torch.no_grad():
+                z = m.target_projector(m.target_backbone(torch.cat([x1, x2]))).chunk(2)
+        # solo-learn's byol_loss_func, summed over the two pairs
+        byol = sum(2 - 2 * (F.normalize(pi, dim=-1) * F.normalize(zj, dim=-1)).sum(-1).mean()
+                   for pi, zj in ((p[0], z[1]), (p[1], z[0])))
+        return byol + 0.1 * rotation_loss_by_hand(m, batch)
+
+    step = one_step(model, lambda m: m(batch)["loss"])
+    assert_same_step(step, one_step(model, reference))
+    # the test can tell: one call on the concatenated views gives another backbone gradient
+    concatenated = one_step(model, lambda m: reference(m, per_view=False))[1]
+    backbone_params = [n for n in step[1] if n.startswith("backbone.")]
+    assert relative_gap(concatenated, step[1], backbone_params) > 1e-2
+
+
+def reference_sinkhorn(out, eps=0.05, iters=3):
+    """EffSSL's distributed_sinkhorn on one process."""
+    Q = torch.exp(out / eps).t()
+    B, K = Q.shape[1], Q.shape[0]
+    Q /= torch.sum(Q)
+    for _ in range(iters):
+        Q /= torch.sum(Q, dim=1, keepdim=True)
+        Q /= K
+        Q /= torch.sum(Q, dim=0, keepdim=True)
+        Q /= B
+    return (Q * B).t()
+
+
+def test_swav_step_equals_the_reference_computed_one_call_per_resolution():
+    """EffSSL (SwAV's multi-resolution forward): the backbone once per crop size, the heads on all crops."""
+    torch.manual_seed(0)
+    backbone, feat_dim = common.build_backbone("resnet_tiny", True, 16)
+    model = rotssl.RotSSL(backbone, feat_dim, "swav", 0.1, n_prototypes=10)
+    model.normalize_prototypes()
+    batch = random_batch()
+    crops, bs = batch["global"] + batch["local"], 8
+
+    def reference(m, groups=((0, 2), (2, 4))):
+        features = torch.cat([m.backbone(torch.cat(crops[a:b])) for a, b in groups])
+        output = m.prototypes(F.normalize(m.projector(features), dim=1))
+        loss = 0
+        for crop_id in (0, 1):
+            with torch.no_grad():
+                q = reference_sinkhorn(output[bs * crop_id: bs * (crop_id + 1)].detach())
+            subloss = 0
+            for v in [v for v in range(len(crops)) if v != crop_id]:
+                subloss -= torch.mean(torch.sum(q * F.log_softmax(output[bs * v: bs * (v + 1)] / 0.1, dim=1), dim=1))
+            loss += subloss / (len(crops) - 1)
+        return loss / 2 + 0.1 * rotation_loss_by_hand(m, batch)
+
+    step = one_step(model, lambda m: m(batch)["loss"])
+    assert_same_step(step, one_step(model, reference))
+    # the test can tell: one call per crop gives another gradient
+    per_crop = one_step(model, lambda m: reference(m, groups=((0, 1), (1, 2), (2, 3), (3, 4))))[1]
+    assert relative_gap(per_crop, step[1], [n for n in step[1] if n.startswith("backbone.")]) > 1e-2
+
+
+# ---------------------------------------------------------------------------- crop sizes and recipes
+def resolved(native, *flags):
+    args = rotssl.resolve_defaults(rotssl.get_args_parser().parse_args(list(flags)))
+    recipe_wd = "--wd" not in flags
+    return rotssl.resolve_image_defaults(args, native, recipe_wd), args
+
+
+def test_image_size_sets_the_crop_sizes_and_the_byol_recipe():
+    # images above 64 px: the reference's 224 / 96 px whatever their size, and BYOL's ImageNet recipe
+    small, args = resolved(375, "--base", "byol")
+    assert not small and (args.global_size, args.local_size) == (224, 96)
+    assert (args.lr, args.wd, args.warmup_start_lr) == (0.2, 1.5e-6, 0.0)
+    small, args = resolved(375)
+    assert (args.global_size, args.local_size, args.n_prototypes, args.wd, args.warmup_start_lr) == (224, 96, 3000,
+                                                                                                      1e-6, 0.3)
+    # 32 px images: native-size crops and solo-learn's CIFAR recipe in full
+    small, args = resolved(32, "--base", "byol")
+    assert small and (args.global_size, args.local_size) == (32, 16)
+    assert (args.lr, args.wd, args.warmup_start_lr) == (1.0, 1e-5, 3e-5)
+    lr, tau = rotssl.schedules(args, iters=100)
+    # the warmup starts at solo-learn's 3e-5, not 0, so that the clipped LARS step is clipped from step 0
+    assert lr[0] == pytest.approx(3e-5) and lr[0] > 0 and tau[0] == pytest.approx(0.99)
+    # the flags override
+    small, args = resolved(32, "--base", "byol", "--wd", "1e-4", "--global-size", "24", "--local-size", "12",
+                           "--warmup-start-lr", "0")
+    assert (args.global_size, args.local_size, args.wd, args.warmup_start_lr) == (24, 12, 1e-4, 0.0)
+
+
+def pipeline_parts(pipeline):
+    crop = pipeline.transforms[0]
+    blurs = [t for t in pipeline.transforms if isinstance(t, common.PILGaussianBlur)]
+    return crop, blurs
+
+
+def test_augmentation_blur_scale_and_interpolation_follow_the_references():
+    bilinear, bicubic = v2.InterpolationMode.BILINEAR, v2.InterpolationMode.BICUBIC
+    swav = rotssl.Augmentation("swav", 32, 16, 2, rotate=False, small=True)
+    for pipeline, size in ((swav.global_views[0], 32), (swav.local_views[0], 16)):
+        crop, blurs = pipeline_parts(pipeline)
+        assert tuple(crop.size) == (size, size) and crop.interpolation == bilinear  # EffSSL: torchvision's default
+        assert len(blurs) == 1 and blurs[0].p == 0.5
+        assert blurs[0].scale == pytest.approx(32 / 224)  # local crops blurred like the global ones
+    byol = rotssl.Augmentation("byol", 224, 96, 0, rotate=False)
+    parts = [pipeline_parts(p) for p in byol.global_views]
+    assert all(crop.interpolation == bicubic for crop, _ in parts)  # solo-learn
+    assert [blurs[0].p for _, blurs in parts] == [1.0, 0.1] and parts[0][1][0].scale == 1.0
+    small = rotssl.Augmentation("byol", 32, 16, 0, rotate=False, small=True)  # solo-learn's CIFAR views: no blur
+    assert all(not pipeline_parts(p)[1] for p in small.global_views)
+    solarize = [[t.p for t in p.transforms if isinstance(t, v2.RandomSolarize)] for p in small.global_views]
+    assert solarize == [[], [0.2]]
 
 
 # ---------------------------------------------------------------------------- SwAV
@@ -169,8 +334,10 @@ def test_demo_path_runs_and_logs_the_rotation_task(tmp_path):
     out = tmp_path / "demo"
     result = run_script("rotssl.py", "--epochs", "1", "--subset", "256", "--workers", "1", "--out", out)
     assert "kNN top-1" in result.stdout and "at random init" in result.stdout
+    assert "crop sizes: global 32 px, local 16 px (images of about 32 px" in result.stdout
     header, init, epoch = read_log(out)
     assert header["args"]["base"] == "swav" and header["args"]["n_prototypes"] == 32  # min(300, batch 32)
+    assert (header["args"]["global_size"], header["args"]["local_size"]) == (32, 16)  # the sizes are logged
     assert init["epoch"] == 0 and "knn_top1" in init
     for key in ("loss", "loss_base", "loss_rot", "rot_acc", "lr", "images_per_s", "peak_mem_mb", "knn_top1"):
         assert math.isfinite(epoch[key]), key
@@ -193,10 +360,13 @@ def test_byol_base_trains_a_momentum_target(tmp_path):
     # the target trails the online network (momentum < 1), so the two differ
     assert any(not torch.equal(online[k], target[k]) for k in weights)
     assert "rotation_head.0.weight" in ckpt["model"] and "prototypes.weight" not in ckpt["model"]
-    # small images get BYOL's CIFAR recipe: lr 1.0 per 256 under LARS with eta 0.02, clipped
-    assert read_log(out)[0]["args"]["lr"] == 1.0
+    # small images get solo-learn's CIFAR recipe: lr 1.0 per 256 under LARS with eta 0.02, clipped, wd 1e-5,
+    # warmup from 3e-5
+    header = read_log(out)[0]["args"]
+    assert (header["lr"], header["wd"], header["warmup_start_lr"]) == (1.0, 1e-5, 3e-5)
     lars = ckpt["optimizer"]["param_groups"][0]
     assert lars["trust_coefficient"] == 0.02 and lars["clip"] and not lars["lars_exclude"]
+    assert lars["weight_decay"] == 1e-5
 
 
 @pytest.mark.parametrize("base", ["swav", "byol"])
