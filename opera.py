@@ -356,14 +356,15 @@ def main():
     m_schedule = momentum_schedule(args.base_momentum, args.epochs, len(loader))
     autocast, scaler = common.mixed_precision(args.precision, ddp.device)
 
-    # ---------------------------------------------------------------- resume
-    start_epoch, step, knn_init = 0, 0, None
+    # ---------------------------------------------------------------- resume (at an epoch's end or inside one)
     ckpt = common.load_checkpoint(args.out, args, RESUME_MUST_MATCH)
+    start_epoch, step, done_in_epoch = common.resume_position(ckpt, len(loader))
+    knn_init = None
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, step, knn_init = ckpt["epoch"], ckpt["step"], ckpt.get("knn_init")
+        knn_init = ckpt.get("knn_init")
         common.set_rng_states(ckpt["rng"][ddp.rank % len(ckpt["rng"])])
     momentum_params, online_params = model.momentum_pairs()
 
@@ -385,14 +386,34 @@ def main():
             common.write_json_line(log_path, {"epoch": 0, **knn_init})
             print(f"random-init backbone: kNN top-1 {knn_init['knn_top1']:.1f}%")
 
+    def save(epochs_done, totals):
+        """backbone.pt and checkpoint.pt (atomic): at an epoch's end, or inside one (then with the epoch's
+        running loss sums over all processes, so that its log line stays exact after the resume)."""
+        totals = {k: common.all_reduce_sum(v.clone()) for k, v in totals.items()}  # collectives: every rank
+        rng = common.gather_rng_states()
+        if ddp.is_main:
+            fields = dict(method="opera" if num_classes else "mocov3", arch=args.arch, small_images=small,
+                          img_size=img_size, feat_dim=feat_dim, args=args, epoch=epochs_done)
+            common.save_backbone(os.path.join(args.out, "backbone.pt"), model.backbone, **fields)
+            common.atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                "scaler": scaler.state_dict(), "epoch": epochs_done, "step": step, "totals": totals,
+                                "args": common.plain_args(args), "rng": rng, "knn_init": knn_init,
+                                "backbone": common.backbone_record(model.backbone, **fields)},
+                               os.path.join(args.out, "checkpoint.pt"))
+
     # ---------------------------------------------------------------- training
+    preemption = common.Preemption(ddp, args.save_every, sync_every=args.log_every)  # SIGTERM, SIGUSR1
     record = {}
     for epoch in range(start_epoch, args.epochs):
-        loader.sampler.set_epoch(epoch)
+        skip = done_in_epoch if epoch == start_epoch else 0  # batches done before a stop inside this epoch
+        loader.sampler.set_epoch(epoch, skip=skip * (args.batch_size // ddp.world_size))
         train_model.train()
-        totals, recent = {}, []
+        totals = ({k: v.to(ddp.device) if ddp.is_main else torch.zeros_like(v, device=ddp.device)
+                   for k, v in ckpt["totals"].items()} if skip else {})
+        recent = []
         epoch_timer, bar_timer = common.StepTimer(ddp.device), common.StepTimer(ddp.device)
-        bar = tqdm(loader, disable=not ddp.is_main, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
+        bar = tqdm(loader, disable=not ddp.is_main, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
+                   initial=skip)
         for view1, view2, labels in bar:
             view1, view2, labels = (t.to(ddp.device, non_blocking=True) for t in (view1, view2, labels))
             if ddp.device.type == "cuda":
@@ -419,6 +440,11 @@ def main():
                 common.check_finite(torch.stack(recent), step)
                 recent = []
                 bar.set_postfix(loss=f"{losses['loss'].item():.3f}", img_s=f"{bar_timer.rate():.0f}")
+            action = preemption.poll(step)  # the same answer on every process
+            if action:
+                save(epoch, totals)
+                if action == "stop":
+                    preemption.stop(step, args.out)
         if recent:
             common.check_finite(torch.stack(recent), step)
         images_per_s = epoch_timer.rate()
@@ -433,7 +459,6 @@ def main():
             record["head_top1"] = class_head_top1(model, val_set, 256, args.workers, ddp.device, autocast)
         if knn is not None and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
             record.update(knn(model.backbone, autocast) or {})
-        rng = common.gather_rng_states()  # a collective: every rank takes part
         if ddp.is_main:
             common.write_json_line(log_path, record)
             head = f", class head top-1 {record['head_top1']:.1f}%" if "head_top1" in record else ""
@@ -441,14 +466,7 @@ def main():
             print(f"epoch {epoch + 1}/{args.epochs}: loss {record['loss']:.3f} (self {record['loss_self']:.3f}, "
                   f"class {record['loss_class']:.3f}), lr {record['lr']:.4g}, m {record['momentum']:.4f}, "
                   f"{images_per_s:.0f} images/s{head}{knn_text}")
-            fields = dict(method="opera" if num_classes else "mocov3", arch=args.arch, small_images=small,
-                          img_size=img_size, feat_dim=feat_dim, args=args, epoch=epoch + 1)
-            common.save_backbone(os.path.join(args.out, "backbone.pt"), model.backbone, **fields)
-            common.atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                "scaler": scaler.state_dict(), "epoch": epoch + 1, "step": step,
-                                "args": common.plain_args(args), "rng": rng, "knn_init": knn_init,
-                                "backbone": common.backbone_record(model.backbone, **fields)},
-                               os.path.join(args.out, "checkpoint.pt"))
+        save(epoch + 1, {})
 
     if ddp.is_main and knn_init and "knn_top1" in record:
         print(f"kNN top-1: {record['knn_top1']:.1f}% after training vs {knn_init['knn_top1']:.1f}% at random init")

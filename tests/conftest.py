@@ -1,6 +1,8 @@
 """Shared test fixtures: the repository path, script runners, the log reader and the CIFAR-10 folder."""
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import tarfile
@@ -90,3 +92,39 @@ def cifar10_root(tmp_path_factory):
     with tarfile.open(CIFAR_TARBALL) as tar:
         tar.extractall(root, filter="data")
     return root / "cifar10"
+
+
+def _children(pid):
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def _rank_of(pid):
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+    return int(env.get(b"RANK", b"-1"))
+
+
+def run_signalled_mid_epoch(script, *args, out, after_steps=3, sig=signal.SIGTERM, nproc=1, rank=0, timeout=300):
+    """Start a run, send `sig` once its progress bar shows `after_steps` steps of the first epoch (to the
+    process of `rank` only under torchrun), and wait for it to stop. Returns (returncode, stderr)."""
+    cmd = ([sys.executable, str(REPO / script)] if nproc == 1 else
+           [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            str(REPO / script)]) + [*map(str, args), "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=script_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    seen, sent, deadline = b"", False, time.time() + timeout
+    while time.time() < deadline:
+        chunk = os.read(proc.stderr.fileno(), 4096)
+        if not chunk:
+            break
+        seen += chunk
+        done = [int(m) for m in re.findall(rb"epoch 1/\d+:.*?\| *(\d+)/\d+", seen[-4000:])]
+        if not sent and done and max(done) >= after_steps:
+            if nproc == 1:
+                proc.send_signal(sig)
+            else:  # one worker only: the others must learn of it and stop at the same step
+                os.kill(next(p for p in _children(proc.pid) if _rank_of(p) == rank), sig)
+            sent = True
+    proc.wait(timeout=max(1, deadline - time.time()))
+    assert sent, f"the run ended before it could be signalled: {seen.decode()[-2000:]}"
+    return proc.returncode, seen.decode(errors="replace")

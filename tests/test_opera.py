@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import os
+import signal
 import socket
 
 import numpy as np
@@ -16,7 +17,8 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.resnet import BasicBlock
-from conftest import REPO, assert_same_state, read_log, run_killed_after_first_checkpoint, run_script
+from conftest import (REPO, assert_same_state, read_log, run_killed_after_first_checkpoint, run_script,
+                      run_signalled_mid_epoch)
 
 import common
 import opera
@@ -286,6 +288,70 @@ def test_exact_resume_after_a_crash(tmp_path):
     # resuming with other options is refused in one sentence
     result = run_script("opera.py", *TINY, "--sup-weight", 0, "--out", tmp_path / "crashed", check=False)
     assert result.returncode == 2 and "--sup-weight" in result.stderr and "Traceback" not in result.stderr
+
+
+LONG_EPOCH = ("--subset", 384, "--batch-size", 16, "--epochs", 2, "--eval-every", 0, "--workers", 0, "--mlp-dim", 64)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """The uninterrupted run that the stopped and resumed ones must equal."""
+    out = tmp_path_factory.mktemp("opera") / "straight"
+    run_script("opera.py", *LONG_EPOCH, "--out", out)
+    return out
+
+
+def test_sigterm_mid_epoch_saves_and_the_resumed_run_is_bit_equal(tmp_path, straight_run):
+    code, stderr = run_signalled_mid_epoch("opera.py", *LONG_EPOCH, out=tmp_path / "stopped")
+    assert code == common.EXIT_STOPPED and "stopped by SIGTERM after step" in stderr and "Traceback" not in stderr
+    saved = torch.load(tmp_path / "stopped" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert saved["epoch"] == 0 and 3 <= saved["step"] < 24  # inside the first epoch of 24 steps
+    assert len(read_log(tmp_path / "stopped")) == 1  # the header: no epoch has ended
+    run_script("opera.py", *LONG_EPOCH, "--out", tmp_path / "stopped")
+    a, b = (torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+            for out in (straight_run, tmp_path / "stopped"))
+    assert a["step"] == b["step"] == 48
+    assert_same_state(a["model"], b["model"])
+    assert_same_state(a["optimizer"]["state"], b["optimizer"]["state"])
+    log_a, log_b = read_log(straight_run), read_log(tmp_path / "stopped")
+    assert [r["epoch"] for r in log_b[1:]] == [1, 2]  # one line per epoch
+    for key in ("loss", "loss_self", "loss_class"):  # the stopped epoch's mean covers all its steps
+        assert [r[key] for r in log_a[1:]] == pytest.approx([r[key] for r in log_b[1:]], rel=1e-6)
+
+
+def test_sigusr1_to_one_rank_of_two_stops_both_at_one_step_and_resumes_bit_equal(tmp_path):
+    ddp_args = (*LONG_EPOCH, "--log-every", 2)
+    run_script("opera.py", *ddp_args, "--out", tmp_path / "straight", nproc=2)
+    code, stderr = run_signalled_mid_epoch("opera.py", *ddp_args, out=tmp_path / "stopped", nproc=2, rank=1,
+                                           sig=signal.SIGUSR1, after_steps=2)
+    assert code != 0 and "stopped by a signal to another process after step" in stderr
+    saved = torch.load(tmp_path / "stopped" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert saved["epoch"] == 0 and 2 <= saved["step"] < 24 and saved["step"] % 2 == 0 and len(saved["rng"]) == 2
+    run_script("opera.py", *ddp_args, "--out", tmp_path / "stopped", nproc=2)
+    a, b = (torch.load(tmp_path / name / "checkpoint.pt", map_location="cpu", weights_only=True)
+            for name in ("straight", "stopped"))
+    assert a["step"] == b["step"] == 48
+    assert_same_state(a["model"], b["model"])
+
+
+def test_save_every_writes_checkpoints_inside_an_epoch_and_resume_from_one_is_exact(tmp_path, straight_run):
+    run_killed_after_first_checkpoint("opera.py", *LONG_EPOCH, "--save-every", 1e-9, out=tmp_path / "timed")
+    first = torch.load(tmp_path / "timed" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert first["epoch"] == 0 and 1 <= first["step"] < 24  # written after a step of the first epoch
+    run_script("opera.py", *LONG_EPOCH, "--out", tmp_path / "timed")
+    a, b = (torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+            for out in (straight_run, tmp_path / "timed"))
+    assert_same_state(a["model"], b["model"])
+
+
+def test_a_single_class_folder_is_refused_unless_sup_weight_is_zero(tmp_path):
+    folder = tmp_path / "one" / "train" / "only"
+    folder.mkdir(parents=True)
+    for i in range(8):
+        common.Synthetic("val", size=8)[i][0].save(folder / f"{i}.png")
+    result = run_script("opera.py", "--data", tmp_path / "one", "--out", tmp_path / "out", check=False)
+    assert result.returncode == 2 and "labels for 1 class(es)" in result.stderr and "--sup-weight 0" in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_vit_small_runs_a_few_steps_with_a_frozen_patch_embedding(tmp_path):
