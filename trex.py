@@ -64,7 +64,6 @@ Evaluate the features with `python eval_linear.py --ckpt runs/trex/backbone.pt -
 import argparse
 import copy
 import os
-import time
 
 import torch
 import torch.nn as nn
@@ -137,6 +136,7 @@ def resolve_defaults(args):
         args.hidden_dim = 512 if args.arch == "resnet_tiny" else 2048
     if args.warmup_epochs is None:
         args.warmup_epochs = args.epochs / 10  # the paper warms up for 10 of its 100 epochs
+    return args
 
 
 def resolve_crop_sizes(args, native):
@@ -157,9 +157,8 @@ def check_trex_args(args):
                                "(0.05, s) of the image, global crops (s, 1))")
     if args.tau <= 0 or not 0 <= args.momentum < 1 or args.min_lr < 0:
         raise common.UserError("--tau must be positive, --momentum in [0, 1) and --min-lr not negative")
-    for flag in ("global_size", "local_size"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 8:
-            raise common.UserError(f"--{flag.replace('_', '-')} must be at least 8 pixels")
+    if min(args.global_size or 8, args.local_size or 8) < 8:
+        raise common.UserError("--global-size and --local-size must be at least 8 pixels")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,17 +173,12 @@ class MultiCropAugmentation:
 
     def __init__(self, global_size=224, local_size=96, n_local=8, scale_split=0.25,
                  mean=common.IMAGENET_MEAN, std=common.IMAGENET_STD):
-        bicubic = v2.InterpolationMode.BICUBIC
-        self.global_crop = v2.Compose([
-            v2.RandomResizedCrop(global_size, scale=(scale_split, 1.0), interpolation=bicubic),
-            v2.RandomHorizontalFlip(),
-            *common.color_augmentation(global_size, blur_p=0.2, solarize_p=0.2),
-            *common.to_normalized_tensor(mean, std)])
-        self.local_crop = v2.Compose([
-            v2.RandomResizedCrop(local_size, scale=(0.05, scale_split), interpolation=bicubic),
-            v2.RandomHorizontalFlip(),
-            *common.color_augmentation(global_size, blur_p=0.5, solarize_p=0.0),
-            *common.to_normalized_tensor(mean, std)])
+        def crop(size, scale, blur_p, solarize_p):  # the blur sigma follows the global size on both kinds
+            return v2.Compose([v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC),
+                               v2.RandomHorizontalFlip(), *common.color_augmentation(global_size, blur_p, solarize_p),
+                               *common.to_normalized_tensor(mean, std)])
+        self.global_crop = crop(global_size, (scale_split, 1.0), blur_p=0.2, solarize_p=0.2)
+        self.local_crop = crop(local_size, (0.05, scale_split), blur_p=0.5, solarize_p=0.0)
         self.n_local = n_local
 
     def __call__(self, image, target):
@@ -289,9 +283,7 @@ class TReX(nn.Module):
 
     def embed(self, crops):
         """z = g(f(x)) of all crops: one backbone call per resolution, one projector call for all."""
-        features = [self.backbone(crops[0])]
-        if len(crops) > 1:
-            features.append(self.backbone(torch.cat(crops[1:])))
+        features = [self.backbone(torch.cat(group)) for group in (crops[:1], crops[1:]) if group]
         return self.projector(torch.cat(features))
 
     def class_logits(self, z, prototypes=None):
@@ -361,8 +353,7 @@ def check_replicas_agree(model):
 # Training
 # ----------------------------------------------------------------------------------------------
 def main():
-    args = get_args_parser().parse_args()
-    resolve_defaults(args)
+    args = resolve_defaults(get_args_parser().parse_args())
     ddp = common.init_distributed()
     common.check_common_args(args, ddp.world_size)
     check_trex_args(args)
@@ -371,8 +362,9 @@ def main():
     # ------------------------------------------------------------------------------ data
     train_set = common.build_dataset(args.data, "train", args.data_dir, args.download)
     num_classes = common.num_classes_of(train_set)
-    if num_classes == 0:
-        raise common.UserError(f"--data {args.data} has no class labels; t-ReX is supervised (use class subfolders)")
+    if num_classes < 2:  # a single class: the loss would be 0 from the first step
+        raise common.UserError(f"--data {args.data} has labels for {num_classes} class(es); t-ReX is a supervised "
+                               "method and needs at least two classes (one subfolder per class)")
     native = common.native_image_size(train_set)
     small = resolve_crop_sizes(args, native)  # before the log header, so that the sizes are logged
     if ddp.is_main:
@@ -380,12 +372,11 @@ def main():
     augmentation = MultiCropAugmentation(args.global_size, args.local_size, args.n_local, args.scale_split)
     per_rank_batch = args.batch_size // ddp.world_size
     loader = common.train_loader(train_set, augmentation, per_rank_batch, ddp, args.workers, args.seed, args.subset)
-    knn = val_set = None
-    if args.eval_every:
-        knn = common.KNNMonitor(args.data, args.data_dir, args.global_size, small, per_rank_batch, args.workers,
-                                ddp.device, subset=args.subset, seed=args.seed, download=args.download)
-        val = common.build_dataset(args.data, "val", args.data_dir, args.download)
-        val_set = common.Transformed(val, common.eval_transform(args.global_size, small)) if val else None
+    knn = (common.KNNMonitor(args.data, args.data_dir, args.global_size, small, per_rank_batch, args.workers,
+                             ddp.device, subset=args.subset, seed=args.seed, download=args.download)
+           if args.eval_every else None)
+    val = common.build_dataset(args.data, "val", args.data_dir, args.download) if args.eval_every else None
+    val_set = common.Transformed(val, common.eval_transform(args.global_size, small)) if val else None
 
     # ------------------------------------------------------------------------------ model
     backbone, feat_dim = common.build_backbone(args.arch, small, args.global_size)
@@ -401,23 +392,21 @@ def main():
                                          args.warmup_epochs)
     autocast, scaler = common.mixed_precision(args.precision, ddp.device)
 
-    # ------------------------------------------------------------------------------ resume
-    start_epoch, step, knn_init = 0, 0, None
+    # ------------------------------------------------------------------------------ resume (also inside an epoch)
     ckpt = common.load_checkpoint(args.out, args, keys_that_must_match=(
         "projector_layers", "hidden_dim", "bottleneck_dim", "memory_size", "n_local", "global_size", "local_size"))
-    if ckpt is not None:
-        if ckpt.get("method") != "trex":
-            raise common.UserError(f"{args.out}/checkpoint.pt is not a trex.py checkpoint; use another --out")
+    start_epoch, step, done_in_epoch = common.resume_position(ckpt, len(loader))
+    knn_init = None
+    if ckpt is not None:  # the memory, its pointer and the momentum encoder are in the model's state_dict
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, step, knn_init = ckpt["epoch"], ckpt["step"], ckpt["knn_init"]
-        common.set_rng_states(ckpt["rng"][min(ddp.rank, len(ckpt["rng"]) - 1)])
+        knn_init = ckpt["knn_init"]
+        common.set_rng_states(ckpt["rng"][ddp.rank % len(ckpt["rng"])])
 
     # ------------------------------------------------------------------------------ compile, DDP (compile first)
     net = model  # the plain module: its backbone, memory and state_dict
-    if args.compile:
-        model = torch.compile(model)
+    model = torch.compile(net) if args.compile else net
     if ddp.distributed:  # the memory stays identical by construction: no need to broadcast buffers every step
         model = DistributedDataParallel(model, device_ids=[ddp.local_rank] if ddp.device.type == "cuda" else None,
                                         broadcast_buffers=False)
@@ -427,8 +416,7 @@ def main():
     if ddp.is_main:
         os.makedirs(args.out, exist_ok=True)
         if ckpt is None:
-            if os.path.exists(log_path):
-                os.remove(log_path)  # left by a run killed before its first checkpoint
+            open(log_path, "w").close()  # empties a log left by a run killed before its first checkpoint
             common.write_json_line(log_path, common.run_header(args))
     if ckpt is None and knn is not None:
         knn_init = knn(net.backbone, autocast)
@@ -436,16 +424,33 @@ def main():
             common.write_json_line(log_path, {"epoch": 0, **knn_init})
             print(f"random-init backbone: kNN top-1 {knn_init['knn_top1']:.1f}%")
 
+    def save(epochs_done, totals):
+        """backbone.pt and checkpoint.pt (atomic): at an epoch's end, or inside one (then with the epoch's
+        running loss sum over all processes, so that its log line stays exact after the resume)."""
+        totals = {k: common.all_reduce_sum(v.clone()) for k, v in totals.items()}  # collectives: every rank
+        rng = common.gather_rng_states()
+        if ddp.is_main:
+            fields = dict(method="trex", arch=args.arch, small_images=small, img_size=args.global_size,
+                          feat_dim=feat_dim, args=args, epoch=epochs_done)
+            common.save_backbone(os.path.join(args.out, "backbone.pt"), net.backbone, **fields)
+            common.atomic_save({"method": "trex", "model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                                "scaler": scaler.state_dict(), "epoch": epochs_done, "step": step, "totals": totals,
+                                "args": common.plain_args(args), "rng": rng, "knn_init": knn_init,
+                                "backbone": common.backbone_record(net.backbone, **fields)},
+                               os.path.join(args.out, "checkpoint.pt"))
+
     # ------------------------------------------------------------------------------ training
-    record = dict(method="trex", arch=args.arch, small_images=small, img_size=args.global_size, feat_dim=feat_dim,
-                  args=args)
+    preemption = common.Preemption(ddp, args.save_every, sync_every=args.log_every)  # SIGTERM, SIGUSR1
     knn_last = None
     for epoch in range(start_epoch, args.epochs):
-        loader.sampler.set_epoch(epoch)
+        skip = done_in_epoch if epoch == start_epoch else 0  # batches done before a stop inside this epoch
+        loader.sampler.set_epoch(epoch, skip=skip * per_rank_batch)
         model.train()
-        timer, start, recent = common.StepTimer(ddp.device), time.perf_counter(), []
-        loss_sum = torch.zeros((), device=ddp.device)
-        bar = tqdm(loader, disable=not ddp.is_main, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
+        totals = ({k: v.to(ddp.device) if ddp.is_main else torch.zeros_like(v, device=ddp.device)
+                   for k, v in ckpt["totals"].items()} if skip else {"loss": torch.zeros((), device=ddp.device)})
+        recent, epoch_timer, bar_timer = [], common.StepTimer(ddp.device), common.StepTimer(ddp.device)
+        bar = tqdm(loader, disable=not ddp.is_main, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
+                   initial=skip)
         for crops, labels in bar:
             for group in optimizer.param_groups:
                 group["lr"] = lr_schedule[step]
@@ -459,22 +464,28 @@ def main():
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            loss_sum += loss.detach()
+            totals["loss"] += loss.detach()
             recent.append(loss.detach())
-            timer.add(args.batch_size)
+            epoch_timer.add(args.batch_size)
+            bar_timer.add(args.batch_size)
             step += 1
             if step % args.log_every == 0:
                 common.check_finite(torch.stack(recent), step)
-                bar.set_postfix(loss=f"{recent[-1].item():.3f}", img_s=f"{timer.rate():.0f}")
+                bar.set_postfix(loss=f"{recent[-1].item():.3f}", img_s=f"{bar_timer.rate():.0f}")
                 recent = []
+            action = preemption.poll(step)  # the same answer on every process
+            if action:
+                save(epoch, totals)
+                if action == "stop":
+                    preemption.stop(step, args.out)
         if recent:
             common.check_finite(torch.stack(recent), step)
-        images_per_s = len(loader) * args.batch_size / (time.perf_counter() - start)
+        images_per_s = epoch_timer.rate()
 
-        # ---------------------------------------------------------------------- end of epoch
-        stats = {"epoch": epoch + 1, "loss": common.all_reduce_sum(loss_sum).item() / (len(loader) * ddp.world_size),
-                 "lr": float(lr_schedule[step - 1]), "images_per_s": images_per_s,
-                 "peak_mem_mb": common.peak_memory_mb(ddp.device)}
+        # ---------------------------------------------------------------------- end of epoch: evaluate, log, save
+        mean_loss = common.all_reduce_sum(totals["loss"]).item() / (len(loader) * ddp.world_size)  # steps, ranks
+        stats = {"epoch": epoch + 1, "loss": mean_loss, "lr": float(lr_schedule[step - 1]),
+                 "images_per_s": images_per_s, "peak_mem_mb": common.peak_memory_mb(ddp.device)}
         if val_set is not None:
             stats["classifier_top1"], stats["classifier_top5"] = classifier_accuracy(
                 net, val_set, per_rank_batch, args.workers, ddp.device, autocast)
@@ -483,27 +494,19 @@ def main():
             stats.update(knn_last or {})
         if ddp.distributed:
             check_replicas_agree(net)
-        rng = common.gather_rng_states()  # a collective: every rank takes part
         if ddp.is_main:
             common.write_json_line(log_path, stats)
             print(f"epoch {epoch + 1}/{args.epochs}  loss {stats['loss']:.3f}  lr {stats['lr']:.4f}  "
                   f"{images_per_s:.0f} img/s" + "".join(f"  {k} {stats[k]:.1f}%" for k in
                                                         ("classifier_top1", "knn_top1") if k in stats))
-            common.atomic_save({"method": "trex", "model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                                "scaler": scaler.state_dict(), "epoch": epoch + 1, "step": step,
-                                "args": common.plain_args(args), "rng": rng, "knn_init": knn_init,
-                                "backbone": common.backbone_record(net.backbone, epoch=epoch + 1, **record)},
-                               os.path.join(args.out, "checkpoint.pt"))
-            common.save_backbone(os.path.join(args.out, "backbone.pt"), net.backbone, epoch=epoch + 1, **record)
+        save(epoch + 1, {})
 
-    if ddp.is_main:
-        if knn_init and knn_last:
-            print(f"kNN top-1 on the validation split: random-init backbone {knn_init['knn_top1']:.1f}% -> "
-                  f"trained {knn_last['knn_top1']:.1f}%  (backbone saved to {args.out}/backbone.pt)")
-        elif start_epoch >= args.epochs:
-            print(f"{args.out} already holds a model trained for {args.epochs} epochs")
-        else:
-            print(f"done: backbone saved to {args.out}/backbone.pt")
+    if ddp.is_main and knn_init and knn_last:
+        print(f"kNN top-1 on the validation split: random-init backbone {knn_init['knn_top1']:.1f}% -> "
+              f"trained {knn_last['knn_top1']:.1f}%  (backbone saved to {args.out}/backbone.pt)")
+    elif ddp.is_main:
+        print(f"{args.out} already holds a model trained for {args.epochs} epochs" if start_epoch >= args.epochs
+              else f"done: backbone saved to {args.out}/backbone.pt")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ from PIL import Image
 
 import common
 import trex
-from conftest import assert_same_state, run_killed_after_first_checkpoint, run_script
+from conftest import (assert_same_state, read_log, run_killed_after_first_checkpoint, run_script,
+                      run_signalled_mid_epoch)
 
 TINY_RUN = ("--subset", "128", "--batch-size", "32", "--eval-every", "0", "--workers", "1")
 
@@ -325,6 +326,41 @@ def test_resume_after_a_kill_gives_the_same_weights(tmp_path):
     a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("straight", "resumed"))
     assert_same_state(a["model"], b["model"])
     assert_same_state(a["optimizer"], b["optimizer"])
+
+
+# 24 steps of 16 per epoch; a memory of 128 slots wraps every 8 steps, so a stop inside the epoch must keep its pointer
+LONG_EPOCH = ("--subset", 384, "--batch-size", 16, "--epochs", 2, "--eval-every", 0, "--workers", 0,
+              "--n-local", 2, "--hidden-dim", 32, "--projector-layers", 1, "--memory-size", 128)
+
+
+def test_sigterm_mid_epoch_saves_and_the_resumed_run_is_bit_equal(tmp_path):
+    run_script("trex.py", *LONG_EPOCH, "--out", tmp_path / "straight")
+    code, stderr = run_signalled_mid_epoch("trex.py", *LONG_EPOCH, out=tmp_path / "stopped")
+    assert code == common.EXIT_STOPPED and "stopped by SIGTERM after step" in stderr and "Traceback" not in stderr
+    saved = torch.load(tmp_path / "stopped" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert saved["epoch"] == 0 and 3 <= saved["step"] < 24  # inside the first epoch of 24 steps
+    assert len(read_log(tmp_path / "stopped")) == 1  # the header: no epoch has ended
+    run_script("trex.py", *LONG_EPOCH, "--out", tmp_path / "stopped")
+    a, b = (torch.load(tmp_path / d / "checkpoint.pt", map_location="cpu", weights_only=True)
+            for d in ("straight", "stopped"))
+    assert a["step"] == b["step"] == 48
+    assert_same_state(a["model"], b["model"])  # memory, its pointer and the momentum encoder included
+    assert_same_state(a["optimizer"]["state"], b["optimizer"]["state"])
+    log_a, log_b = read_log(tmp_path / "straight"), read_log(tmp_path / "stopped")
+    assert [r["epoch"] for r in log_b[1:]] == [1, 2]  # one line per epoch
+    assert [r["loss"] for r in log_a[1:]] == pytest.approx([r["loss"] for r in log_b[1:]], rel=1e-6)
+
+
+def test_a_single_class_folder_is_refused(tmp_path):
+    folder = tmp_path / "one" / "train" / "only"
+    folder.mkdir(parents=True)
+    for i in range(8):
+        Image.new("RGB", (32, 32), (10 * i, 40, 40)).save(folder / f"{i}.png")
+    result = run_script("trex.py", "--data", tmp_path / "one", "--epochs", 1, "--batch-size", 4, "--eval-every", 0,
+                        "--workers", 0, "--out", tmp_path / "out", check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "labels for 1 class(es)" in lines[0]
+    assert "at least two classes" in lines[0] and not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------------------------------
