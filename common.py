@@ -912,7 +912,8 @@ def load_checkpoint(out, args, keys_that_must_match=()):
 
     Also tidies `out` for the run: removes the temporary files of saves that a kill interrupted, and
     drops log.jsonl lines of epochs after the checkpoint's (a run killed between writing an epoch's line
-    and its checkpoint repeats that epoch), so the log holds one line per completed epoch.
+    and its checkpoint repeats that epoch), so the log holds one line per completed epoch; without a
+    checkpoint, a log left by a run killed before its first one is removed.
     """
     path = os.path.join(out, "checkpoint.pt")
     is_main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
@@ -920,7 +921,10 @@ def load_checkpoint(out, args, keys_that_must_match=()):
         for name in os.listdir(out):
             if re.fullmatch(r".+\.pt\.tmp\d+", name):  # atomic_save's temporaries: only a killed run leaves one
                 os.remove(os.path.join(out, name))
+    log = os.path.join(out, "log.jsonl")
     if not os.path.exists(path):
+        if is_main and os.path.exists(log):  # left by a run killed before its first checkpoint: start afresh
+            os.remove(log)
         return None
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -934,7 +938,6 @@ def load_checkpoint(out, args, keys_that_must_match=()):
         if key in old and old[key] != getattr(args, key):
             raise UserError(f"{path} was trained with --{key.replace('_', '-')} {old[key]}, not "
                             f"{getattr(args, key)}; use the same options to resume or another --out")
-    log = os.path.join(out, "log.jsonl")
     if is_main and os.path.exists(log):
         with open(log) as f:
             lines = [line for line in f if line.strip()]

@@ -416,7 +416,6 @@ def main():
     if ddp.is_main:
         os.makedirs(args.out, exist_ok=True)
         if ckpt is None:
-            open(log_path, "w").close()  # empties a log left by a run killed before its first checkpoint
             common.write_json_line(log_path, common.run_header(args))
     if ckpt is None and knn is not None:
         knn_init = knn(net.backbone, autocast)

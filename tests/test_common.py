@@ -342,6 +342,10 @@ def test_resume_refuses_a_checkpoint_of_other_options(tmp_path):
     common.atomic_save({"args": common.plain_args(saved), "epoch": 1}, str(tmp_path / "checkpoint.pt"))
     assert common.load_checkpoint(str(tmp_path), saved, ("tau",))["epoch"] == 1  # the same run resumes
     assert common.load_checkpoint(str(tmp_path / "elsewhere"), saved) is None  # no checkpoint: a fresh run
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "log.jsonl").write_text('{"args": {}}\n')  # killed before its first checkpoint
+    assert common.load_checkpoint(str(tmp_path / "elsewhere"), saved) is None
+    assert not (tmp_path / "elsewhere" / "log.jsonl").exists()  # the fresh run writes one header, not two
     for key, value in (("subset", 0), ("seed", 1), ("tau", 0.2)):  # a common key, and the method's own
         other = argparse.Namespace(**{**vars(saved), key: value})
         with pytest.raises(common.UserError, match=f"--{key} "):
