@@ -3,7 +3,7 @@
 Paper: "UniVIP: A Unified Framework for Self-Supervised Visual Pre-training", Zhaowen Li, Yousong Zhu,
 Fan Yang, Wei Li, Chaoyang Zhao, Yingying Chen, Zhiyang Chen, Jiahao Xie, Liwei Wu, Rui Zhao, Ming Tang
 and Jinqiao Wang, CVPR 2022, arXiv 2203.06965. There is no official code; the closest reference is the
-ORL code of the same group (Jiahao000/ORL), whose COCO protocol UniVIP reuses.
+ORL code of the same group (Jiahao000/ORL, BYOL-based), whose COCO protocol UniVIP reuses.
 
 The idea. BYOL assumes that two random crops of an image show the same object, which fails on scene
 images such as COCO. UniVIP samples two scene views that are guaranteed to contain the same K object
@@ -14,32 +14,40 @@ K target ones by optimal transport (Sinkhorn), so the network learns which insta
 which differ without hand-made pairs. `--losses ss` is BYOL on the same data: the paper's baseline.
 
 Implementation details (choices the paper leaves open, and how they are made here)
- 1. Instances are cropped from the original image, not from the scene views, and before any flip, so a
-    flip can never break the box correspondence; each box is resized to a square (as ORL does).
+ 1. Instances are cropped from the original image before any flip, so a flip never breaks the box
+    correspondence; each box is resized to a square (as ORL does).
  2. The box filter (min side, aspect ratio <= 3, drop IoU > 0.5 with a kept box) keeps boxes in the
     order of their source: put the best proposals first in a --boxes file.
- 3. Fallback when 20 window pairs never hold K boxes (Sec. 3.1): take the attempt whose intersection
-    holds the most real boxes (ties: the larger intersection) among those where a box of --min-box fits,
-    and add random boxes inside it with the filter's size and aspect rules; the IoU <= 0.5 rule is
-    tried 10 times per random box and then given up (a small intersection cannot hold K disjoint
-    boxes). If no intersection can hold a box at all, both windows become the whole image. The
-    fallback rate is logged every epoch.
- 4. The distance is d(a, b) = 2 - 2 cos(a, b) (BYOL's normalised MSE). The paper writes each term
-    with -cos: same minimiser and gradients up to a factor 2; 2 - 2cos matches the BYOL / ORL code
-    and its learning rates.
- 5. The transport plan, its marginals and its cost are computed without gradient, in fp32, with
+ 3. Fallback when 20 window pairs never hold K boxes (Sec. 3.1): the attempt whose intersection holds
+    the most real boxes (ties: the larger intersection; it must fit a box of --min-box), filled up with
+    random boxes of the filter's size and aspect (IoU <= 0.5 tried 10 times per box, then given up); if
+    no intersection fits a box, both windows are the whole image. The fallback rate is logged.
+ 4. d(a, b) = 2 - 2 cos(a, b) (BYOL's normalised MSE) where the paper writes -cos: the same minimiser,
+    gradients times 2, and the learning rates of the BYOL / ORL code.
+ 5. The transport plan, its marginals and its cost are computed without gradient, in fp32, by
     log-domain Sinkhorn (no under/overflow at eps = 0.1); the loss gets its gradient through d only.
- 6. One backbone call per crop resolution: both scene views together, then all B*K instances together
-    (so batch-norm statistics are shared by the two views, as in DINO's multi-crop code).
- 7. The online instances get the view-1 augmentations (blur 1.0, no solarize) and the target instances
-    the view-2 ones; L_ii is one-directional, as written in the paper.
+ 6. Calls as BYOL's code makes them: each scene view goes through the online networks (backbone,
+    projector, predictor) and the target networks in a call of its own, so every BatchNorm normalises
+    over the B images of one view. The instances are two more views, as ORL's patch views: the B*K
+    online crops in one online call, the B*K target crops in one target call.
+ 7. Online instances get the view-1 augmentations (blur 1.0, no solarize), target instances the view-2
+    ones; L_ii is one-directional, as written in the paper.
  8. Weight decay skips biases and norm parameters (also with SGD); the target network keeps its own
     batch-norm statistics (train mode) and never receives gradients.
- 9. Small images (the 96 px synthetic scenes): scenes at 64 px, instances at 32 px, --min-box 8, and a
-    CIFAR-style backbone stem when instances are 64 px or smaller. The kNN monitor evaluates on
-    single-object images (32 px synthetic shapes, or --eval-data), the setting of a linear probe.
-10. The CPU demo network (resnet_tiny) defaults to lr 3.2 per 512 images instead of the paper's 0.4:
-    the demo has 128 steps, the paper 800 COCO epochs.
+ 9. Crop sizes: the paper's 224 (scenes) and 96 (instances) whatever the images' size, except on small
+    scenes (median shorter side of sampled images 128 px or less, e.g. the 96 px synthetic ones): scenes
+    64, instances 32, --min-box 8. Flags override each. Instances of 64 px or less get the CIFAR stem.
+    The kNN monitor uses single-object images (32 px synthetic shapes, or --eval-data), as a linear probe.
+10. resnet_tiny (the CPU demo) defaults to lr 3.2 per 512 images, not the paper's 0.4: the demo has 128
+    steps, the paper 800 COCO epochs.
+
+Compared with the reference code (none is public: the paper's equations, and ORL for the calls)
+Equal: the three loss terms (Eq. 1 - 5; an audit found them within 6e-8 of the equations) and the
+calls of detail 6. tests/test_univip.py checks each term on hand-computed values, and a whole step
+against one written out from this file's modules the BYOL way (loss and every gradient, fp32, 1e-5).
+Deliberate differences: the transport marginals are relu(cos) normalised to sum 1 where the paper
+writes max(o_m . (f_t1 + f_t2) / 2, 0) (a dot product, no normalisation): those masses have different
+totals on the two sides, and then no plan has both as marginals. Also details 4, 9 and 10.
 
 Commands
   CPU demo (synthetic scenes, about 2 minutes on 2 cores):  python univip.py
@@ -85,16 +93,16 @@ def get_args_parser():
                            demo_subset=1024)
     g = p.add_argument_group("UniVIP")
     g.add_argument("--boxes", default=None,
-                   help="JSON file: image path relative to --data -> list of [x, y, w, h] boxes (e.g. selective "
-                        "search); needed when --data is a folder. --data coco reads instances_train2017.json")
+                   help="JSON file: image path relative to a --data folder -> list of [x, y, w, h] boxes (e.g. "
+                        "selective search); --data coco and synthetic bring their own")
     g.add_argument("--losses", default="ss,si,ii",
                    help="comma-separated terms among ss (scene-scene), si (scene-instance), ii (instance-instance, "
                         "optimal transport); 'ss' alone is BYOL on the same data, the paper's baseline")
     g.add_argument("--num-instances", type=int, default=4, help="K, instances shared by the two scene views")
     g.add_argument("--scene-size", type=int, default=None,
-                   help="side of the scene views (default 224; 64 for scenes of 128 px or less)")
+                   help="side of the scene views (default 224; 64 if the images' median side is 128 px or less)")
     g.add_argument("--instance-size", type=int, default=None,
-                   help="side of the instance crops (default 96; 32 for scenes of 128 px or less)")
+                   help="side of the instance crops (default 96; 32 if the images' median side is 128 px or less)")
     g.add_argument("--min-box", type=float, default=None,
                    help="shortest side of a usable box in image pixels (default 64, as on COCO; 8 for small scenes)")
     g.add_argument("--scene-scale", type=float, nargs=2, default=(0.08, 1.0),
@@ -118,11 +126,16 @@ def get_args_parser():
 
 
 def resolve_sizes(args, native_size):
-    """Sizes the user left open: the paper's on real images, scaled down on small scenes (Sec. 4.1)."""
+    """Sizes the user left open (detail 9), written into args so that the log's header holds them: the
+    paper's whatever the images' size, scaled down on small scenes (the dataset's sampled median side)."""
     small = native_size <= 128
     args.scene_size = args.scene_size or (64 if small else 224)
     args.instance_size = args.instance_size or (32 if small else 96)
     args.min_box = args.min_box if args.min_box is not None else (8.0 if small else 64.0)
+    patch = common.vit_patch_size(args.scene_size)
+    if args.arch.startswith("vit") and (args.scene_size % patch or args.instance_size % patch):
+        raise common.UserError(f"with {args.arch}, --scene-size and --instance-size must be multiples of the "
+                               f"patch size {patch}")
 
 
 def check_args(args):
@@ -143,14 +156,6 @@ def check_args(args):
         raise common.UserError("--momentum-teacher must be in [0, 1], --sinkhorn-eps positive, --sinkhorn-iters >= 1")
     if args.boxes is not None and args.data in ("synthetic", "coco"):
         raise common.UserError(f"--boxes is for a folder of images; --data {args.data} brings its own boxes")
-
-
-def check_sizes(args):
-    if args.arch.startswith("vit"):  # called once the sizes are resolved
-        patch = common.vit_patch_size(args.scene_size)
-        if args.scene_size % patch or args.instance_size % patch:
-            raise common.UserError(f"with {args.arch}, --scene-size and --instance-size must be multiples of the "
-                                   f"patch size {patch}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,13 +275,11 @@ class SceneInstanceAugmentation:
 
 
 def collate_scene_pairs(samples):
-    """-> scenes (2B, 3, S, S) with all view-1 crops first, instances (B*K, 3, s, s) for online and target
-    (None without instances), fell_back (B,) bool: one backbone call per crop resolution."""
+    """-> scene views 1 and 2 (B, 3, S, S) each, online and target instances (B*K, 3, s, s) each (None
+    without instances), fell_back (B,) bool: one tensor per view, as the networks are called (detail 6)."""
     s1, s2, online, target, fell_back = zip(*samples)
-    scenes = torch.stack(s1 + s2)
-    if online[0] is None:
-        return scenes, None, None, torch.tensor(fell_back)
-    return scenes, torch.cat(online), torch.cat(target), torch.tensor(fell_back)
+    instances = (None, None) if online[0] is None else (torch.cat(online), torch.cat(target))
+    return torch.stack(s1), torch.stack(s2), *instances, torch.tensor(fell_back)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -331,6 +334,8 @@ def univip_loss(online_scenes, target_scenes, online_instances=None, target_inst
         o, t = online_instances.float(), target_instances.float().detach()
         with torch.no_grad():
             similarity = F.cosine_similarity(o.unsqueeze(2), t.unsqueeze(1), dim=-1)  # S_mn = cos(o_m, t_n)
+            # Masses (Eq. 4): relu(cos) normalised to sum 1. The paper's max(o_m . (f_t1 + f_t2) / 2, 0), a dot
+            # product without normalisation, sums to other totals on the two sides: then no plan has both.
             b = transport_marginal(o, z1 + z2)  # mass of each online instance: its agreement with g's scene
             a = transport_marginal(t, (p1 + p2).detach())  # mass of each target instance: with f's scene
             plan = sinkhorn_plan(1 - similarity, b, a, eps, iters)
@@ -342,8 +347,8 @@ def univip_loss(online_scenes, target_scenes, online_instances=None, target_inst
 
 class UniVIP(nn.Module):
     """Online f = predictor(projector(backbone)), target g = momentum copy of backbone + projector, and the
-    instance aggregator I = Linear(K * D, D). `forward` is the training step: scenes (2B, 3, S, S) with the
-    B view-1 crops first, online and target instances (B*K, 3, s, s) or None -> the loss dict."""
+    instance aggregator I = Linear(K * D, D). `forward` is the training step: scene views 1 and 2
+    (B, 3, S, S) each, online and target instances (B*K, 3, s, s) each or None -> the loss dict."""
 
     def __init__(self, backbone, feat_dim, num_instances=4, hidden_dim=4096, proj_dim=256, losses=LOSSES,
                  eps=0.1, iters=50):
@@ -371,9 +376,10 @@ class UniVIP(nn.Module):
     def target(self, x):
         return self.target_projector(self.target_backbone(x))
 
-    def forward(self, scenes, online_instances=None, target_instances=None):
-        p1, p2 = self.online(scenes).chunk(2)
-        z1, z2 = self.target(scenes).chunk(2)
+    def forward(self, view1, view2, online_instances=None, target_instances=None):
+        # one call per view and network, as BYOL's code (detail 6): each BatchNorm sees the B images of one view
+        p1, p2 = self.online(view1), self.online(view2)
+        z1, z2 = self.target(view1), self.target(view2)
         o = t = agg = None
         if online_instances is not None and ("si" in self.losses or "ii" in self.losses):
             o = self.online(online_instances).unflatten(0, (-1, self.num_instances))  # (B, K, D)
@@ -389,16 +395,14 @@ class UniVIP(nn.Module):
 # ----------------------------------------------------------------------------------------------
 def to_input(images, device):
     """A batch of crops onto the device (channels_last for the convnets on CUDA); None stays None."""
-    if images is None:
-        return None
-    images = images.to(device, non_blocking=True)
-    return images.to(memory_format=torch.channels_last) if device.type == "cuda" else images
+    memory_format = torch.channels_last if device.type == "cuda" else torch.preserve_format
+    return None if images is None else images.to(device, non_blocking=True, memory_format=memory_format)
 
 
 def main():
     args = get_args_parser().parse_args()
     if args.lr is None:  # per 512 images: the paper's 0.4, made for 800 COCO epochs; the CPU demo's 128 steps
-        # need more (kNN top-1 on the demo: 26.8 % at init, 28.0 % after training with 0.4, 34.2 % with 3.2)
+        # need more (kNN top-1 on the demo: 26.8 % at init, 27.4 % after training with 0.4, 32.9 % with 3.2)
         args.lr = 3.2 if args.arch == "resnet_tiny" else 0.4
     if args.warmup_epochs is None:  # the paper's 4 epochs, at most a fifth of a short run
         args.warmup_epochs = min(4.0, args.epochs / 5)
@@ -412,10 +416,12 @@ def main():
     train_set = common.build_scene_dataset(args.data, args.data_dir, args.boxes, "train")
     if len(train_set) == 0:
         raise common.UserError(f"--data {args.data} holds no images")
-    resolve_sizes(args, common.native_image_size(train_set))
-    check_sizes(args)
+    native = common.native_image_size(train_set)
+    resolve_sizes(args, native)
     with_instances = "si" in losses or "ii" in losses
     small = args.instance_size <= 64  # CIFAR-style stem: a 32 px instance would otherwise shrink to 8 px
+    if ddp.is_main:
+        print(common.describe_sizes(native, small, scene=args.scene_size, instance=args.instance_size))
     eval_size = args.instance_size if small else args.scene_size
     augmentation = SceneInstanceAugmentation(args.scene_size, args.instance_size, args.num_instances, args.min_box,
                                              tuple(args.scene_scale), with_instances)
@@ -484,13 +490,11 @@ def main():
         sums = torch.zeros(len(losses) + 3, device=ddp.device)  # loss, terms, fallbacks, samples
         recent, timer, images_per_s, t0 = [], common.StepTimer(ddp.device), 0.0, time.perf_counter()
         bar = tqdm(loader, disable=not ddp.is_main, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
-        for scenes, online_instances, target_instances, fell_back in bar:
+        for *crops, fell_back in bar:  # scene view 1, scene view 2, online instances, target instances
             for group in optimizer.param_groups:
                 group["lr"] = float(lr_schedule[step])  # a float: the checkpoint must load with weights_only
-            scenes, online_instances, target_instances = (
-                to_input(x, ddp.device) for x in (scenes, online_instances, target_instances))
             with autocast():
-                out = train_model(scenes, online_instances, target_instances)
+                out = train_model(*(to_input(x, ddp.device) for x in crops))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(out["loss"]).backward()
             scaler.step(optimizer)

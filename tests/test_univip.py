@@ -1,5 +1,6 @@
 """Tests of univip.py: the scene-pair sampler, the box filter, Sinkhorn, the three losses, the
 training step, and whole runs (demo path, torchrun, exact resume, box files, COCO, bad flags)."""
+import copy
 import json
 import math
 import os
@@ -25,6 +26,16 @@ def inside(box, window, tol=1e-3):
     x, y, w, h = box
     wx, wy, ww, wh = window
     return x >= wx - tol and y >= wy - tol and x + w <= wx + ww + tol and y + h <= wy + wh + tol
+
+
+def classic_sinkhorn(cost, b, a, eps, iters):
+    """Textbook Sinkhorn-Knopp in linear space and float64 (fine at these eps): the plan diag(u) K diag(v)."""
+    kernel = torch.exp(-cost.double() / eps)
+    u, v = torch.ones_like(b, dtype=torch.double), torch.ones_like(a, dtype=torch.double)
+    for _ in range(iters):
+        u = b.double() / (kernel @ v.unsqueeze(-1)).squeeze(-1)
+        v = a.double() / (kernel.transpose(-1, -2) @ u.unsqueeze(-1)).squeeze(-1)
+    return u.unsqueeze(-1) * kernel * v.unsqueeze(-2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,12 +148,7 @@ def test_sinkhorn_equals_the_classic_scaling_iterations():
     torch.manual_seed(1)
     cost = torch.rand(3, 4, 4)
     b, a = torch.softmax(torch.randn(3, 4), 1), torch.softmax(torch.randn(3, 4), 1)
-    kernel = torch.exp(-cost.double() / 0.5)
-    u, v = torch.ones(3, 4, dtype=torch.double), torch.ones(3, 4, dtype=torch.double)
-    for _ in range(200):  # textbook Sinkhorn-Knopp, fine in linear space at this eps
-        u = b.double() / (kernel @ v.unsqueeze(-1)).squeeze(-1)
-        v = a.double() / (kernel.transpose(1, 2) @ u.unsqueeze(-1)).squeeze(-1)
-    reference = u.unsqueeze(-1) * kernel * v.unsqueeze(-2)
+    reference = classic_sinkhorn(cost, b, a, eps=0.5, iters=200)
     plan = univip.sinkhorn_plan(cost, b, a, eps=0.5, iters=200)
     torch.testing.assert_close(plan.double(), reference, atol=1e-5, rtol=1e-4)
 
@@ -222,7 +228,8 @@ def test_training_step_updates_online_only_and_target_follows_by_momentum():
     model = univip.UniVIP(backbone, dim, num_instances=2, hidden_dim=32, proj_dim=16)
     target_before = [p.detach().clone() for p in model.target_parameters()]
     optimizer = torch.optim.SGD(common.param_groups(model, 1e-4), lr=0.1, momentum=0.9)
-    out = model(torch.randn(8, 3, 32, 32), torch.randn(8, 3, 16, 16), torch.randn(8, 3, 16, 16))
+    out = model(torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32), torch.randn(8, 3, 16, 16),
+                torch.randn(8, 3, 16, 16))
     assert set(out) == {"ss", "si", "ii", "loss"} and torch.isfinite(out["loss"])
     out["loss"].backward()
     assert all(p.grad is None for p in model.target_parameters())
@@ -234,6 +241,76 @@ def test_training_step_updates_online_only_and_target_follows_by_momentum():
     for before, tp, op in zip(target_before, target, online):
         torch.testing.assert_close(tp, 0.99 * before + 0.01 * op.detach())
     assert univip.UniVIP(backbone, dim, losses=("ss",)).aggregator is None  # BYOL: no unused parameters
+
+
+def reference_step(model, view1, view2, online_crops, target_crops, per_view=True):
+    """One UniVIP step written out from the model's submodules as a BYOL-based reference computes it: each
+    view through each network in a call of its own (per_view=False: both scene views in one call, as this
+    project did before), and the three terms as the paper's Eq. 1 - 5 with d = 2 - 2 cos. Returns the loss."""
+    def online(x):
+        return model.predictor(model.projector(model.backbone(x)))
+
+    def target(x):
+        with torch.no_grad():
+            return model.target_projector(model.target_backbone(x))
+
+    def d(a, b):
+        return 2 - 2 * F.cosine_similarity(a, b, dim=-1)
+
+    def mass(x, scene):  # relu(cos), normalised to sum 1 (uniform if all zero)
+        w = F.relu(F.cosine_similarity(x, scene.unsqueeze(1), dim=-1))
+        return torch.where(w.sum(1, keepdim=True) > 0, w / w.sum(1, keepdim=True), 1 / w.shape[1])
+
+    if per_view:
+        (p1, p2), (z1, z2) = (online(view1), online(view2)), (target(view1), target(view2))
+    else:
+        p1, p2 = online(torch.cat([view1, view2])).chunk(2)
+        z1, z2 = target(torch.cat([view1, view2])).chunk(2)
+    o = online(online_crops).unflatten(0, (len(view1), -1))  # (B, K, D)
+    t = target(target_crops).unflatten(0, (len(view1), -1))
+    aggregate = model.aggregator(o.flatten(1))
+    with torch.no_grad():
+        cost = 1 - F.cosine_similarity(o.unsqueeze(2), t.unsqueeze(1), dim=-1)
+        plan = classic_sinkhorn(cost, mass(o, (z1 + z2) / 2), mass(t, (p1 + p2) / 2), model.eps, model.iters)
+    l_ss = d(p1, z2) + d(p2, z1)
+    l_si = d(aggregate, z1) + d(aggregate, z2)
+    l_ii = (plan.float() * d(o.unsqueeze(2), t.unsqueeze(1))).sum((1, 2))
+    return (l_ss + l_si + l_ii).mean()
+
+
+def test_training_step_equals_the_per_view_reference_and_not_the_concatenated_call():
+    """Loss, every gradient and every batch-norm buffer of the module's step equal a step computed by hand
+    the BYOL way (fp32, CPU, 1e-5 relative); the old call on both scene views together differs."""
+    torch.manual_seed(0)
+    backbone, dim = common.build_backbone("resnet_tiny", True, 32)
+    model = univip.UniVIP(backbone, dim, num_instances=2, hidden_dim=64, proj_dim=16)
+    views = [torch.randn(6, 3, 32, 32), torch.randn(6, 3, 32, 32), torch.randn(12, 3, 16, 16),
+             torch.randn(12, 3, 16, 16)]
+    results = []
+    for step in ("module", "per_view", "concatenated"):
+        clone = copy.deepcopy(model)
+        loss = clone(*views)["loss"] if step == "module" else reference_step(clone, *views, step == "per_view")
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in clone.named_parameters() if p.requires_grad},
+                        dict(clone.named_buffers())))
+    (loss, grads, buffers), (ref_loss, ref_grads, ref_buffers), (cat_loss, cat_grads, _) = results
+
+    def rel(a, b):
+        return ((a.double() - b.double()).norm() / b.double().norm()).item()
+    assert rel(loss, ref_loss) < 1e-5
+    assert grads.keys() == ref_grads.keys() and len(grads) > 20 and all(g is not None for g in grads.values())
+    # biases in front of a BatchNorm have a gradient of 0 up to float noise (the BN cancels them): checked
+    # as such; every other gradient within 1e-5 relative
+    full = torch.cat([g.flatten() for g in ref_grads.values()]).norm()
+    zero = {n for n, g in ref_grads.items() if g.norm() < 1e-6 * full}
+    assert zero <= {"projector.0.bias", "projector.3.bias", "predictor.0.bias"}
+    assert all(grads[n].norm() < 1e-6 * full for n in zero)
+    worst = max(rel(grads[n], ref_grads[n]) for n in grads if n not in zero)
+    assert worst < 1e-5, worst
+    assert all(rel(buffers[n], ref_buffers[n]) < 1e-5 for n in buffers if buffers[n].is_floating_point())
+    # the test can fail: one call on both scene views gives another loss and other gradients
+    assert rel(cat_loss, ref_loss) > 1e-4
+    assert max(rel(cat_grads[n], ref_grads[n]) for n in grads if n not in zero) > 1e-2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,8 +332,27 @@ def test_coco_annotations_feed_the_sampler(tmp_path):
     assert len(data) == 3 and data[0][1].shape == (1, 4) and data[2][1].shape == (0, 4)
     aug = univip.SceneInstanceAugmentation(64, 32, 4, 16.0, (0.08, 1.0))
     batch = univip.collate_scene_pairs([aug(*data[i]) for i in range(3)])
-    assert batch[0].shape == (6, 3, 64, 64) and batch[1].shape == batch[2].shape == (12, 3, 32, 32)
-    assert batch[3].dtype == torch.bool and batch[3].all()  # never K boxes here: always the fallback
+    assert batch[0].shape == batch[1].shape == (3, 3, 64, 64) and batch[2].shape == batch[3].shape == (12, 3, 32, 32)
+    assert batch[4].dtype == torch.bool and batch[4].all()  # never K boxes here: always the fallback
+
+
+def test_crop_sizes_come_from_the_dataset_and_the_flags_override_them(tmp_path):
+    """A folder of 320 x 240 photos whose first file is 400 x 100: the paper's sizes, not small-scene ones
+    (the first file alone would say 100 px); the 96 px synthetic scenes get the small sizes."""
+    sizes = [(400, 100)] + [(320, 240)] * 6
+    for i, size in enumerate(sizes):
+        Image.new("RGB", size).save(tmp_path / f"{i}.jpg")
+    with open(tmp_path / "boxes.json", "w") as f:
+        json.dump({f"{i}.jpg": [] for i in range(len(sizes))}, f)
+    folder = common.build_scene_dataset(str(tmp_path), None, str(tmp_path / "boxes.json"))
+    synthetic = common.build_scene_dataset("synthetic")
+    parser = univip.get_args_parser()
+    for data, flags, expected in [(folder, [], (224, 96, 64.0)), (synthetic, [], (64, 32, 8.0)),
+                                  (folder, ["--scene-size", "160", "--instance-size", "64", "--min-box", "20"],
+                                   (160, 64, 20.0))]:
+        args = parser.parse_args(flags)
+        univip.resolve_sizes(args, common.native_image_size(data))
+        assert (args.scene_size, args.instance_size, args.min_box) == expected
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,6 +370,7 @@ def test_demo_path_and_eval_linear(tmp_path):
         assert math.isfinite(epoch[key]), key
     assert abs(epoch["loss"] - epoch["loss_ss"] - epoch["loss_si"] - epoch["loss_ii"]) < 1e-4
     assert "random-init backbone" in result.stdout and "UniVIP" in result.stdout
+    assert "crop sizes: scene 64 px, instance 32 px (images of about 96 px" in result.stdout
     record = common.load_backbone(str(out / "backbone.pt"))
     assert record["method"] == "univip" and record["small_images"] and record["img_size"] == 32
     if (REPO / "eval_linear.py").exists():
