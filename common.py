@@ -654,10 +654,11 @@ def native_image_size(dataset, sample=64, seed=0):
     return int(np.median(sides))
 
 
-def describe_sizes(native, small, **sizes):
-    """The line every script prints (and logs) about the crop sizes it chose."""
+def describe_sizes(native, small, why=None, **sizes):
+    """The line every script prints about the crop sizes it chose; `why` the stem was chosen, if not the
+    images' own size."""
     chosen = ", ".join(f"{name.replace('_', ' ')} {px} px" for name, px in sizes.items())
-    kind = f"{SMALL_IMAGES} px or less: CIFAR stem" if small else f"above {SMALL_IMAGES} px: ImageNet stem"
+    kind = why or (f"{SMALL_IMAGES} px or less: CIFAR stem" if small else f"above {SMALL_IMAGES} px: ImageNet stem")
     return f"crop sizes: {chosen} (images of about {native} px, {kind})"
 
 

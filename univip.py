@@ -419,9 +419,10 @@ def main():
     native = common.native_image_size(train_set)
     resolve_sizes(args, native)
     with_instances = "si" in losses or "ii" in losses
-    small = args.instance_size <= 64  # CIFAR-style stem: a 32 px instance would otherwise shrink to 8 px
+    small = args.instance_size <= common.SMALL_IMAGES  # CIFAR stem: a 32 px instance would shrink to 8 px
     if ddp.is_main:
-        print(common.describe_sizes(native, small, scene=args.scene_size, instance=args.instance_size))
+        why = f"instances of {common.SMALL_IMAGES} px or less: CIFAR stem" if small else "ImageNet stem"
+        print(common.describe_sizes(native, small, why, scene=args.scene_size, instance=args.instance_size))
     eval_size = args.instance_size if small else args.scene_size
     augmentation = SceneInstanceAugmentation(args.scene_size, args.instance_size, args.num_instances, args.min_box,
                                              tuple(args.scene_scale), with_instances)
