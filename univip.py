@@ -63,11 +63,9 @@ Commands
 """
 import argparse
 import copy
-import json
 import math
 import os
 import random
-import time
 
 import numpy as np
 import torch
@@ -149,9 +147,9 @@ def check_args(args):
         raise common.UserError("--scene-size and --instance-size must be at least 16 pixels")
     if args.eval_subset < 0 or args.hidden_dim < 1 or args.proj_dim < 1:
         raise common.UserError("--eval-subset must not be negative, --hidden-dim and --proj-dim must be positive")
-    lo, hi = args.scene_scale
-    if not 0 < lo <= hi <= 1:
-        raise common.UserError(f"--scene-scale {lo} {hi} must satisfy 0 < low <= high <= 1")
+    if not 0 < args.scene_scale[0] <= args.scene_scale[1] <= 1:
+        raise common.UserError(f"--scene-scale {args.scene_scale[0]} {args.scene_scale[1]} must satisfy "
+                               "0 < low <= high <= 1")
     if not 0 <= args.momentum_teacher <= 1 or args.sinkhorn_eps <= 0 or args.sinkhorn_iters < 1:
         raise common.UserError("--momentum-teacher must be in [0, 1], --sinkhorn-eps positive, --sinkhorn-iters >= 1")
     if args.boxes is not None and args.data in ("synthetic", "coco"):
@@ -186,13 +184,6 @@ def random_window(width, height, scale, ratio=(3 / 4, 4 / 3)):
     return 0, 0, width, height
 
 
-def _iou(a, b):
-    iw = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
-    ih = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
-    inter = max(iw, 0) * max(ih, 0)
-    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
-
-
 def random_boxes(region, count, min_side, taken, max_ratio=3.0, iou_threshold=0.5):
     """`count` random boxes inside region (x0, y0, x1, y1): shortest side >= min_side, aspect <= max_ratio,
     IoU <= iou_threshold with `taken` and with each other when 10 tries allow it."""
@@ -204,7 +195,7 @@ def random_boxes(region, count, min_side, taken, max_ratio=3.0, iou_threshold=0.
             h = random.uniform(max(min_side, w / max_ratio), min(y1 - y0, max_ratio * w))
             x, y = random.uniform(x0, x1 - w), random.uniform(y0, y1 - h)
             box = (x, y, min(w, x1 - x), min(h, y1 - y))
-            if all(_iou(box, b) <= iou_threshold for b in list(taken) + out):
+            if all(common.box_iou(box, b) <= iou_threshold for b in list(taken) + out):
                 break
         out.append(box)
     return out
@@ -231,8 +222,7 @@ def sample_scene_pair(width, height, boxes, num_instances=4, min_box=64.0, scale
         if ix1 - ix0 >= min_side and iy1 - iy0 >= min_side and (best_key is None or key > best_key):
             best, best_key = (w1, w2, (ix0, iy0, ix1, iy1), inside), key
     if best is None:  # no intersection could hold a box: both views become the whole image
-        whole = (0, 0, width, height)
-        best = (whole, whole, (0, 0, width, height), list(boxes))
+        best = ((0, 0, width, height),) * 3 + (list(boxes),)  # windows (x, y, w, h), region (x0, y0, x1, y1)
     w1, w2, region, inside = best
     inside = random.sample(inside, min(len(inside), num_instances))
     chosen = [tuple(b) for b in inside] + random_boxes(region, num_instances - len(inside), min_side, inside)
@@ -264,8 +254,7 @@ class SceneInstanceAugmentation:
                                                       self.scale)
         s = (self.instance_size, self.instance_size)
         crops = [image.resize(s, Image.BICUBIC, box=(x, y, x + w, y + h)) for x, y, w, h in chosen]
-        online = torch.stack([self.instance_views[0](c) for c in crops])
-        target = torch.stack([self.instance_views[1](c) for c in crops])
+        online, target = (torch.stack([view(c) for c in crops]) for view in self.instance_views)
         return self._scene(image, w1, 0), self._scene(image, w2, 1), online, target, fell_back
 
     def _scene(self, image, window, v):
@@ -393,12 +382,6 @@ class UniVIP(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
-def to_input(images, device):
-    """A batch of crops onto the device (channels_last for the convnets on CUDA); None stays None."""
-    memory_format = torch.channels_last if device.type == "cuda" else torch.preserve_format
-    return None if images is None else images.to(device, non_blocking=True, memory_format=memory_format)
-
-
 def main():
     args = get_args_parser().parse_args()
     if args.lr is None:  # per 512 images: the paper's 0.4, made for 800 COCO epochs; the CPU demo's 128 steps
@@ -429,16 +412,14 @@ def main():
     per_rank_batch = args.batch_size // ddp.world_size
     loader = common.train_loader(train_set, augmentation, per_rank_batch, ddp, args.workers, args.seed,
                                  args.subset, collate_fn=collate_scene_pairs)
-    knn = None
-    if args.eval_every:
-        knn = common.KNNMonitor(args.eval_data, args.eval_data_dir or args.data_dir, eval_size, small, 256,
-                                args.workers, ddp.device, args.eval_subset, args.seed, args.download)
+    knn = (common.KNNMonitor(args.eval_data, args.eval_data_dir or args.data_dir, eval_size, small, 256,
+                             args.workers, ddp.device, args.eval_subset, args.seed, args.download)
+           if args.eval_every else None)
 
     # ---------------------------------------------------------------- model
     backbone, feat_dim = common.build_backbone(args.arch, small, args.scene_size)
-    model = UniVIP(backbone, feat_dim, args.num_instances, args.hidden_dim, args.proj_dim, losses,
-                   args.sinkhorn_eps, args.sinkhorn_iters)
-    model = common.to_device(model, ddp.device)
+    model = common.to_device(UniVIP(backbone, feat_dim, args.num_instances, args.hidden_dim, args.proj_dim, losses,
+                                    args.sinkhorn_eps, args.sinkhorn_iters), ddp.device)
     if ddp.distributed and ddp.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
@@ -447,21 +428,21 @@ def main():
     lr = args.lr * args.batch_size / 512  # the paper's scaling: 0.4 at batch 512 (SGD), 4.8 at 4096 (LARS)
     optimizer = (torch.optim.SGD(groups, lr=lr, momentum=0.9) if args.optimizer == "sgd"
                  else common.LARS(groups, lr=lr, momentum=0.9))
-    iters = len(loader)
-    lr_schedule = common.cosine_schedule(lr, 0.0, args.epochs, iters, args.warmup_epochs)
-    tau_schedule = common.cosine_schedule(args.momentum_teacher, 1.0, args.epochs, iters)  # BYOL's tau, per step
+    lr_schedule = common.cosine_schedule(lr, 0.0, args.epochs, len(loader), args.warmup_epochs)
+    tau_schedule = common.cosine_schedule(args.momentum_teacher, 1.0, args.epochs, len(loader))  # BYOL's tau, per step
     autocast, scaler = common.mixed_precision(args.precision, ddp.device)
 
-    # ---------------------------------------------------------------- resume
-    start_epoch, step, knn_init = 0, 0, None
+    # ---------------------------------------------------------------- resume (at an epoch's end or inside one)
     ckpt = common.load_checkpoint(args.out, args, ("losses", "num_instances", "scene_size", "instance_size",
                                                    "hidden_dim"))
-    if ckpt is not None:
+    start_epoch, step, done_in_epoch = common.resume_position(ckpt, len(loader))
+    knn_init = None
+    if ckpt is not None:  # the target networks are in the model's state_dict
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, step, knn_init = ckpt["epoch"], ckpt["step"], ckpt.get("knn_init")
-        common.set_rng_states(ckpt["rng"][ddp.rank])
+        knn_init = ckpt.get("knn_init")
+        common.set_rng_states(ckpt["rng"][ddp.rank % len(ckpt["rng"])])
 
     # ---------------------------------------------------------------- compile, DDP (compile before DDP)
     train_model = torch.compile(model) if args.compile else model
@@ -475,27 +456,48 @@ def main():
     if ddp.is_main:
         os.makedirs(args.out, exist_ok=True)
         if ckpt is None:
-            with open(log_path, "w") as f:
-                f.write(json.dumps(common.run_header(args)) + "\n")
+            common.write_json_line(log_path, common.run_header(args))
     if ckpt is None and knn is not None:
         knn_init = knn(model.backbone, autocast)
         if ddp.is_main:
             common.write_json_line(log_path, {"epoch": 0, **knn_init})
             print(f"kNN top-1 of the random-init backbone on {args.eval_data}: {knn_init['knn_top1']:.1f}%")
 
+    def save(epochs_done, totals):
+        """backbone.pt and checkpoint.pt (atomic): at an epoch's end, or inside one (then with the epoch's
+        running sums over all processes, so that its log line stays exact after the resume)."""
+        totals = {k: common.all_reduce_sum(v.clone()) for k, v in totals.items()}  # collectives: every rank
+        rng = common.gather_rng_states()
+        if ddp.is_main:
+            fields = dict(method="univip", arch=args.arch, small_images=small, img_size=eval_size,
+                          feat_dim=feat_dim, args=args, epoch=epochs_done)
+            common.save_backbone(os.path.join(args.out, "backbone.pt"), model.backbone, **fields)
+            common.atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                "scaler": scaler.state_dict(), "epoch": epochs_done, "step": step, "totals": totals,
+                                "args": common.plain_args(args), "rng": rng, "knn_init": knn_init,
+                                "backbone": common.backbone_record(model.backbone, **fields)},
+                               os.path.join(args.out, "checkpoint.pt"))
+
     # ---------------------------------------------------------------- training
+    layout = torch.channels_last if ddp.device.type == "cuda" else torch.preserve_format  # channels_last on CUDA
+    preemption = common.Preemption(ddp, args.save_every, sync_every=args.log_every)  # SIGTERM, SIGUSR1
     stats = {}
     for epoch in range(start_epoch, args.epochs):
-        loader.sampler.set_epoch(epoch)
+        skip = done_in_epoch if epoch == start_epoch else 0  # batches done before a stop inside this epoch
+        loader.sampler.set_epoch(epoch, skip=skip * per_rank_batch)
         model.train()
-        sums = torch.zeros(len(losses) + 3, device=ddp.device)  # loss, terms, fallbacks, samples
-        recent, timer, images_per_s, t0 = [], common.StepTimer(ddp.device), 0.0, time.perf_counter()
-        bar = tqdm(loader, disable=not ddp.is_main, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
+        totals = ({k: v.to(ddp.device) if ddp.is_main else torch.zeros_like(v, device=ddp.device)
+                   for k, v in ckpt["totals"].items()} if skip else  # loss, terms, fallbacks, samples
+                  {"sums": torch.zeros(len(losses) + 3, device=ddp.device)})
+        recent, epoch_timer, bar_timer = [], common.StepTimer(ddp.device), common.StepTimer(ddp.device)
+        bar = tqdm(loader, disable=not ddp.is_main, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
+                   initial=skip)
         for *crops, fell_back in bar:  # scene view 1, scene view 2, online instances, target instances
+            crops = [None if x is None else x.to(ddp.device, non_blocking=True, memory_format=layout) for x in crops]
             for group in optimizer.param_groups:
                 group["lr"] = float(lr_schedule[step])  # a float: the checkpoint must load with weights_only
             with autocast():
-                out = train_model(*(to_input(x, ddp.device) for x in crops))
+                out = train_model(*crops)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(out["loss"]).backward()
             scaler.step(optimizer)
@@ -503,46 +505,42 @@ def main():
             common.momentum_update(target_params, online_params, float(tau_schedule[step]))  # after the step (BYOL)
 
             values = torch.stack([out["loss"].detach(), *(out[k].detach() for k in losses)])
-            sums += torch.cat([values, fell_back.to(sums).sum().view(1), sums.new_full((1,), len(fell_back))])
+            totals["sums"] += torch.cat([values, values.new_tensor([fell_back.sum().item(), len(fell_back)])])  # CPU
             recent.append(values[0])
-            timer.add(args.batch_size)
+            epoch_timer.add(args.batch_size)
+            bar_timer.add(args.batch_size)
             step += 1
             if step % args.log_every == 0:
                 common.check_finite(torch.stack(recent), step)
-                images_per_s = timer.rate()
-                bar.set_postfix(loss=f"{torch.stack(recent).mean().item():.3f}", img_s=f"{images_per_s:.0f}")
+                bar.set_postfix(loss=f"{torch.stack(recent).mean().item():.3f}", img_s=f"{bar_timer.rate():.0f}")
                 recent = []
+            action = preemption.poll(step)  # the same answer on every process
+            if action:
+                save(epoch, totals)
+                if action == "stop":
+                    preemption.stop(step, args.out)
         if recent:
             common.check_finite(torch.stack(recent), step)
-        epoch_time = time.perf_counter() - t0
+        images_per_s = epoch_timer.rate()
 
-        # ------------------------------------------------------------ end of epoch: monitor, log, checkpoint
-        sums = common.all_reduce_sum(sums).tolist()
+        # ------------------------------------------------------------ end of epoch: monitor, log, save
+        sums = common.all_reduce_sum(totals["sums"]).tolist()
         n_steps = sums[-1] / per_rank_batch  # steps x processes: each added its mean
         stats = {"epoch": epoch + 1, "loss": sums[0] / n_steps,
                  **{f"loss_{k}": v / n_steps for k, v in zip(losses, sums[1:-2])},
                  "fallback_rate": sums[-2] / sums[-1] if with_instances else None,
                  "lr": float(lr_schedule[step - 1]), "tau": float(tau_schedule[step - 1]),
-                 "images_per_s": iters * args.batch_size / epoch_time,
-                 "peak_mem_mb": common.peak_memory_mb(ddp.device)}
+                 "images_per_s": images_per_s, "peak_mem_mb": common.peak_memory_mb(ddp.device)}
         if knn is not None and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
             stats.update(knn(model.backbone, autocast))
-        record = dict(method="univip", arch=args.arch, small_images=small, img_size=eval_size, feat_dim=feat_dim,
-                      args=args, epoch=epoch + 1)
-        rng = common.gather_rng_states()  # a collective: every rank takes part
         if ddp.is_main:
             common.write_json_line(log_path, stats)
             terms = " ".join(f"{k} {stats[f'loss_{k}']:.3f}" for k in losses)
             knn_text = f" | kNN top-1 {stats['knn_top1']:.1f}%" if "knn_top1" in stats else ""
             fb_text = f" | fallback {100 * stats['fallback_rate']:.0f}%" if with_instances else ""
             print(f"epoch {epoch + 1}/{args.epochs} | loss {stats['loss']:.3f} ({terms}){fb_text} | "
-                  f"lr {stats['lr']:.4f} | tau {stats['tau']:.4f} | {stats['images_per_s']:.0f} img/s{knn_text}")
-            common.atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                "scaler": scaler.state_dict(), "epoch": epoch + 1, "step": step,
-                                "args": common.plain_args(args), "rng": rng, "knn_init": knn_init,
-                                "backbone": common.backbone_record(model.backbone, **record)},
-                               os.path.join(args.out, "checkpoint.pt"))
-            common.save_backbone(os.path.join(args.out, "backbone.pt"), model.backbone, **record)
+                  f"lr {stats['lr']:.4f} | tau {stats['tau']:.4f} | {images_per_s:.0f} img/s{knn_text}")
+        save(epoch + 1, {})
 
     if ddp.is_main and knn_init is not None and "knn_top1" in stats:
         print(f"kNN top-1 on {args.eval_data} (single-object images): random-init backbone "

@@ -15,11 +15,13 @@ from torchvision.transforms import v2
 
 import common
 import univip
-from conftest import REPO, assert_same_state, read_log, run_killed_after_first_checkpoint, run_script
+from conftest import (REPO, assert_same_state, read_log, run_killed_after_first_checkpoint, run_script,
+                      run_signalled_mid_epoch)
 
 # A tiny configuration for whole runs: small crops and heads keep every run to a few seconds.
 TINY = ("--subset", "64", "--batch-size", "32", "--scene-size", "32", "--instance-size", "16",
         "--hidden-dim", "128", "--eval-every", "0", "--workers", "0")
+LONG_EPOCH = ("--epochs", 2, *TINY, "--batch-size", 8)  # 8 steps per epoch: room to stop inside one
 
 
 def inside(box, window, tol=1e-3):
@@ -391,18 +393,40 @@ def test_torchrun_two_processes(tmp_path):
     assert ckpt["step"] == 2 and len(ckpt["rng"]) == 2
 
 
-def test_exact_resume_after_a_crash(tmp_path):
-    args = ("--epochs", "2", *TINY)
-    run_script("univip.py", *args, "--out", tmp_path / "straight")
-    first = run_killed_after_first_checkpoint("univip.py", *args, out=tmp_path / "resumed")
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    """The uninterrupted run that the crashed, stopped and resumed ones must equal."""
+    out = tmp_path_factory.mktemp("univip") / "straight"
+    run_script("univip.py", *LONG_EPOCH, "--out", out)
+    return out
+
+
+def test_exact_resume_after_a_crash(tmp_path, straight_run):
+    first = run_killed_after_first_checkpoint("univip.py", *LONG_EPOCH, out=tmp_path / "resumed")
     assert first["epoch"] == 1
-    run_script("univip.py", *args, "--out", tmp_path / "resumed")
-    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
-    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
-    assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"] == 4
+    run_script("univip.py", *LONG_EPOCH, "--out", tmp_path / "resumed")
+    a, b = (torch.load(out / "checkpoint.pt", weights_only=True) for out in (straight_run, tmp_path / "resumed"))
+    assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"] == 16
     assert_same_state(a["model"], b["model"])
     assert_same_state(a["optimizer"]["state"], b["optimizer"]["state"])
     assert [r["epoch"] for r in read_log(tmp_path / "resumed")[1:]] == [1, 2]
+
+
+def test_sigterm_mid_epoch_saves_and_the_resumed_run_is_bit_equal(tmp_path, straight_run):
+    code, stderr = run_signalled_mid_epoch("univip.py", *LONG_EPOCH, out=tmp_path / "stopped")
+    assert code == common.EXIT_STOPPED and "stopped by SIGTERM after step" in stderr and "Traceback" not in stderr
+    saved = torch.load(tmp_path / "stopped" / "checkpoint.pt", weights_only=True)
+    assert saved["epoch"] == 0 and 3 <= saved["step"] < 8  # inside the first epoch of 8 steps
+    assert len(read_log(tmp_path / "stopped")) == 1  # the header: no epoch has ended
+    run_script("univip.py", *LONG_EPOCH, "--out", tmp_path / "stopped")
+    a, b = (torch.load(out / "checkpoint.pt", weights_only=True) for out in (straight_run, tmp_path / "stopped"))
+    assert a["step"] == b["step"] == 16
+    assert_same_state(a["model"], b["model"])  # online and target networks, aggregator, BN buffers
+    assert_same_state(a["optimizer"]["state"], b["optimizer"]["state"])
+    log_a, log_b = read_log(straight_run), read_log(tmp_path / "stopped")
+    assert [r["epoch"] for r in log_b[1:]] == [1, 2]  # one line per epoch
+    for key in ("loss", "loss_ss", "loss_si", "loss_ii", "fallback_rate"):  # the stopped epoch's sums are whole
+        assert [r[key] for r in log_a[1:]] == pytest.approx([r[key] for r in log_b[1:]], rel=1e-6)
 
 
 def test_real_images_with_a_box_file(tmp_path, cifar10_root):
