@@ -332,7 +332,7 @@ def main():
     loader = common.train_loader(train_set, augmentation, args.batch_size // ddp.world_size, ddp, args.workers,
                                  args.seed, args.subset)
     knn = (common.KNNMonitor(args.data, args.data_dir, img_size, small, 256, args.workers, ddp.device,
-                             args.subset, args.seed, args.download) if args.eval_every else None)
+                             args.subset, args.seed, args.download, args.eval_subset) if args.eval_every else None)
     # the class head's top-1 on the validation split, every epoch (off with --eval-every 0)
     val_set = (common.build_dataset(args.data, "val", args.data_dir, args.download)
                if num_classes and args.eval_every else None)

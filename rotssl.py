@@ -396,7 +396,7 @@ def main():
     loader = common.train_loader(train_set, augmentation, args.batch_size // ddp.world_size, ddp, args.workers,
                                  args.seed, args.subset)
     knn = (common.KNNMonitor(args.data, args.data_dir, args.global_size, small, 256, args.workers, ddp.device,
-                             args.subset, args.seed, args.download) if args.eval_every else None)
+                             args.subset, args.seed, args.download, args.eval_subset) if args.eval_every else None)
 
     # ---------------------------------------------------------------- model
     backbone, feat_dim = common.build_backbone(args.arch, small, args.global_size)

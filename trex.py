@@ -373,7 +373,7 @@ def main():
     per_rank_batch = args.batch_size // ddp.world_size
     loader = common.train_loader(train_set, augmentation, per_rank_batch, ddp, args.workers, args.seed, args.subset)
     knn = (common.KNNMonitor(args.data, args.data_dir, args.global_size, small, per_rank_batch, args.workers,
-                             ddp.device, subset=args.subset, seed=args.seed, download=args.download)
+                             ddp.device, args.subset, args.seed, args.download, args.eval_subset)
            if args.eval_every else None)
     val = common.build_dataset(args.data, "val", args.data_dir, args.download) if args.eval_every else None
     val_set = common.Transformed(val, common.eval_transform(args.global_size, small)) if val else None

@@ -118,8 +118,6 @@ def get_args_parser():
                         "labelled ImageFolder path with train/ and val/")
     g.add_argument("--eval-data-dir", default=None,
                    help="root of the torchvision dataset named by --eval-data (default: --data-dir)")
-    g.add_argument("--eval-subset", type=int, default=0,
-                   help="kNN memory bank: a fixed random subset of this many eval-data training images (0 = all)")
     return p
 
 
@@ -145,8 +143,8 @@ def check_args(args):
         raise common.UserError("--num-instances must be at least 1 and --min-box positive")
     if min(args.scene_size or 16, args.instance_size or 16) < 16:
         raise common.UserError("--scene-size and --instance-size must be at least 16 pixels")
-    if args.eval_subset < 0 or args.hidden_dim < 1 or args.proj_dim < 1:
-        raise common.UserError("--eval-subset must not be negative, --hidden-dim and --proj-dim must be positive")
+    if args.hidden_dim < 1 or args.proj_dim < 1:
+        raise common.UserError("--hidden-dim and --proj-dim must be positive")
     if not 0 < args.scene_scale[0] <= args.scene_scale[1] <= 1:
         raise common.UserError(f"--scene-scale {args.scene_scale[0]} {args.scene_scale[1]} must satisfy "
                                "0 < low <= high <= 1")
@@ -413,7 +411,7 @@ def main():
     loader = common.train_loader(train_set, augmentation, per_rank_batch, ddp, args.workers, args.seed,
                                  args.subset, collate_fn=collate_scene_pairs)
     knn = (common.KNNMonitor(args.eval_data, args.eval_data_dir or args.data_dir, eval_size, small, 256,
-                             args.workers, ddp.device, args.eval_subset, args.seed, args.download)
+                             args.workers, ddp.device, 0, args.seed, args.download, args.eval_subset)
            if args.eval_every else None)
 
     # ---------------------------------------------------------------- model

@@ -417,3 +417,18 @@ def test_an_out_that_is_a_file_is_refused_in_one_sentence(script, tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [f"error: --out {tmp_path / 'taken'} is a file, not a folder; "
                                                   "choose another --out"]
+
+
+def test_knn_monitor_bank_is_a_fixed_seeded_subset_of_the_training_images_in_use():
+    device = torch.device("cpu")
+    def bank(**kw):
+        monitor = common.KNNMonitor("synthetic", "data", 32, True, 64, 0, device, **kw)
+        return monitor.train.indices
+    default = bank(subset=3000, seed=0)
+    assert len(default) == 3000  # below the default cap of 20,000: every image in use
+    in_use = set(common.EpochSampler(10_000, subset=3000, seed=0).indices.tolist())
+    capped = bank(subset=3000, seed=0, bank=500)
+    assert len(capped) == 500 and set(capped) <= in_use and capped == sorted(capped)
+    assert capped == bank(subset=3000, seed=0, bank=500)  # the same bank every time (and after a resume)
+    assert capped != bank(subset=3000, seed=1, bank=500)
+    assert len(bank(bank=0)) == 10_000 and len(bank(bank=common.KNN_BANK)) == 10_000
