@@ -413,15 +413,16 @@ def main():
     lr_schedule, tau_schedule = schedules(args, len(loader))
     autocast, scaler = common.mixed_precision(args.precision, ddp.device)
 
-    # ---------------------------------------------------------------- resume
-    start_epoch, step, knn_init = 0, 0, None
+    # ---------------------------------------------------------------- resume (at an epoch's end or inside one)
     ckpt = common.load_checkpoint(args.out, args, ("base", "rot_weight", "n_prototypes"))
+    start_epoch, step, done_in_epoch = common.resume_position(ckpt, len(loader))
+    knn_init = None
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, step, knn_init = ckpt["epoch"], ckpt["step"], ckpt.get("knn_init")
-        common.set_rng_states(ckpt["rng"][ddp.rank])
+        knn_init = ckpt.get("knn_init")
+        common.set_rng_states(ckpt["rng"][ddp.rank % len(ckpt["rng"])])
     core = model  # the plain module, for the prototypes, the momentum update and the backbone
 
     # ---------------------------------------------------------------- compile, DDP (compile before DDP)
@@ -443,14 +444,34 @@ def main():
             common.write_json_line(log_path, {"epoch": 0, **knn_init})
             print(f"random-init backbone: kNN top-1 {knn_init['knn_top1']:.1f}%")
 
+    def save(epochs_done, totals):
+        """backbone.pt and checkpoint.pt (atomic), at an epoch's end or inside one (then with the epoch's
+        loss sums over all processes, so that its log line stays exact after the resume)."""
+        totals = {k: common.all_reduce_sum(v.clone()) for k, v in totals.items()}  # collectives: every rank
+        rng = common.gather_rng_states()
+        if ddp.is_main:
+            fields = dict(method=f"rotssl-{args.base}", arch=args.arch, small_images=small,
+                          img_size=args.global_size, feat_dim=feat_dim, args=args, epoch=epochs_done)
+            common.atomic_save({"model": core.state_dict(), "optimizer": optimizer.state_dict(),
+                                "scaler": scaler.state_dict(), "epoch": epochs_done, "step": step, "totals": totals,
+                                "args": common.plain_args(args), "rng": rng, "knn_init": knn_init,
+                                "backbone": common.backbone_record(core.backbone, **fields)},
+                               os.path.join(args.out, "checkpoint.pt"))
+            common.save_backbone(os.path.join(args.out, "backbone.pt"), core.backbone, **fields)
+
     # ---------------------------------------------------------------- training
+    preemption = common.Preemption(ddp, args.save_every, sync_every=args.log_every)  # SIGTERM, SIGUSR1
     record = {}
     for epoch in range(start_epoch, args.epochs):
-        loader.sampler.set_epoch(epoch)
+        skip = done_in_epoch if epoch == start_epoch else 0  # batches done before a stop inside this epoch
+        loader.sampler.set_epoch(epoch, skip=skip * (args.batch_size // ddp.world_size))
         model.train()
-        totals, recent = {}, []
+        totals = ({k: v.to(ddp.device) if ddp.is_main else torch.zeros_like(v, device=ddp.device)
+                   for k, v in ckpt["totals"].items()} if skip else {})
+        recent = []
         epoch_timer, bar_timer = common.StepTimer(ddp.device), common.StepTimer(ddp.device)
-        bar = tqdm(loader, disable=not ddp.is_main, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
+        bar = tqdm(loader, disable=not ddp.is_main, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
+                   initial=skip)
         for batch in bar:
             batch = to_device(batch, ddp.device)
             for group in optimizer.param_groups:
@@ -478,31 +499,30 @@ def main():
                 common.check_finite(torch.stack(recent), step)
                 recent = []
                 bar.set_postfix(loss=f"{losses['loss'].item():.3f}", img_s=f"{bar_timer.rate():.0f}")
+            action = preemption.poll(step)  # the same answer on every process
+            if action:
+                save(epoch, totals)
+                if action == "stop":
+                    preemption.stop(step, args.out)
         if recent:
             common.check_finite(torch.stack(recent), step)
         images_per_s = epoch_timer.rate()
 
-        # end of epoch: averages, kNN monitor, log line, checkpoint
-        record = {"epoch": epoch + 1, **{k: v.item() / len(loader) for k, v in totals.items()},
+        # end of epoch: averages over steps and processes, kNN monitor, log line, checkpoint
+        names = sorted(totals)
+        means = (common.all_reduce_sum(torch.stack([totals[k] for k in names])) / (len(loader) * ddp.world_size))
+        record = {"epoch": epoch + 1, **dict(zip(names, means.tolist())),
                   "lr": float(lr_schedule[step - 1]), "images_per_s": images_per_s,
                   "peak_mem_mb": common.peak_memory_mb(ddp.device)}
         if knn is not None and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
             record.update(knn(core.backbone, autocast) or {})
-        rng = common.gather_rng_states()  # a collective: every rank takes part
         if ddp.is_main:
             common.write_json_line(log_path, record)
             rot = f", L_rot {record['loss_rot']:.3f}, rotation acc {record['rot_acc']:.1f}%" if "loss_rot" in record else ""
             knn_text = f", kNN top-1 {record['knn_top1']:.1f}%" if "knn_top1" in record else ""
             print(f"epoch {epoch + 1}/{args.epochs}: loss {record['loss']:.3f}, L_{args.base} "
                   f"{record['loss_base']:.3f}{rot}, lr {record['lr']:.4f}, {images_per_s:.0f} images/s{knn_text}")
-            record_fields = dict(method=f"rotssl-{args.base}", arch=args.arch, small_images=small,
-                                 img_size=args.global_size, feat_dim=feat_dim, args=args, epoch=epoch + 1)
-            common.atomic_save({"model": core.state_dict(), "optimizer": optimizer.state_dict(),
-                                "scaler": scaler.state_dict(), "epoch": epoch + 1, "step": step,
-                                "args": common.plain_args(args), "rng": rng, "knn_init": knn_init,
-                                "backbone": common.backbone_record(core.backbone, **record_fields)},
-                               os.path.join(args.out, "checkpoint.pt"))
-            common.save_backbone(os.path.join(args.out, "backbone.pt"), core.backbone, **record_fields)
+        save(epoch + 1, {})
 
     if ddp.is_main and knn_init and "knn_top1" in record:
         print(f"kNN top-1: {record['knn_top1']:.1f}% after training vs {knn_init['knn_top1']:.1f}% at random init")

@@ -14,7 +14,8 @@ from torchvision.transforms import v2
 
 import common
 import rotssl
-from conftest import assert_same_state, read_log, run_killed_after_first_checkpoint, run_script
+from conftest import (assert_same_state, read_log, run_killed_after_first_checkpoint, run_script,
+                      run_signalled_mid_epoch)
 
 # a tiny run: 256 images, batch 32, 16 px global / 8 px local crops, no kNN monitor
 TINY = ["--subset", "256", "--batch-size", "32", "--epochs", "2", "--eval-every", "0", "--workers", "0",
@@ -401,18 +402,25 @@ def test_exact_resume_after_a_crash(tmp_path):
     assert 0 <= result["knn"]["top1"] <= 100 and 0 <= result["linear"]["top1"] <= 100
 
 
-def test_byol_exact_resume_after_a_crash(tmp_path):
-    """The BYOL base resumes exactly too: target network, tau schedule position, optimizer state."""
-    args = ["--base", "byol", *TINY]
+def test_byol_sigterm_mid_epoch_saves_and_the_resumed_run_is_bit_equal(tmp_path):
+    """SIGTERM inside an epoch: the step finishes, a checkpoint holds the position, and the resumed run
+    ends bit-equal to an uninterrupted one (target network, tau schedule position, optimizer state)."""
+    args = ["--base", "byol", *TINY, "--batch-size", "16"]  # 16 steps per epoch
     run_script("rotssl.py", *args, "--out", tmp_path / "straight")
-    first = run_killed_after_first_checkpoint("rotssl.py", *args, out=tmp_path / "resumed")
-    assert first["epoch"] == 1
-    run_script("rotssl.py", *args, "--out", tmp_path / "resumed")
+    code, stderr = run_signalled_mid_epoch("rotssl.py", *args, out=tmp_path / "stopped")
+    assert code == common.EXIT_STOPPED and "stopped by SIGTERM after step" in stderr and "Traceback" not in stderr
+    saved = torch.load(tmp_path / "stopped" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert saved["epoch"] == 0 and 3 <= saved["step"] < 16 and len(read_log(tmp_path / "stopped")) == 1
+    run_script("rotssl.py", *args, "--out", tmp_path / "stopped")
     a = torch.load(tmp_path / "straight" / "checkpoint.pt", map_location="cpu", weights_only=True)
-    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", map_location="cpu", weights_only=True)
-    assert a["epoch"] == b["epoch"] == 2 and any(k.startswith("target_backbone.") for k in a["model"])
+    b = torch.load(tmp_path / "stopped" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert a["step"] == b["step"] == 32 and any(k.startswith("target_backbone.") for k in a["model"])
     assert_same_state(a["model"], b["model"])
     assert_same_state(a["optimizer"]["state"], b["optimizer"]["state"])
+    log_a, log_b = read_log(tmp_path / "straight"), read_log(tmp_path / "stopped")
+    assert [r["epoch"] for r in log_b[1:]] == [1, 2]
+    for key in ("loss", "loss_base", "loss_rot", "rot_acc"):
+        assert [r[key] for r in log_a[1:]] == pytest.approx([r[key] for r in log_b[1:]], rel=1e-6)
 
 
 @pytest.mark.parametrize("flag, value", [("--rot-weight", "-0.1")])
