@@ -93,7 +93,7 @@ PAPER_DEFAULTS = {
 # The CPU demo (resnet_tiny, 400 steps on 32 px shapes) learns nothing in that time with LARS at base lr
 # 0.3 and 10 warmup epochs, values made for 100+ epochs of ImageNet; crops of 0.2 of a 32 px image often
 # miss the shape. Measured on an earlier version of the synthetic data (600 steps of 64): kNN top-1 11 %
-# with the paper's values, 28 % with these, 10 % at init. The demo now ends at 46 % (19 % at init).
+# with the paper's values, 28 % with these, 10 % at init. The demo now ends at 47 % (19 % at init).
 DEMO_DEFAULTS = dict(lr=2.4, warmup_epochs=1, crop_min=0.5)
 RESUME_MUST_MATCH = ("sup_weight", "labeled_fraction", "dim", "mlp_dim", "optimizer", "crop_size")  # besides common's
 
