@@ -724,7 +724,7 @@ class EpochSampler(torch.utils.data.Sampler):
         self.indices = np.arange(dataset_len)
         if 0 < subset < dataset_len:  # a fixed subset, the same for every run with this seed
             self.indices = np.sort(np.random.default_rng(seed).permutation(dataset_len)[:subset])
-        self.rank, self.world_size, self.seed, self.epoch = rank, world_size, seed, 0
+        self.rank, self.world_size, self.seed, self.epoch, self.skip = rank, world_size, seed, 0, 0
         self.per_rank = len(self.indices) // world_size  # drop the tail: every rank, same step count
 
     def set_epoch(self, epoch, skip=0):
@@ -734,7 +734,7 @@ class EpochSampler(torch.utils.data.Sampler):
     def __iter__(self):
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.indices))
         mine = order[: self.per_rank * self.world_size][self.rank::self.world_size]
-        return iter([(int(self.indices[i]), self.epoch) for i in mine[getattr(self, "skip", 0):]])
+        return iter([(int(self.indices[i]), self.epoch) for i in mine[self.skip:]])
 
     def __len__(self):
         return self.per_rank
