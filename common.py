@@ -1203,10 +1203,24 @@ class KNNMonitor:
 # Progress: throughput and non-finite losses without a host sync on every step
 # ----------------------------------------------------------------------------------------------
 class StepTimer:
-    """Images per second between calls of `rate()` (counts the global batch)."""
+    """Images per second between calls of `rate()` (counts the global batch), and `data_wait`: the
+    fraction of that time the loop spent waiting for `wrap(loader)` to hand over the next batch. Near 0
+    the run is compute-bound; well above 0 it is input-bound, and more --workers would help."""
 
     def __init__(self, device):
-        self.device, self.t, self.images = device, time.perf_counter(), 0
+        self.device, self.t, self.images, self.waited, self.data_wait = device, time.perf_counter(), 0, 0.0, 0.0
+
+    def wrap(self, loader):
+        """Iterate over `loader`, timing how long each batch keeps the loop waiting."""
+        batches = iter(loader)
+        while True:
+            start = time.perf_counter()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            self.waited += time.perf_counter() - start
+            yield batch
 
     def add(self, n):
         self.images += n
@@ -1216,7 +1230,8 @@ class StepTimer:
             torch.cuda.synchronize(self.device)
         now = time.perf_counter()
         r = self.images / max(now - self.t, 1e-9)
-        self.t, self.images = now, 0
+        self.data_wait = min(1.0, self.waited / max(now - self.t, 1e-9))
+        self.t, self.images, self.waited = now, 0, 0.0
         return r
 
 

@@ -412,7 +412,7 @@ def main():
                    for k, v in ckpt["totals"].items()} if skip else {})
         recent = []
         epoch_timer, bar_timer = common.StepTimer(ddp.device), common.StepTimer(ddp.device)
-        bar = tqdm(loader, disable=not ddp.is_main, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
+        bar = tqdm(epoch_timer.wrap(loader), total=len(loader), disable=not ddp.is_main, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
                    initial=skip)
         for view1, view2, labels in bar:
             view1, view2, labels = (t.to(ddp.device, non_blocking=True) for t in (view1, view2, labels))
@@ -454,7 +454,7 @@ def main():
         terms = (terms / (len(loader) * ddp.world_size)).tolist()  # mean over steps and processes
         record = {"epoch": epoch + 1, "loss": terms[0], "loss_self": terms[1], "loss_class": terms[2],
                   "lr": float(lr_schedule[step - 1]), "momentum": float(m_schedule[step - 1]),
-                  "images_per_s": images_per_s, "peak_mem_mb": common.peak_memory_mb(ddp.device)}
+                  "images_per_s": images_per_s, "data_wait": epoch_timer.data_wait, "peak_mem_mb": common.peak_memory_mb(ddp.device)}
         if val_set is not None:
             record["head_top1"] = class_head_top1(model, val_set, 256, args.workers, ddp.device, autocast)
         if knn is not None and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
@@ -465,7 +465,7 @@ def main():
             knn_text = f", kNN top-1 {record['knn_top1']:.1f}%" if "knn_top1" in record else ""
             print(f"epoch {epoch + 1}/{args.epochs}: loss {record['loss']:.3f} (self {record['loss_self']:.3f}, "
                   f"class {record['loss_class']:.3f}), lr {record['lr']:.4g}, m {record['momentum']:.4f}, "
-                  f"{images_per_s:.0f} images/s{head}{knn_text}")
+                  f"{images_per_s:.0f} images/s, data wait {epoch_timer.data_wait:.0%}{head}{knn_text}")
         save(epoch + 1, {})
 
     if ddp.is_main and knn_init and "knn_top1" in record:

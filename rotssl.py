@@ -470,7 +470,7 @@ def main():
                    for k, v in ckpt["totals"].items()} if skip else {})
         recent = []
         epoch_timer, bar_timer = common.StepTimer(ddp.device), common.StepTimer(ddp.device)
-        bar = tqdm(loader, disable=not ddp.is_main, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
+        bar = tqdm(epoch_timer.wrap(loader), total=len(loader), disable=not ddp.is_main, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
                    initial=skip)
         for batch in bar:
             batch = to_device(batch, ddp.device)
@@ -512,7 +512,7 @@ def main():
         names = sorted(totals)
         means = (common.all_reduce_sum(torch.stack([totals[k] for k in names])) / (len(loader) * ddp.world_size))
         record = {"epoch": epoch + 1, **dict(zip(names, means.tolist())),
-                  "lr": float(lr_schedule[step - 1]), "images_per_s": images_per_s,
+                  "lr": float(lr_schedule[step - 1]), "images_per_s": images_per_s, "data_wait": epoch_timer.data_wait,
                   "peak_mem_mb": common.peak_memory_mb(ddp.device)}
         if knn is not None and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
             record.update(knn(core.backbone, autocast) or {})
@@ -521,7 +521,7 @@ def main():
             rot = f", L_rot {record['loss_rot']:.3f}, rotation acc {record['rot_acc']:.1f}%" if "loss_rot" in record else ""
             knn_text = f", kNN top-1 {record['knn_top1']:.1f}%" if "knn_top1" in record else ""
             print(f"epoch {epoch + 1}/{args.epochs}: loss {record['loss']:.3f}, L_{args.base} "
-                  f"{record['loss_base']:.3f}{rot}, lr {record['lr']:.4f}, {images_per_s:.0f} images/s{knn_text}")
+                  f"{record['loss_base']:.3f}{rot}, lr {record['lr']:.4f}, {images_per_s:.0f} images/s, data wait {epoch_timer.data_wait:.0%}{knn_text}")
         save(epoch + 1, {})
 
     if ddp.is_main and knn_init and "knn_top1" in record:

@@ -448,7 +448,7 @@ def main():
         totals = ({k: v.to(ddp.device) if ddp.is_main else torch.zeros_like(v, device=ddp.device)
                    for k, v in ckpt["totals"].items()} if skip else {"loss": torch.zeros((), device=ddp.device)})
         recent, epoch_timer, bar_timer = [], common.StepTimer(ddp.device), common.StepTimer(ddp.device)
-        bar = tqdm(loader, disable=not ddp.is_main, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
+        bar = tqdm(epoch_timer.wrap(loader), total=len(loader), disable=not ddp.is_main, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
                    initial=skip)
         for crops, labels in bar:
             for group in optimizer.param_groups:
@@ -484,7 +484,7 @@ def main():
         # ---------------------------------------------------------------------- end of epoch: evaluate, log, save
         mean_loss = common.all_reduce_sum(totals["loss"]).item() / (len(loader) * ddp.world_size)  # steps, ranks
         stats = {"epoch": epoch + 1, "loss": mean_loss, "lr": float(lr_schedule[step - 1]),
-                 "images_per_s": images_per_s, "peak_mem_mb": common.peak_memory_mb(ddp.device)}
+                 "images_per_s": images_per_s, "data_wait": epoch_timer.data_wait, "peak_mem_mb": common.peak_memory_mb(ddp.device)}
         if val_set is not None:
             stats["classifier_top1"], stats["classifier_top5"] = classifier_accuracy(
                 net, val_set, per_rank_batch, args.workers, ddp.device, autocast)
@@ -496,7 +496,7 @@ def main():
         if ddp.is_main:
             common.write_json_line(log_path, stats)
             print(f"epoch {epoch + 1}/{args.epochs}  loss {stats['loss']:.3f}  lr {stats['lr']:.4f}  "
-                  f"{images_per_s:.0f} img/s" + "".join(f"  {k} {stats[k]:.1f}%" for k in
+                  f"{images_per_s:.0f} img/s, data wait {epoch_timer.data_wait:.0%}" + "".join(f"  {k} {stats[k]:.1f}%" for k in
                                                         ("classifier_top1", "knn_top1") if k in stats))
         save(epoch + 1, {})
 

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import random
+import time
 
 import numpy as np
 import pytest
@@ -432,3 +433,20 @@ def test_knn_monitor_bank_is_a_fixed_seeded_subset_of_the_training_images_in_use
     assert capped == bank(subset=3000, seed=0, bank=500)  # the same bank every time (and after a resume)
     assert capped != bank(subset=3000, seed=1, bank=500)
     assert len(bank(bank=0)) == 10_000 and len(bank(bank=common.KNN_BANK)) == 10_000
+
+
+def test_step_timer_measures_the_fraction_of_time_spent_waiting_for_the_loader():
+    def slow_batches(n, seconds):
+        for i in range(n):
+            time.sleep(seconds)
+            yield i
+    input_bound = common.StepTimer(torch.device("cpu"))
+    assert list(input_bound.wrap(slow_batches(5, 0.02))) == [0, 1, 2, 3, 4]  # every batch, in order
+    input_bound.add(5)
+    assert input_bound.rate() > 0 and input_bound.data_wait > 0.8
+    compute_bound = common.StepTimer(torch.device("cpu"))
+    for _ in compute_bound.wrap(range(5)):
+        time.sleep(0.02)  # the training step
+    compute_bound.rate()
+    assert compute_bound.data_wait < 0.2
+    assert compute_bound.rate() == 0 and compute_bound.data_wait == 0  # reset by rate()
