@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.models.vision_transformer import VisionTransformer
 from torchvision.transforms import v2
@@ -670,34 +670,6 @@ def describe_sizes(native, small, why=None, **sizes):
 # ----------------------------------------------------------------------------------------------
 # Augmentation building blocks (the methods compose them; each method's pipeline is in its file)
 # ----------------------------------------------------------------------------------------------
-class PILGaussianBlur:
-    """Gaussian blur with probability p, done by PIL: ~45x faster on CPU than torchvision's blur.
-
-    `sigma` is given for 224 px crops (0.1 to 2, as SimCLR/BYOL); it is scaled by crop_size/224 so
-    that small crops are blurred by the same fraction of their size.
-    """
-
-    def __init__(self, p, sigma=(0.1, 2.0), crop_size=224):
-        self.p, self.scale = p, crop_size / 224
-        self.sigma = sigma
-
-    def __call__(self, image):
-        if self.p < 1 and torch.rand(()).item() >= self.p:
-            return image
-        sigma = self.scale * (self.sigma[0] + (self.sigma[1] - self.sigma[0]) * torch.rand(()).item())
-        return image.filter(ImageFilter.GaussianBlur(radius=sigma))
-
-
-def color_augmentation(crop_size, blur_p, solarize_p, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2):
-    """SimCLR/BYOL photometric augmentation: colour jitter, grayscale, blur, solarize (PIL in, PIL out)."""
-    ops = [v2.RandomApply([v2.ColorJitter(*jitter)], p=jitter_p), v2.RandomGrayscale(p=gray_p)]
-    if blur_p > 0:
-        ops.append(PILGaussianBlur(blur_p, crop_size=crop_size))
-    if solarize_p > 0:
-        ops.append(v2.RandomSolarize(threshold=128, p=solarize_p))
-    return ops
-
-
 def to_normalized_tensor(mean=IMAGENET_MEAN, std=IMAGENET_STD):
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
 
@@ -707,6 +679,159 @@ def eval_transform(img_size, small_images, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     resize = img_size if small_images else int(round(img_size * 256 / 224))
     return v2.Compose([v2.Resize(resize, interpolation=v2.InterpolationMode.BICUBIC), v2.CenterCrop(img_size),
                        *to_normalized_tensor(mean, std)])
+
+
+# Batched colour augmentation on the training device. Each op takes images x (B, 3, H, W), float in
+# [0, 1], and one parameter per image (a (B,) tensor); it equals torchvision.transforms.v2.functional's
+# op applied to each image with its own parameter. None reads a value back to the host (pass the
+# parameters as tensors on x's device: a Python number is copied there first).
+def _per_image(value, x):
+    return torch.as_tensor(value, dtype=x.dtype, device=x.device).reshape(-1, 1, 1, 1)
+
+
+def _gray(x):
+    return 0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]  # torchvision's weights
+
+
+def _blend(x, target, f):
+    return (x * f + target * (1 - f)).clamp(0, 1)
+
+
+def adjust_brightness(x, f):
+    return _blend(x, 0.0, _per_image(f, x))
+
+
+def adjust_contrast(x, f):
+    return _blend(x, _gray(x).mean((1, 2, 3), keepdim=True), _per_image(f, x))
+
+
+def adjust_saturation(x, f):
+    return _blend(x, _gray(x), _per_image(f, x))
+
+
+def adjust_hue(x, h):
+    """Shift the hue by h (in turns, in [-0.5, 0.5]) through HSV; h = 0 returns x exactly."""
+    h = _per_image(h, x)
+    minc, maxc = torch.aminmax(x, dim=1, keepdim=True)
+    chroma = maxc - minc
+    safe = torch.where(chroma > 0, chroma, 1.0)  # grey pixels: chroma 0, any hue gives the same colour
+    r, g, b = x.split(1, dim=1)
+    hue6 = torch.where(maxc == r, (g - b) / safe, torch.where(maxc == g, (b - r) / safe + 2, (r - g) / safe + 4))
+    # HSV -> RGB without the six-sector table: channel n (R 5, G 3, B 1) is v - c * clamp(min(k, 4 - k), 0, 1)
+    k = (torch.arange(5, 0, -2, dtype=x.dtype, device=x.device).view(1, 3, 1, 1) + hue6 + 6 * h).remainder(6)
+    out = maxc - chroma * torch.minimum(k, 4 - k).clamp(0, 1)
+    return torch.where(h == 0, x, out)  # the round trip is exact only up to rounding
+
+
+def grayscale(x):
+    return _gray(x).expand_as(x)
+
+
+def gaussian_blur(x, sigma, kernel_size):
+    """Separable Gaussian blur, sigma per image (0: unchanged), odd kernel_size, reflect padding.
+
+    One grouped conv2d per direction blurs the whole batch: the batch's channels become the groups, each
+    with its image's kernel. kernel_size // 2 must be smaller than H and W (reflect padding).
+    """
+    B, C, H, W = x.shape
+    half = kernel_size // 2
+    pos = torch.arange(kernel_size, dtype=x.dtype, device=x.device) - half
+    sigma = _per_image(sigma, x).view(-1, 1).clamp_min(1e-6)  # a tiny sigma makes an exact delta kernel
+    w = torch.exp(-0.5 * (pos / sigma) ** 2)
+    w = (w / w.sum(1, keepdim=True)).expand(B, -1).repeat_interleave(C, 0)
+    y = F.pad(x, (half, half, half, half), mode="reflect").reshape(1, B * C, H + 2 * half, W + 2 * half)
+    y = F.conv2d(y, w.view(B * C, 1, 1, kernel_size), groups=B * C)
+    return F.conv2d(y, w.view(B * C, 1, kernel_size, 1), groups=B * C).view(B, C, H, W)
+
+
+def solarize(x, threshold):
+    return torch.where(x >= _per_image(threshold, x), 1 - x, x)
+
+
+def _jitter_blend(x, op, b, c, s):
+    """One step of ColorJitter, per image: op 0 brightness, 1 contrast, 2 saturation (all blends, with 0, the
+    mean grey or the grey, so one blend does them all), 3 nothing."""
+    gray = _gray(x)
+    target = torch.where(op == 1, gray.mean((2, 3), keepdim=True), torch.where(op == 2, gray, 0.0))
+    return _blend(x, target, torch.where(op == 0, b, torch.where(op == 1, c, torch.where(op == 2, s, 1.0))))
+
+
+class ColorAugmentation:
+    """SimCLR/BYOL photometric augmentation, batched on the training device, each image with its own draw.
+
+    The same distribution as RandomApply([ColorJitter(*jitter)], jitter_p), RandomGrayscale(gray_p),
+    Gaussian blur (sigma uniform in sigma * blur_scale) with blur_p, RandomSolarize(128, solarize_p),
+    then Normalize(mean, std), split in two so that the images need not be augmented where they are
+    loaded: `sample()` draws one image's parameters (cheap, in the DataLoader worker, with torch's RNG
+    that the worker seeds per image), and `__call__(images, params)` applies a batch of them on the GPU.
+
+    sample() layout (NUM_PARAMS = 11, an op not applied stores its identity, so no branching):
+        0 brightness, 1 contrast, 2 saturation (factors, 1 = identity), 3 hue (shift, 0 = identity),
+        4-7 the jitter order: the op (0 brightness, 1 contrast, 2 saturation, 3 hue) at each position,
+        8 grayscale flag, 9 blur sigma (0 = no blur), 10 solarize flag.
+    `blur_scale` (the methods pass crop_size / 224) blurs small crops by the same fraction of their size;
+    the kernel spans 3 sigma of the largest sigma each side. Ops with probability 0 are skipped.
+    """
+
+    NUM_PARAMS = 11
+
+    def __init__(self, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.0, sigma=(0.1, 2.0),
+                 blur_scale=1.0, solarize_p=0.0, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        b, c, s, h = jitter
+        self.low = torch.tensor([max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h])
+        self.high = torch.tensor([1 + b, 1 + c, 1 + s, h])
+        self.jitter_p, self.gray_p, self.blur_p, self.solarize_p = jitter_p, gray_p, blur_p, solarize_p
+        self.hue = h > 0
+        self.sigma = (sigma[0] * blur_scale, sigma[1] * blur_scale)
+        self.kernel_size = max(3, 2 * math.ceil(3 * self.sigma[1]) + 1)
+        self.mean, self.std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+
+    def sample(self):
+        u = torch.rand(9)  # the same draws whichever ops apply
+        params = torch.tensor([1.0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0])  # identity for every op
+        params[4:8] = torch.randperm(4)  # ColorJitter's random order of its four ops
+        if u[4] < self.jitter_p:
+            params[:4] = self.low + (self.high - self.low) * u[:4]
+        if u[6] < self.blur_p:
+            params[9] = self.sigma[0] + (self.sigma[1] - self.sigma[0]) * u[5]
+        params[8], params[10] = float(u[7] < self.gray_p), float(u[8] < self.solarize_p)
+        return params
+
+    def __call__(self, images, params):
+        """uint8 (or float in [0, 1]) images (B, 3, H, W) and params (B, NUM_PARAMS) -> normalised float32."""
+        with torch.autocast(images.device.type, enabled=False):  # float32 whatever the caller's autocast
+            x = images.float() / 255 if not images.is_floating_point() else images.float()
+            p = params.float().view(-1, self.NUM_PARAMS, 1, 1)
+            b, c, s, h = p[:, 0:1], p[:, 1:2], p[:, 2:3], p[:, 3:4]
+            if self.jitter_p > 0:  # each image's four jitter ops in its own order, the costly hue run once:
+                order = p[:, 4:8]  # the blends that precede each image's hue, its hue, the blends that follow
+                hue_at = (order == 3).float().argmax(1, keepdim=True)
+                for k in range(3):
+                    x = _jitter_blend(x, torch.where(k < hue_at, order[:, k:k + 1], 3.0), b, c, s)
+                if self.hue:
+                    x = adjust_hue(x, h)
+                for k in range(1, 4):
+                    x = _jitter_blend(x, torch.where(k > hue_at, order[:, k:k + 1], 3.0), b, c, s)
+            x = torch.where(p[:, 8:9] > 0, grayscale(x), x)
+            if self.blur_p > 0:  # the where keeps others exact where TF32 convolutions round a delta kernel
+                x = torch.where(p[:, 9:10] > 0, gaussian_blur(x, p[:, 9], self.kernel_size), x)
+            x = solarize(x, torch.where(p[:, 10] > 0, 128 / 255, 2.0))  # as RandomSolarize(128) on uint8
+            # non_blocking: a plain host-to-device copy would synchronise the stream
+            return (x - self.mean.to(x.device, non_blocking=True)) / self.std.to(x.device, non_blocking=True)
+
+    def view(self, geometric, image):
+        """Worker side of one view: `geometric` (PIL -> PIL: crop, flip) -> (uint8 tensor, colour params)."""
+        return v2.functional.pil_to_tensor(geometric(image)), self.sample()
+
+    def on_device(self, views, device):
+        """Device side: collated views of this pipeline, [(uint8 images (B, 3, h, w), params (B, P)), ...],
+        all of one size -> their normalised float images on `device` in one batched call (channels_last on
+        CUDA), split back into one tensor per view: each view still goes through the networks on its own."""
+        images = torch.cat([v[0] for v in views]).to(device, non_blocking=True)
+        x = self(images, torch.cat([v[1] for v in views]).to(device, non_blocking=True))
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        return list(x.chunk(len(views)))
 
 
 # ----------------------------------------------------------------------------------------------

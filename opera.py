@@ -51,6 +51,9 @@ Implementation details (choices the paper leaves to its code)
 10. Reported each epoch: both loss terms, lr, momentum, images/s, the class head's top-1 on the
    validation split (online network in eval mode, evaluation transform), and every --eval-every
    epochs the kNN monitor on backbone features (--eval-every 0 turns both evaluations off).
+11. The workers decode, crop and flip; the colour operations run batched on the training device, each
+   image with its own parameters drawn in the worker (common.ColorAugmentation): the distribution of
+   torchvision's transforms, about a third of the worker's time per image, uint8 images to copy.
 
 Compared with the reference code (wangck20/OPERA on facebookresearch/moco-v3)
 Equal: the augmentation (bilinear RandomResizedCrop at 224 px, BYOL's asymmetric colour ops), the
@@ -60,7 +63,10 @@ reference's way, by hand from this file's modules, and checks the loss and every
 Deliberate differences: the class loss over partly labelled batches (detail 4; with every image
 labelled it is the reference's mean); on images of 64 px or less (no such recipe in the reference)
 crops at the native size, the CIFAR stem and a blur sigma scaled by crop/224; the cosine lr lands on 0
-at the last step (the reference's per-iteration formula reaches 0 one step after the end).
+at the last step (the reference's per-iteration formula reaches 0 one step after the end); the colour
+operations run on float images on the device (detail 11) where the reference runs them on PIL images:
+the blur is an exact Gaussian cut at 3 sigma (PIL approximates it with box filters) and solarize
+thresholds the unrounded value.
 
 Commands
     python opera.py                                                   # CPU demo, synthetic shapes, ~2 min
@@ -159,19 +165,22 @@ def check_method_args(args):
 # Data: two asymmetric views (BYOL / MoCo v3) and the seeded labelled fraction
 # ----------------------------------------------------------------------------------------------
 class TwoViewAugmentation:
-    """(image, label) -> (view1, view2, label). Both views: RandomResizedCrop(scale=(crop_min, 1)),
-    colour jitter p 0.8, grayscale p 0.2, flip; view 1 always blurred, view 2 blurred with p 0.1 and
-    solarized with p 0.2 (BYOL's asymmetric pair)."""
+    """(image, label) -> (view1, view2, label). Both views: RandomResizedCrop(scale=(crop_min, 1)), flip,
+    colour jitter p 0.8, grayscale p 0.2; view 1 always blurred, view 2 blurred with p 0.1 and solarized
+    with p 0.2 (BYOL's asymmetric pair). The worker crops and flips (a view is a uint8 image and its
+    colour parameters); `on_device` applies the colour operations to the batch on the training device."""
 
     def __init__(self, crop_size, crop_min, mean=common.IMAGENET_MEAN, std=common.IMAGENET_STD):
-        def view(blur_p, solarize_p):
-            return v2.Compose([v2.RandomResizedCrop(crop_size, scale=(crop_min, 1.0)),
-                               *common.color_augmentation(crop_size, blur_p, solarize_p),
-                               v2.RandomHorizontalFlip(), *common.to_normalized_tensor(mean, std)])
-        self.view1, self.view2 = view(blur_p=1.0, solarize_p=0.0), view(blur_p=0.1, solarize_p=0.2)
+        self.geometric = v2.Compose([v2.RandomResizedCrop(crop_size, scale=(crop_min, 1.0)), v2.RandomHorizontalFlip()])
+        colour = dict(blur_scale=crop_size / 224, mean=mean, std=std)
+        self.colour1 = common.ColorAugmentation(blur_p=1.0, **colour)
+        self.colour2 = common.ColorAugmentation(blur_p=0.1, solarize_p=0.2, **colour)
 
     def __call__(self, image, label):
-        return self.view1(image), self.view2(image), label
+        return self.colour1.view(self.geometric, image), self.colour2.view(self.geometric, image), label
+
+    def on_device(self, view1, view2, device):
+        return self.colour1.on_device([view1], device)[0], self.colour2.on_device([view2], device)[0]
 
 
 def labeled_indices(indices, fraction, seed):
@@ -415,9 +424,8 @@ def main():
         bar = tqdm(epoch_timer.wrap(loader), total=len(loader), disable=not ddp.is_main, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
                    initial=skip)
         for view1, view2, labels in bar:
-            view1, view2, labels = (t.to(ddp.device, non_blocking=True) for t in (view1, view2, labels))
-            if ddp.device.type == "cuda":
-                view1, view2 = (v.to(memory_format=torch.channels_last) for v in (view1, view2))
+            view1, view2 = augmentation.on_device(view1, view2, ddp.device)  # colour ops, batched (detail 11)
+            labels = labels.to(ddp.device, non_blocking=True)
             for group in optimizer.param_groups:
                 group["lr"] = lr_schedule[step]
             # MoCo v3 (and OPERA's code) update the momentum encoder before computing the keys, from the

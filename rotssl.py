@@ -18,8 +18,8 @@ rotation head sits on its pooled features. `--rot-weight 0` is the plain base me
 
 Implementation details (the choices that matter and that papers leave out):
  1. Rotations are drawn per image and per view, k uniform in {0, 1, 2, 3} (k = 0 is a class too),
-    after all augmentation and normalisation, as in the reference. The augmentation rotates, so the
-    labels are seeded like the rest of it: identical after a resume and for any number of processes.
+    and applied after all augmentation and normalisation, as in the reference. The augmentation draws
+    them, so the labels are seeded like the rest of it: identical after a resume and for any number of processes.
  2. Each network sees the batches the reference gives it (batch norm normalises over them): SwAV
     calls the backbone once per crop resolution and the projector once on all crops (EffSSL); BYOL
     calls backbone, projector, predictor and the target once per view, BN normalising over the B
@@ -46,6 +46,9 @@ Implementation details (the choices that matter and that papers leave out):
     the same after a quarter turn, the demo's rotation accuracy stays near 25 %. LARS (trust 0.001)
     moves each weight by about lr x 0.001 of its norm per step: the recipes are made for tens of
     thousands of iterations, not the demo's 312 (numbers in the README).
+ 8. The workers decode, crop, flip and draw the rotations; the colour operations run batched on the
+    training device, each crop with its own parameters drawn in the worker (common.ColorAugmentation,
+    torchvision's distributions), and so do the rotations of the finished global views.
 
 Compared with the reference code. The SwAV + rotation step (crops and calls, Sinkhorn, swapped
 prediction, rotation loss, prototype normalisation and freeze) equals EffSSL's: an audit on the same
@@ -57,7 +60,9 @@ scaled with the crop, fewer prototypes as there is no queue; EffSSL is ImageNet 
 rotations drawn by torch's seeded generator in the augmentation, not Python's `random` in the data
 set (same distribution, exact resume); LARS's trust ratio eta ||w|| / ||g + wd w|| (LARS, BYOL)
 where EffSSL's wrapper (solo-learn's) divides by ||g|| + wd ||w|| (relative gap <= wd ||w|| / ||g||);
-normalisation std 0.229 for red where SwAV's code has 0.228.
+normalisation std 0.229 for red where SwAV's code has 0.228; the colour operations on float images on
+the device (detail 8), the references' on PIL images: an exact Gaussian blur cut at 3 sigma instead
+of PIL's box approximation, solarize on the unrounded value.
 
 Commands:
     python rotssl.py                                   # CPU demo: SwAV + rotation on synthetic shapes
@@ -174,23 +179,22 @@ def check_method_args(args):
 # ----------------------------------------------------------------------------------------------
 # Augmentation: the base method's views, plus rotated copies of the two global views
 # ----------------------------------------------------------------------------------------------
-def rotate_views(x):
-    """Rotate each image of a batch (n, c, h, w) by k * 90 degrees, k uniform in {0, 1, 2, 3} per image.
-
-    Returns (rotated, k). Counter-clockwise, as torch.rot90; `torch.rot90(rotated[i], -k[i], (1, 2))`
-    gives back x[i] exactly. Works on any device without a host sync; needs square images.
-    """
+def rotate_views(x, k):
+    """Rotate image i of a batch (n, c, h, w) by k[i] * 90 degrees counter-clockwise (as torch.rot90), so
+    that `torch.rot90(rotated[i], -k[i], (1, 2))` gives back x[i] exactly. Works on any device without a
+    host sync; needs square images."""
     if x.shape[-1] != x.shape[-2]:
         raise ValueError(f"rotate_views needs square images, got {tuple(x.shape[-2:])}")
-    k = torch.randint(0, 4, (x.shape[0],), device=x.device)
     rotated = x
     for r in (1, 2, 3):
         rotated = torch.where((k == r).view(-1, 1, 1, 1), torch.rot90(x, r, dims=(-2, -1)), rotated)
-    return rotated, k
+    return rotated
 
 
 class Augmentation:
-    """One image -> {"global": [2 views], "local": [n views], "rotated": [2 views], "rotation": k (2,)}.
+    """One image -> {"global": [2 views], "local": [n views], "rotation": k (2,)} in the worker, where a
+    view is a cropped and flipped uint8 image with its colour parameters; `on_device` finishes a batch
+    on the training device: the colour operations, then the rotated copies of the two global views.
 
     swav: multi-crop, one pipeline for all crops: RandomResizedCrop bilinear (scale (0.14, 1) global,
     (0.05, 0.14) local), flip, ColorJitter(0.8, 0.8, 0.8, 0.2) p 0.8, grayscale 0.2, blur p 0.5.
@@ -199,29 +203,43 @@ class Augmentation:
     """
 
     def __init__(self, base, global_size, local_size, n_local, rotate, small=False):
-        def pipeline(size, scale, jitter, blur_p, solarize_p, interpolation):
+        swav = base == "swav"
+        interpolation = v2.InterpolationMode.BILINEAR if swav else v2.InterpolationMode.BICUBIC
+
+        def crop(size, scale):
             return v2.Compose([v2.RandomResizedCrop(size, scale=scale, interpolation=interpolation),
-                               v2.RandomHorizontalFlip(0.5),
-                               *common.color_augmentation(global_size, blur_p, solarize_p, jitter=jitter),
-                               *common.to_normalized_tensor()])
-        if base == "swav":
-            swav = dict(jitter=(0.8, 0.8, 0.8, 0.2), blur_p=0.5, solarize_p=0.0,
-                        interpolation=v2.InterpolationMode.BILINEAR)
-            self.global_views = [pipeline(global_size, (0.14, 1.0), **swav)] * 2
-            self.local_views = [pipeline(local_size, (0.05, 0.14), **swav)] * n_local
+                               v2.RandomHorizontalFlip(0.5)])
+
+        def colour(jitter, blur_p, solarize_p):
+            return common.ColorAugmentation(jitter=jitter, blur_p=blur_p, solarize_p=solarize_p,
+                                            blur_scale=global_size / 224)
+        if swav:
+            self.global_crop, self.local_crop = crop(global_size, (0.14, 1.0)), crop(local_size, (0.05, 0.14))
+            self.local_colour = colour((0.8, 0.8, 0.8, 0.2), 0.5, 0.0)
+            self.global_colours = (self.local_colour,) * 2
         else:
             blur = (0.0, 0.0) if small else (1.0, 0.1)
-            self.global_views = [pipeline(global_size, (0.08, 1.0), (0.4, 0.4, 0.2, 0.1), blur_p, solarize_p,
-                                          v2.InterpolationMode.BICUBIC) for blur_p, solarize_p in zip(blur, (0.0, 0.2))]
-            self.local_views = []
-        self.rotate = rotate
+            self.global_crop, self.local_colour, n_local = crop(global_size, (0.08, 1.0)), None, 0
+            self.global_colours = tuple(colour((0.4, 0.4, 0.2, 0.1), b, s) for b, s in zip(blur, (0.0, 0.2)))
+        self.n_local, self.rotate = n_local, rotate
 
     def __call__(self, image, target=None):
-        sample = {"global": [t(image) for t in self.global_views], "local": [t(image) for t in self.local_views]}
-        if self.rotate:  # rotated copies of the finished global views (detail 1)
-            rotated, k = rotate_views(torch.stack(sample["global"]))
-            sample["rotated"], sample["rotation"] = list(rotated), k
+        sample = {"global": [c.view(self.global_crop, image) for c in self.global_colours],
+                  "local": [self.local_colour.view(self.local_crop, image) for _ in range(self.n_local)]}
+        if self.rotate:  # drawn here, seeded like the crops (detail 1)
+            sample["rotation"] = torch.randint(0, 4, (2,))
         return sample
+
+    def on_device(self, batch, device):
+        """A collated batch -> {"global", "local", and with rotations "rotated" and "rotation" (B, 2)}."""
+        one, two = self.global_colours
+        views = (one.on_device(batch["global"], device) if one is two else  # SwAV: one pipeline, one call
+                 [c.on_device([v], device)[0] for c, v in zip(self.global_colours, batch["global"])])
+        out = {"global": views, "local": self.local_colour.on_device(batch["local"], device) if self.n_local else []}
+        if self.rotate:  # rotated copies of the finished global views (detail 1)
+            out["rotation"] = k = batch["rotation"].to(device, non_blocking=True)
+            out["rotated"] = [rotate_views(v, k[:, i]) for i, v in enumerate(views)]
+        return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -363,17 +381,6 @@ def schedules(args, iters):
     return lr, common.cosine_schedule(args.ema, 1.0, args.epochs, iters)  # tau 0.99 -> 1 on a cosine
 
 
-def to_device(batch, device):
-    """Move a collated batch (nested lists and dicts of tensors) to the device; images channels_last on CUDA."""
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return [to_device(v, device) for v in batch]
-    if device.type == "cuda" and batch.ndim == 4:
-        return batch.to(device, non_blocking=True, memory_format=torch.channels_last)
-    return batch.to(device, non_blocking=True)
-
-
 def main():
     args = get_args_parser().parse_args()
     recipe_wd = args.wd is None  # no --wd: BYOL's weight decay follows the image size (detail 5)
@@ -473,7 +480,7 @@ def main():
         bar = tqdm(epoch_timer.wrap(loader), total=len(loader), disable=not ddp.is_main, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
                    initial=skip)
         for batch in bar:
-            batch = to_device(batch, ddp.device)
+            batch = augmentation.on_device(batch, ddp.device)  # colour ops and rotations, batched (detail 8)
             for group in optimizer.param_groups:
                 group["lr"] = float(lr_schedule[step])
             if swav:

@@ -40,6 +40,9 @@ Implementation details (choices the paper leaves open, and how they are made her
     The kNN monitor uses single-object images (32 px synthetic shapes, or --eval-data), as a linear probe.
 10. resnet_tiny (the CPU demo) defaults to lr 3.2 per 512 images, not the paper's 0.4: the demo has 128
     steps, the paper 800 COCO epochs.
+11. The workers decode, pick the windows and boxes, crop and flip; the colour operations run batched
+    on the training device, one call per view, each crop with its own parameters drawn in the worker
+    (common.ColorAugmentation, torchvision's distributions, blur sigma scaled by crop size / 224).
 
 Compared with the reference code (none is public: the paper's equations, and ORL for the calls)
 Equal: the three loss terms (Eq. 1 - 5; an audit found them within 6e-8 of the equations) and the
@@ -47,7 +50,7 @@ calls of detail 6. tests/test_univip.py checks each term on hand-computed values
 against one written out from this file's modules the BYOL way (loss and every gradient, fp32, 1e-5).
 Deliberate differences: the transport marginals are relu(cos) normalised to sum 1 where the paper
 writes max(o_m . (f_t1 + f_t2) / 2, 0) (a dot product, no normalisation): those masses have different
-totals on the two sides, and then no plan has both as marginals. Also details 4, 9 and 10.
+totals on the two sides, and then no plan has both as marginals. Also details 4, 9, 10 and 11.
 
 Commands
   CPU demo (synthetic scenes, about 2 minutes on 2 cores):  python univip.py
@@ -228,19 +231,21 @@ def sample_scene_pair(width, height, boxes, num_instances=4, min_box=64.0, scale
 
 
 class SceneInstanceAugmentation:
-    """(scene image, boxes) -> (scene view 1, scene view 2, online instances (K, 3, s, s), target instances
-    (K, 3, s, s), fell_back). BYOL's asymmetric photometric lists (Sec. 4.1): view 1 blur p 1.0 and no
-    solarize, view 2 blur p 0.1 and solarize p 0.2; instances use the same two lists."""
+    """(scene image, boxes) -> (scene view 1, scene view 2, online instances (K), target instances (K),
+    fell_back) in the worker, each view a cropped and flipped uint8 image with its colour parameters;
+    `on_device` applies the colour operations to a batch on the training device (detail 11). BYOL's
+    asymmetric photometric lists (Sec. 4.1): view 1 blur p 1.0 and no solarize, view 2 blur p 0.1 and
+    solarize p 0.2; instances use the same two lists."""
 
     def __init__(self, scene_size, instance_size, num_instances, min_box, scale, with_instances=True):
         self.scene_size, self.instance_size, self.scale = scene_size, instance_size, scale
         self.num_instances, self.min_box, self.with_instances = num_instances, min_box, with_instances
+        self.flip = v2.RandomHorizontalFlip(0.5)  # after cropping: boxes are already cut out
 
-        def view(size, blur_p, solarize_p):  # flip comes after cropping: boxes are already cut out
-            return v2.Compose([v2.RandomHorizontalFlip(0.5), *common.color_augmentation(size, blur_p, solarize_p),
-                               *common.to_normalized_tensor()])
-        self.scene_views = (view(scene_size, 1.0, 0.0), view(scene_size, 0.1, 0.2))
-        self.instance_views = (view(instance_size, 1.0, 0.0), view(instance_size, 0.1, 0.2))
+        def lists(size):  # the blur sigma (0.1 to 2 px at 224) scales with the crop
+            return (common.ColorAugmentation(blur_p=1.0, blur_scale=size / 224),
+                    common.ColorAugmentation(blur_p=0.1, solarize_p=0.2, blur_scale=size / 224))
+        self.scene_colours, self.instance_colours = lists(scene_size), lists(instance_size)
 
     def __call__(self, image, boxes):
         width, height = image.size
@@ -252,21 +257,31 @@ class SceneInstanceAugmentation:
                                                       self.scale)
         s = (self.instance_size, self.instance_size)
         crops = [image.resize(s, Image.BICUBIC, box=(x, y, x + w, y + h)) for x, y, w, h in chosen]
-        online, target = (torch.stack([view(c) for c in crops]) for view in self.instance_views)
-        return self._scene(image, w1, 0), self._scene(image, w2, 1), online, target, fell_back
+        online, target = ([colour.view(self.flip, c) for c in crops] for colour in self.instance_colours)
+        stack = lambda views: tuple(torch.stack(t) for t in zip(*views))  # (K, 3, s, s) uint8, (K, P)
+        return self._scene(image, w1, 0), self._scene(image, w2, 1), stack(online), stack(target), fell_back
 
     def _scene(self, image, window, v):
         x, y, w, h = window
         crop = image.resize((self.scene_size, self.scene_size), Image.BICUBIC, box=(x, y, x + w, y + h))
-        return self.scene_views[v](crop)
+        return self.scene_colours[v].view(self.flip, crop)
+
+    def on_device(self, scene1, scene2, online, target, device):
+        """Collated views -> normalised float scene views (B, 3, S, S) and instances (B*K, 3, s, s) on `device`."""
+        finish = lambda colour, view: None if view is None else colour.on_device([view], device)[0]
+        return (finish(self.scene_colours[0], scene1), finish(self.scene_colours[1], scene2),
+                finish(self.instance_colours[0], online), finish(self.instance_colours[1], target))
 
 
 def collate_scene_pairs(samples):
-    """-> scene views 1 and 2 (B, 3, S, S) each, online and target instances (B*K, 3, s, s) each (None
-    without instances), fell_back (B,) bool: one tensor per view, as the networks are called (detail 6)."""
+    """-> scene views 1 and 2 (B images each), online and target instances (B*K each; None without
+    instances), each as (uint8 images, colour parameters), and fell_back (B,) bool: one batch per view, as
+    the networks are called (detail 6)."""
     s1, s2, online, target, fell_back = zip(*samples)
-    instances = (None, None) if online[0] is None else (torch.cat(online), torch.cat(target))
-    return torch.stack(s1), torch.stack(s2), *instances, torch.tensor(fell_back)
+    stack = lambda views: tuple(torch.stack(t) for t in zip(*views))
+    cat = lambda views: tuple(torch.cat(t) for t in zip(*views))
+    instances = (None, None) if online[0] is None else (cat(online), cat(target))
+    return stack(s1), stack(s2), *instances, torch.tensor(fell_back)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -477,7 +492,6 @@ def main():
                                os.path.join(args.out, "checkpoint.pt"))
 
     # ---------------------------------------------------------------- training
-    layout = torch.channels_last if ddp.device.type == "cuda" else torch.preserve_format  # channels_last on CUDA
     preemption = common.Preemption(ddp, args.save_every, sync_every=args.log_every)  # SIGTERM, SIGUSR1
     stats = {}
     for epoch in range(start_epoch, args.epochs):
@@ -491,7 +505,7 @@ def main():
         bar = tqdm(epoch_timer.wrap(loader), total=len(loader), disable=not ddp.is_main, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
                    initial=skip)
         for *crops, fell_back in bar:  # scene view 1, scene view 2, online instances, target instances
-            crops = [None if x is None else x.to(ddp.device, non_blocking=True, memory_format=layout) for x in crops]
+            crops = augmentation.on_device(*crops, ddp.device)  # the colour operations, batched (detail 11)
             for group in optimizer.param_groups:
                 group["lr"] = float(lr_schedule[step])  # a float: the checkpoint must load with weights_only
             with autocast():

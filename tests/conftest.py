@@ -1,5 +1,6 @@
 """Shared test fixtures: the repository path, script runners, the log reader and the CIFAR-10 folder."""
 import json
+import math
 import os
 import re
 import signal
@@ -39,9 +40,10 @@ def script_env():
     return env
 
 
-def run_script(script, *args, nproc=1, timeout=300, check=True):
-    """Run `python script args` (or torchrun with `nproc` processes) in the repository; returns the result."""
-    if nproc == 1:
+def run_script(script, *args, nproc=1, timeout=300, check=True, torchrun=False):
+    """Run `python script args` (or torchrun with `nproc` processes, also for one with `torchrun`) in the
+    repository; returns the result."""
+    if nproc == 1 and not torchrun:
         cmd = [sys.executable, str(REPO / script), *map(str, args)]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -128,3 +130,18 @@ def run_signalled_mid_epoch(script, *args, out, after_steps=3, sig=signal.SIGTER
     proc.wait(timeout=max(1, deadline - time.time()))
     assert sent, f"the run ended before it could be signalled: {seen.decode()[-2000:]}"
     return proc.returncode, seen.decode(errors="replace")
+
+
+def assert_bf16_run_close_to_fp32(script, *args, out, fp32_out=None, rel=0.1):
+    """A short run under `--precision bf16` (CPU autocast) ends with a finite loss that differs from the
+    same run in fp32 (so autocast was on) by less than `rel` of it (so it computes the same thing), and logs
+    images/s and data_wait. `fp32_out`: a finished fp32 run with the same args, if a fixture has one."""
+    if fp32_out is None:
+        fp32_out = Path(out).with_name(Path(out).name + "_fp32")
+        run_script(script, *args, "--precision", "fp32", "--out", fp32_out)
+    run_script(script, *args, "--precision", "bf16", "--out", out)
+    bf16, fp32 = read_log(out), read_log(fp32_out)
+    assert bf16[0]["args"]["precision"] == "bf16"
+    a, b = bf16[-1]["loss"], fp32[-1]["loss"]
+    assert math.isfinite(a) and a != b and abs(a - b) < rel * abs(b), (a, b)
+    assert bf16[-1]["images_per_s"] > 0 and 0 <= bf16[-1]["data_wait"] <= 1

@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.resnet import BasicBlock
-from conftest import (REPO, assert_same_state, read_log, run_killed_after_first_checkpoint, run_script,
+from conftest import (assert_bf16_run_close_to_fp32, REPO, assert_same_state, read_log, run_killed_after_first_checkpoint, run_script,
                       run_signalled_mid_epoch)
 
 import common
@@ -406,3 +406,15 @@ def test_unlabelled_folder_needs_sup_weight_zero(tmp_path):
         common.Synthetic("val", size=2)[i][0].save(folder / f"{i}.png")
     result = run_script("opera.py", "--data", folder, "--out", tmp_path / "out", check=False)
     assert result.returncode == 2 and "--sup-weight 0" in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_bf16_run_is_close_to_fp32(tmp_path, straight_run):
+    assert_bf16_run_close_to_fp32("opera.py", *LONG_EPOCH, out=tmp_path / "bf16", fp32_out=straight_run)
+
+
+def test_compiled_run_computes_what_the_eager_run_does(tmp_path, straight_run):
+    """--compile (TorchInductor on the CPU here; the same path that runs on GPUs) trains to the same loss."""
+    run_script("opera.py", *LONG_EPOCH, "--compile", "--out", tmp_path / "compiled", timeout=600)
+    compiled, eager = read_log(tmp_path / "compiled"), read_log(straight_run)
+    assert compiled[0]["args"]["compile"] is True
+    assert abs(compiled[-1]["loss"] - eager[-1]["loss"]) < 0.02 * abs(eager[-1]["loss"])

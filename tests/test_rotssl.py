@@ -14,7 +14,7 @@ from torchvision.transforms import v2
 
 import common
 import rotssl
-from conftest import (assert_same_state, read_log, run_killed_after_first_checkpoint, run_script,
+from conftest import (assert_bf16_run_close_to_fp32, assert_same_state, read_log, run_killed_after_first_checkpoint, run_script,
                       run_signalled_mid_epoch)
 
 # a tiny run: 256 images, batch 32, 16 px global / 8 px local crops, no kNN monitor
@@ -25,27 +25,33 @@ TINY = ["--subset", "256", "--batch-size", "32", "--epochs", "2", "--eval-every"
 # ---------------------------------------------------------------------------- the rotation task
 def test_rotation_labels_match_the_rotation_applied():
     torch.manual_seed(0)
-    x = torch.randn(64, 3, 8, 8)
-    rotated, k = rotssl.rotate_views(x)
-    assert k.shape == (64,) and set(k.tolist()) == {0, 1, 2, 3}  # every class drawn, k = 0 included
+    x, k = torch.randn(64, 3, 8, 8), torch.randint(0, 4, (64,))
+    rotated = rotssl.rotate_views(x, k)
     for image, back, r in zip(x, rotated, k.tolist()):
         assert torch.equal(torch.rot90(back, -r, dims=(1, 2)), image)  # rotating back by -k is exact
         assert torch.equal(back, image) == (r == 0)  # and only k = 0 leaves the image as it was
+
+
+def augmented_batch(aug, image, n):
+    """n samples from the workers' half of `aug`, collated and finished on the CPU (the training loop's path)."""
+    return aug.on_device(default_collate([aug(image) for _ in range(n)]), torch.device("cpu"))
 
 
 def test_augmentation_draws_rotations_per_view_and_only_when_asked():
     image = common.Synthetic("train", size=4)[0][0]
     for base, n_local in (("swav", 3), ("byol", 0)):
         torch.manual_seed(0)
-        samples = [rotssl.Augmentation(base, 16, 8, 3, rotate=True)(image) for _ in range(20)]
-        batch = default_collate(samples)
+        aug = rotssl.Augmentation(base, 16, 8, 3, rotate=True)
+        batch = augmented_batch(aug, image, 20)
         assert len(batch["global"]) == 2 and len(batch["local"]) == n_local
-        assert batch["rotation"].shape == (20, 2)
+        assert batch["global"][0].dtype == torch.float32 and batch["global"][0].shape == (20, 3, 16, 16)
+        assert batch["rotation"].shape == (20, 2) and set(batch["rotation"].flatten().tolist()) == {0, 1, 2, 3}
         assert (batch["rotation"][:, 0] != batch["rotation"][:, 1]).any()  # independent per view
         for view, rotated, k in zip(batch["global"], batch["rotated"], batch["rotation"].t()):
             for i in range(20):
                 assert torch.equal(torch.rot90(rotated[i], -int(k[i]), dims=(1, 2)), view[i])
-        assert "rotated" not in rotssl.Augmentation(base, 16, 8, 3, rotate=False)(image)
+        plain = rotssl.Augmentation(base, 16, 8, 3, rotate=False)
+        assert "rotation" not in plain(image) and "rotated" not in augmented_batch(plain, image, 2)
 
 
 def count_backbone_calls(model):
@@ -65,7 +71,7 @@ def test_rot_weight_zero_runs_no_rotated_forward(base):
     for rot_weight in (0.0, 0.1):
         torch.manual_seed(0)
         aug = rotssl.Augmentation(base, 16, 8, 2, rotate=rot_weight > 0)
-        batch = default_collate([aug(image) for _ in range(8)])
+        batch = augmented_batch(aug, image, 8)
         backbone, feat_dim = common.build_backbone("resnet_tiny", True, 16)
         model = rotssl.RotSSL(backbone, feat_dim, base, rot_weight, n_prototypes=10)
         calls = count_backbone_calls(model)
@@ -92,10 +98,9 @@ def test_rot_weight_zero_runs_no_rotated_forward(base):
 # ---------------------------------------------------------------------------- one step as the reference
 def random_batch(b=8, size=16, local=8, n_local=2):
     torch.manual_seed(1)
-    views = [torch.randn(b, 3, size, size) for _ in range(2)]
-    rotated = [rotssl.rotate_views(v) for v in views]
+    views, k = [torch.randn(b, 3, size, size) for _ in range(2)], torch.randint(0, 4, (b, 2))
     return {"global": views, "local": [torch.randn(b, 3, local, local) for _ in range(n_local)],
-            "rotated": [r for r, _ in rotated], "rotation": torch.stack([k for _, k in rotated], 1)}
+            "rotated": [rotssl.rotate_views(v, k[:, i]) for i, v in enumerate(views)], "rotation": k}
 
 
 def rotation_loss_by_hand(m, batch):
@@ -226,28 +231,20 @@ def test_image_size_sets_the_crop_sizes_and_the_byol_recipe():
     assert (args.global_size, args.local_size, args.wd, args.warmup_start_lr) == (24, 12, 1e-4, 0.0)
 
 
-def pipeline_parts(pipeline):
-    crop = pipeline.transforms[0]
-    blurs = [t for t in pipeline.transforms if isinstance(t, common.PILGaussianBlur)]
-    return crop, blurs
-
-
 def test_augmentation_blur_scale_and_interpolation_follow_the_references():
     bilinear, bicubic = v2.InterpolationMode.BILINEAR, v2.InterpolationMode.BICUBIC
     swav = rotssl.Augmentation("swav", 32, 16, 2, rotate=False, small=True)
-    for pipeline, size in ((swav.global_views[0], 32), (swav.local_views[0], 16)):
-        crop, blurs = pipeline_parts(pipeline)
-        assert tuple(crop.size) == (size, size) and crop.interpolation == bilinear  # EffSSL: torchvision's default
-        assert len(blurs) == 1 and blurs[0].p == 0.5
-        assert blurs[0].scale == pytest.approx(32 / 224)  # local crops blurred like the global ones
+    for crop, size in ((swav.global_crop, 32), (swav.local_crop, 16)):
+        resize = crop.transforms[0]
+        assert tuple(resize.size) == (size, size) and resize.interpolation == bilinear  # EffSSL: torchvision's default
+    for colour in (*swav.global_colours, swav.local_colour):  # local crops blurred like the global ones
+        assert colour.blur_p == 0.5 and colour.sigma == pytest.approx((0.1 * 32 / 224, 2.0 * 32 / 224))
+    assert swav.local_colour.low.tolist() == pytest.approx([0.2, 0.2, 0.2, -0.2])  # jitter 0.8, hue 0.2
     byol = rotssl.Augmentation("byol", 224, 96, 0, rotate=False)
-    parts = [pipeline_parts(p) for p in byol.global_views]
-    assert all(crop.interpolation == bicubic for crop, _ in parts)  # solo-learn
-    assert [blurs[0].p for _, blurs in parts] == [1.0, 0.1] and parts[0][1][0].scale == 1.0
+    assert byol.global_crop.transforms[0].interpolation == bicubic  # solo-learn
+    assert [c.blur_p for c in byol.global_colours] == [1.0, 0.1] and byol.global_colours[0].sigma == (0.1, 2.0)
     small = rotssl.Augmentation("byol", 32, 16, 0, rotate=False, small=True)  # solo-learn's CIFAR views: no blur
-    assert all(not pipeline_parts(p)[1] for p in small.global_views)
-    solarize = [[t.p for t in p.transforms if isinstance(t, v2.RandomSolarize)] for p in small.global_views]
-    assert solarize == [[], [0.2]]
+    assert [(c.blur_p, c.solarize_p) for c in small.global_colours] == [(0.0, 0.0), (0.0, 0.2)]
 
 
 # ---------------------------------------------------------------------------- SwAV
@@ -430,3 +427,7 @@ def test_bad_flag_exits_with_one_sentence_and_no_output(tmp_path, flag, value):
     assert result.returncode != 0
     assert result.stderr.strip().startswith("error:") and flag in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_bf16_run_is_close_to_fp32(tmp_path):
+    assert_bf16_run_close_to_fp32("rotssl.py", *TINY, "--epochs", "1", out=tmp_path / "bf16")

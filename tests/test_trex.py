@@ -16,7 +16,7 @@ from PIL import Image
 
 import common
 import trex
-from conftest import (assert_same_state, read_log, run_killed_after_first_checkpoint, run_script,
+from conftest import (assert_bf16_run_close_to_fp32, assert_same_state, read_log, run_killed_after_first_checkpoint, run_script,
                       run_signalled_mid_epoch)
 
 TINY_RUN = ("--subset", "128", "--batch-size", "32", "--eval-every", "0", "--workers", "1")
@@ -84,11 +84,18 @@ def test_loss_equals_hand_computed_cross_entropy_over_all_crops():
 
 def test_augmentation_returns_one_global_and_n_local_crops():
     image = common.Synthetic("train")[0][0]
-    crops, target = trex.MultiCropAugmentation(32, 16, n_local=3, scale_split=0.25)(image, 7)
-    assert target == 7 and [tuple(c.shape) for c in crops] == [(3, 32, 32)] + [(3, 16, 16)] * 3
+    aug = trex.MultiCropAugmentation(32, 16, n_local=3, scale_split=0.25)
+    crops, target = aug(image, 7)  # the worker's half: uint8 crops and their colour parameters
+    assert target == 7 and [tuple(c.shape) for c, _ in crops] == [(3, 32, 32)] + [(3, 16, 16)] * 3
+    assert all(c.dtype == torch.uint8 and p.shape == (common.ColorAugmentation.NUM_PARAMS,) for c, p in crops)
+    batch = [(c[None], p[None]) for c, p in crops]  # a collated batch of one image
+    finished = aug.on_device(batch, torch.device("cpu"))
+    assert [tuple(c.shape) for c in finished] == [(1, 3, 32, 32)] + [(1, 3, 16, 16)] * 3
+    assert all(c.dtype == torch.float32 for c in finished)
+    assert (aug.global_colour.blur_p, aug.global_colour.solarize_p, aug.local_colour.blur_p) == (0.2, 0.2, 0.5)
+    assert aug.local_colour.sigma == aug.global_colour.sigma  # the global crops' blur on the local ones too
     crops, _ = trex.MultiCropAugmentation(n_local=2)(Image.new("RGB", (300, 260), (90, 20, 200)), 0)
-    assert [tuple(c.shape) for c in crops] == [(3, 224, 224), (3, 96, 96), (3, 96, 96)]
-    assert all(c.dtype == torch.float32 for c in crops)
+    assert [tuple(c.shape) for c, _ in crops] == [(3, 224, 224), (3, 96, 96), (3, 96, 96)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -420,3 +427,7 @@ def test_bad_scale_split_exits_with_one_sentence_and_no_output(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "--scale-split" in lines[0]
     assert not (tmp_path / "bad").exists()
+
+
+def test_bf16_run_is_close_to_fp32(tmp_path):
+    assert_bf16_run_close_to_fp32("trex.py", *TINY_RUN, "--epochs", "1", "--workers", "0", out=tmp_path / "bf16")

@@ -15,7 +15,7 @@ from torchvision.transforms import v2
 
 import common
 import univip
-from conftest import (REPO, assert_same_state, read_log, run_killed_after_first_checkpoint, run_script,
+from conftest import (assert_bf16_run_close_to_fp32, REPO, assert_same_state, read_log, run_killed_after_first_checkpoint, run_script,
                       run_signalled_mid_epoch)
 
 # A tiny configuration for whole runs: small crops and heads keep every run to a few seconds.
@@ -112,18 +112,16 @@ def test_instances_are_cut_from_the_original_image_at_their_boxes():
     boxes = [[5, 5, 30, 25], [70, 10, 40, 30], [10, 70, 25, 35], [60, 65, 45, 45], [45, 40, 20, 20]]
     for x, y, w, h in boxes:
         draw.rectangle([x, y, x + w - 1, y + h - 1], fill=(255, 255, 255))
-    aug = univip.SceneInstanceAugmentation(48, 16, 4, 8.0, (0.08, 1.0))
-    plain = v2.Compose([v2.RandomHorizontalFlip(0.5), v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
-    aug.instance_views = (plain, plain)
+    aug = univip.SceneInstanceAugmentation(48, 16, 4, 8.0, (0.08, 1.0))  # the worker's half: no colour yet
     torch.manual_seed(0)
     random.seed(0)
     real = 0
     for _ in range(40):
-        s1, s2, online, target, fell_back = aug(image, np.array(boxes, np.float32))
+        (s1, _), (s2, _), (online, _), (target, _), fell_back = aug(image, np.array(boxes, np.float32))
         assert s1.shape == s2.shape == (3, 48, 48) and online.shape == target.shape == (4, 3, 16, 16)
         if not fell_back:
             real += 1
-            assert online.mean() > 0.97 and target.mean() > 0.97
+            assert online.float().mean() > 0.97 * 255 and target.float().mean() > 0.97 * 255
     assert real > 0
 
 
@@ -333,9 +331,11 @@ def test_coco_annotations_feed_the_sampler(tmp_path):
     data = common.build_scene_dataset("coco", str(tmp_path))
     assert len(data) == 3 and data[0][1].shape == (1, 4) and data[2][1].shape == (0, 4)
     aug = univip.SceneInstanceAugmentation(64, 32, 4, 16.0, (0.08, 1.0))
-    batch = univip.collate_scene_pairs([aug(*data[i]) for i in range(3)])
-    assert batch[0].shape == batch[1].shape == (3, 3, 64, 64) and batch[2].shape == batch[3].shape == (12, 3, 32, 32)
-    assert batch[4].dtype == torch.bool and batch[4].all()  # never K boxes here: always the fallback
+    *views, fell_back = univip.collate_scene_pairs([aug(*data[i]) for i in range(3)])
+    views = aug.on_device(*views, torch.device("cpu"))
+    assert views[0].shape == views[1].shape == (3, 3, 64, 64) and views[2].shape == views[3].shape == (12, 3, 32, 32)
+    assert all(v.dtype == torch.float32 for v in views)
+    assert fell_back.dtype == torch.bool and fell_back.all()  # never K boxes here: always the fallback
 
 
 def test_crop_sizes_come_from_the_dataset_and_the_flags_override_them(tmp_path):
@@ -467,3 +467,7 @@ def test_bad_flags_exit_with_one_sentence_and_no_output(tmp_path, flags, words):
     assert result.returncode != 0 and words in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert not out.exists()
+
+
+def test_bf16_run_is_close_to_fp32(tmp_path, straight_run):
+    assert_bf16_run_close_to_fp32("univip.py", *LONG_EPOCH, out=tmp_path / "bf16", fp32_out=straight_run)

@@ -1,0 +1,190 @@
+"""The batched colour augmentation of common.py against torchvision's per-image functional ops."""
+import itertools
+import math
+
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+
+import common
+
+TOL = 1 / 255
+
+
+def images(n, seed=0):
+    """uint8 (n, 3, 20, 24): random pixels, plus grey pixels, saturated colours (0/255 per channel, so
+    channel ties too) and a flat patch, the cases where HSV and contrast code tends to break."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, 3, 20, 24), generator=g, dtype=torch.uint8)
+    x[:, :, :5] = x[:, :1, :5]  # grey rows
+    x[:, :, 5:10] = torch.randint(0, 2, (n, 3, 5, 24), generator=g, dtype=torch.uint8) * 255
+    x[:, :, 10:12, :6] = 128  # exactly at the solarize threshold
+    return x
+
+
+def per_image(op, x, values, **kwargs):
+    return torch.stack([op(image, v, **kwargs) for image, v in zip(x, values)])
+
+
+@pytest.mark.parametrize("ours, theirs, values", [
+    (common.adjust_brightness, TF.adjust_brightness, [0.6, 1.0, 1.4, 0.8, 0.0]),
+    (common.adjust_contrast, TF.adjust_contrast, [0.0, 0.6, 1.4, 1.0, 1.1]),
+    (common.adjust_saturation, TF.adjust_saturation, [0.0, 0.8, 1.2, 1.0, 0.5]),
+    (common.adjust_hue, TF.adjust_hue, [-0.5, -0.1, 0.0, 0.1, 0.5, 0.27, -0.33]),
+    (common.solarize, TF.solarize, [0.5, 128 / 255, 0.0, 1.0]),
+])
+def test_ops_equal_torchvision_per_image(ours, theirs, values):
+    x = images(len(values)).float() / 255
+    expected = per_image(theirs, x, values)
+    got = ours(x, torch.tensor(values))
+    assert got.shape == x.shape and got.dtype == torch.float32
+    assert (got - expected).abs().max() <= TOL, (got - expected).abs().amax((1, 2, 3))
+
+
+@pytest.mark.parametrize("kernel_size, sigmas", [(13, [0.1, 1.0, 2.0, 0.5]), (3, [0.1, 0.3, 1.0]), (7, [1.5])])
+def test_gaussian_blur_equals_torchvision_per_image(kernel_size, sigmas):
+    x = images(len(sigmas)).float() / 255
+    expected = torch.stack([TF.gaussian_blur(image, kernel_size=[kernel_size] * 2, sigma=[s, s])
+                            for image, s in zip(x, sigmas)])
+    got = common.gaussian_blur(x, torch.tensor(sigmas), kernel_size)
+    assert (got - expected).abs().max() <= TOL
+    assert torch.equal(common.gaussian_blur(x, torch.zeros(len(sigmas)), kernel_size), x)  # sigma 0: identity
+
+
+def test_grayscale_equals_torchvision():
+    x = images(3).float() / 255
+    expected = TF.rgb_to_grayscale(x, num_output_channels=3)
+    assert (common.grayscale(x) - expected).abs().max() <= TOL
+
+
+def reference(aug, image, params):
+    """One image through torchvision's functional ops, as the old PIL pipeline composed them."""
+    x = image.float() / 255
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    if not torch.equal(params[:4], torch.tensor([1.0, 1, 1, 0])):  # RandomApply skips ColorJitter altogether
+        for op in params[4:8].long().tolist():
+            x = ops[op](x, params[op].item())
+    if params[8] > 0:
+        x = TF.rgb_to_grayscale(x, num_output_channels=3)
+    if params[9] > 0:
+        x = TF.gaussian_blur(x, kernel_size=[aug.kernel_size] * 2, sigma=[params[9].item()] * 2)
+    if params[10] > 0:
+        x = TF.solarize(x, 128 / 255)
+    return x
+
+
+def unnormalize(aug, y):
+    return y * aug.std + aug.mean
+
+
+def test_call_equals_torchvision_composition():
+    aug = common.ColorAugmentation(jitter_p=0.8, gray_p=0.3, blur_p=0.5, solarize_p=0.4)
+    torch.manual_seed(1)
+    params = torch.stack([aug.sample() for _ in range(12)])
+    x = images(12)
+    got = unnormalize(aug, aug(x, params))
+    expected = torch.stack([reference(aug, image, p) for image, p in zip(x, params)])
+    assert got.dtype == torch.float32 and got.shape == x.shape
+    assert (got - expected).abs().max() <= TOL
+    # the draw must have exercised every op, in several orders, and left some images alone
+    assert (params[:, 8] > 0).any() and (params[:, 9] > 0).any() and (params[:, 10] > 0).any()
+    assert len({tuple(p[4:8].tolist()) for p in params}) > 3
+
+
+def test_every_jitter_order_is_applied_per_image():
+    """One image, the same factors, all 24 orders in one batch: each as torchvision applies it."""
+    aug = common.ColorAugmentation()
+    orders = torch.tensor(list(itertools.permutations(range(4))), dtype=torch.float32)
+    p = torch.tensor([0.7, 1.3, 0.2, 0.3, 0, 0, 0, 0, 0, 0, 0]).repeat(24, 1)
+    p[:, 4:8] = orders
+    x = images(1).repeat(24, 1, 1, 1)
+    got = unnormalize(aug, aug(x, p))
+    for i in range(24):
+        assert (got[i] - reference(aug, x[i], p[i])).abs().max() <= TOL, orders[i]
+    assert (got[0] - got[-1]).abs().max() > 10 * TOL  # the order matters for these factors
+
+
+def test_sample_distribution():
+    aug = common.ColorAugmentation(jitter=(0.4, 0.3, 0.2, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.5,
+                                   solarize_p=0.1, sigma=(0.1, 2.0), blur_scale=0.5)
+    torch.manual_seed(0)
+    n = 4000
+    params = torch.stack([aug.sample() for _ in range(n)])
+    assert params.shape == (n, common.ColorAugmentation.NUM_PARAMS) and params.dtype == torch.float32
+    jittered = (params[:, :4] != torch.tensor([1.0, 1, 1, 0])).any(1)
+    for flags, p in [(jittered, 0.8), (params[:, 8] > 0, 0.2), (params[:, 9] > 0, 0.5), (params[:, 10] > 0, 0.1)]:
+        assert abs(flags.float().mean() - p) < 3.5 * math.sqrt(p * (1 - p) / n), (flags.float().mean(), p)
+    assert set(params[:, 8].tolist()) == {0, 1} and set(params[:, 10].tolist()) == {0, 1}
+    assert torch.equal(params[~jittered, :4], torch.tensor([[1.0, 1, 1, 0]]).expand(int((~jittered).sum()), 4))
+    for i, (low, high) in enumerate([(0.6, 1.4), (0.7, 1.3), (0.8, 1.2), (-0.1, 0.1)]):
+        v = params[jittered, i]
+        assert v.min() >= low and v.max() <= high
+        assert v.min() < low + 0.01 and v.max() > high - 0.01
+        assert abs(v.mean() - (low + high) / 2) < 0.05 * (high - low)  # uniform, not skewed
+    draws = params[jittered][:, [0, 1, 2, 3, 8, 9, 10]]  # factors, gray, sigma, solarize: independent draws
+    assert (torch.corrcoef(draws.T) - torch.eye(7)).abs().max() < 0.1
+    sigma = params[params[:, 9] > 0, 9]
+    assert sigma.min() >= 0.05 - 1e-6 and sigma.max() <= 1.0 + 1e-6
+    assert sigma.min() < 0.07 and sigma.max() > 0.98
+    orders = params[:, 4:8].long()
+    assert torch.equal(orders.sort(1).values, torch.arange(4).expand(n, 4))  # permutations of the 4 ops
+    counts = torch.unique(orders, dim=0, return_counts=True)[1].float()
+    assert len(counts) == 24
+    chi2 = ((counts - n / 24) ** 2 / (n / 24)).sum()
+    assert chi2 < 50  # 23 degrees of freedom: p ~ 0.001
+
+
+def test_zero_strength_and_kernel_size():
+    aug = common.ColorAugmentation(jitter=(0.4, 0.0, 0.2, 0.0), jitter_p=1.0)
+    torch.manual_seed(0)
+    params = torch.stack([aug.sample() for _ in range(200)])
+    assert (params[:, 1] == 1).all() and (params[:, 3] == 0).all()
+    brightness = torch.stack([common.ColorAugmentation(jitter=(1.5, 0, 0, 0), jitter_p=1.0).sample()[0]
+                              for _ in range(200)])
+    assert brightness.min() >= 0 and brightness.min() < 0.1 and brightness.max() > 2.4  # [max(0, 1 - v), 1 + v]
+    assert common.ColorAugmentation(blur_scale=1.0).kernel_size == 13  # 2 * ceil(3 * 2.0) + 1
+    assert common.ColorAugmentation(blur_scale=96 / 224).kernel_size == 7  # sigma max 0.857 -> ceil(2.57) = 3
+    assert common.ColorAugmentation(blur_scale=32 / 224).kernel_size == 3
+    assert common.ColorAugmentation(sigma=(0.1, 0.01), blur_scale=0.1).kernel_size == 3  # at least 3
+
+
+def test_sample_is_deterministic_given_the_torch_seed():
+    aug = common.ColorAugmentation(blur_p=0.5, solarize_p=0.5)
+    torch.manual_seed(7)
+    a = torch.stack([aug.sample() for _ in range(5)])
+    torch.manual_seed(7)
+    b = torch.stack([aug.sample() for _ in range(5)])
+    torch.manual_seed(8)
+    c = torch.stack([aug.sample() for _ in range(5)])
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_no_op_images_come_back_only_normalized():
+    aug = common.ColorAugmentation(blur_p=1.0, solarize_p=1.0)
+    params = torch.tensor([1.0, 1, 1, 0, 0, 1, 2, 3, 0, 0, 0]).repeat(4, 1)
+    params[:, 4:8] = torch.stack([torch.randperm(4, generator=torch.Generator().manual_seed(i)) for i in range(4)])
+    x = images(4)
+    mean, std = torch.tensor(common.IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(common.IMAGENET_STD).view(1, 3, 1, 1)
+    assert torch.equal(aug(x, params), (x.float() / 255 - mean) / std)
+    assert torch.equal(aug(x.float() / 255, params), (x.float() / 255 - mean) / std)  # float input, same
+
+
+def test_solarize_threshold_is_that_of_random_solarize_128_on_uint8():
+    aug = common.ColorAugmentation(solarize_p=1.0)
+    params = torch.tensor([1.0, 1, 1, 0, 0, 1, 2, 3, 0, 0, 1]).repeat(3, 1)
+    x = images(3)
+    x[:, :, 12, :4] = torch.tensor([126, 127, 128, 129], dtype=torch.uint8)
+    expected = TF.solarize(x, 128).float() / 255
+    assert (unnormalize(aug, aug(x, params)) - expected).abs().max() < 1e-6
+
+
+def test_bf16_autocast_does_not_change_the_result():
+    aug = common.ColorAugmentation(blur_p=0.5, solarize_p=0.2)
+    torch.manual_seed(3)
+    params = torch.stack([aug.sample() for _ in range(6)])
+    x = images(6)
+    expected = aug(x, params)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = aug(x, params)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
