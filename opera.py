@@ -421,8 +421,8 @@ def main():
                    for k, v in ckpt["totals"].items()} if skip else {})
         recent = []
         epoch_timer, bar_timer = common.StepTimer(ddp.device), common.StepTimer(ddp.device)
-        bar = tqdm(epoch_timer.wrap(loader), total=len(loader), disable=not ddp.is_main, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
-                   initial=skip)
+        bar = tqdm(epoch_timer.wrap(loader), total=len(loader), initial=skip, disable=not ddp.is_main,
+                   desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
         for view1, view2, labels in bar:
             view1, view2 = augmentation.on_device(view1, view2, ddp.device)  # colour ops, batched (detail 11)
             labels = labels.to(ddp.device, non_blocking=True)
@@ -462,7 +462,8 @@ def main():
         terms = (terms / (len(loader) * ddp.world_size)).tolist()  # mean over steps and processes
         record = {"epoch": epoch + 1, "loss": terms[0], "loss_self": terms[1], "loss_class": terms[2],
                   "lr": float(lr_schedule[step - 1]), "momentum": float(m_schedule[step - 1]),
-                  "images_per_s": images_per_s, "data_wait": epoch_timer.data_wait, "peak_mem_mb": common.peak_memory_mb(ddp.device)}
+                  "images_per_s": images_per_s, "data_wait": epoch_timer.data_wait,
+                  "peak_mem_mb": common.peak_memory_mb(ddp.device)}
         if val_set is not None:
             record["head_top1"] = class_head_top1(model, val_set, 256, args.workers, ddp.device, autocast)
         if knn is not None and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):

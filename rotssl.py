@@ -477,8 +477,8 @@ def main():
                    for k, v in ckpt["totals"].items()} if skip else {})
         recent = []
         epoch_timer, bar_timer = common.StepTimer(ddp.device), common.StepTimer(ddp.device)
-        bar = tqdm(epoch_timer.wrap(loader), total=len(loader), disable=not ddp.is_main, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
-                   initial=skip)
+        bar = tqdm(epoch_timer.wrap(loader), total=len(loader), initial=skip, disable=not ddp.is_main,
+                   desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
         for batch in bar:
             batch = augmentation.on_device(batch, ddp.device)  # colour ops and rotations, batched (detail 8)
             for group in optimizer.param_groups:
@@ -528,7 +528,8 @@ def main():
             rot = f", L_rot {record['loss_rot']:.3f}, rotation acc {record['rot_acc']:.1f}%" if "loss_rot" in record else ""
             knn_text = f", kNN top-1 {record['knn_top1']:.1f}%" if "knn_top1" in record else ""
             print(f"epoch {epoch + 1}/{args.epochs}: loss {record['loss']:.3f}, L_{args.base} "
-                  f"{record['loss_base']:.3f}{rot}, lr {record['lr']:.4f}, {images_per_s:.0f} images/s, data wait {epoch_timer.data_wait:.0%}{knn_text}")
+                  f"{record['loss_base']:.3f}{rot}, lr {record['lr']:.4f}, {images_per_s:.0f} images/s, "
+                  f"data wait {epoch_timer.data_wait:.0%}{knn_text}")
         save(epoch + 1, {})
 
     if ddp.is_main and knn_init and "knn_top1" in record:

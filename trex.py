@@ -53,9 +53,9 @@ empty slots never count (detail 4). (b) Logits in fp32 (the reference's are fp16
 (c) Small images (the reference trains on ImageNet only): native-size crops, the CIFAR stem, and a blur
 sigma scaled by global size / 224 (at 224 px the reference's 0.1 to 2 px on every crop). (d) The CPU
 demo's values for resnet_tiny (detail 7, 512-wide hidden layers); warmup is 10 % of --epochs (the
-reference: 10 epochs, the same at 100). (e) The validation resize is bicubic (the reference: bilinear). (f) The colour operations run on float
-images on the device (detail 11), the reference's on PIL images: an exact Gaussian blur cut at 3 sigma
-instead of PIL's box approximation, solarize on the unrounded value.
+reference: 10 epochs, the same at 100). (e) The validation resize is bicubic (the reference: bilinear).
+(f) The colour operations run on float images on the device (detail 11), the reference's on PIL images:
+an exact Gaussian blur cut at 3 sigma instead of PIL's box approximation, solarize on the unrounded value.
 
 Commands
     python trex.py                                            # CPU demo on synthetic shapes, ~2.5 minutes on 2 cores
@@ -460,8 +460,8 @@ def main():
         totals = ({k: v.to(ddp.device) if ddp.is_main else torch.zeros_like(v, device=ddp.device)
                    for k, v in ckpt["totals"].items()} if skip else {"loss": torch.zeros((), device=ddp.device)})
         recent, epoch_timer, bar_timer = [], common.StepTimer(ddp.device), common.StepTimer(ddp.device)
-        bar = tqdm(epoch_timer.wrap(loader), total=len(loader), disable=not ddp.is_main, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
-                   initial=skip)
+        bar = tqdm(epoch_timer.wrap(loader), total=len(loader), initial=skip, disable=not ddp.is_main,
+                   desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
         for crops, labels in bar:
             for group in optimizer.param_groups:
                 group["lr"] = lr_schedule[step]
@@ -494,7 +494,8 @@ def main():
         # ---------------------------------------------------------------------- end of epoch: evaluate, log, save
         mean_loss = common.all_reduce_sum(totals["loss"]).item() / (len(loader) * ddp.world_size)  # steps, ranks
         stats = {"epoch": epoch + 1, "loss": mean_loss, "lr": float(lr_schedule[step - 1]),
-                 "images_per_s": images_per_s, "data_wait": epoch_timer.data_wait, "peak_mem_mb": common.peak_memory_mb(ddp.device)}
+                 "images_per_s": images_per_s, "data_wait": epoch_timer.data_wait,
+                 "peak_mem_mb": common.peak_memory_mb(ddp.device)}
         if val_set is not None:
             stats["classifier_top1"], stats["classifier_top5"] = classifier_accuracy(
                 net, val_set, per_rank_batch, args.workers, ddp.device, autocast)
@@ -506,8 +507,8 @@ def main():
         if ddp.is_main:
             common.write_json_line(log_path, stats)
             print(f"epoch {epoch + 1}/{args.epochs}  loss {stats['loss']:.3f}  lr {stats['lr']:.4f}  "
-                  f"{images_per_s:.0f} img/s, data wait {epoch_timer.data_wait:.0%}" + "".join(f"  {k} {stats[k]:.1f}%" for k in
-                                                        ("classifier_top1", "knn_top1") if k in stats))
+                  f"{images_per_s:.0f} img/s, data wait {stats['data_wait']:.0%}" +
+                  "".join(f"  {k} {stats[k]:.1f}%" for k in ("classifier_top1", "knn_top1") if k in stats))
         save(epoch + 1, {})
 
     if ddp.is_main and knn_init and knn_last:

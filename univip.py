@@ -502,8 +502,8 @@ def main():
                    for k, v in ckpt["totals"].items()} if skip else  # loss, terms, fallbacks, samples
                   {"sums": torch.zeros(len(losses) + 3, device=ddp.device)})
         recent, epoch_timer, bar_timer = [], common.StepTimer(ddp.device), common.StepTimer(ddp.device)
-        bar = tqdm(epoch_timer.wrap(loader), total=len(loader), disable=not ddp.is_main, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
-                   initial=skip)
+        bar = tqdm(epoch_timer.wrap(loader), total=len(loader), initial=skip, disable=not ddp.is_main,
+                   desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
         for *crops, fell_back in bar:  # scene view 1, scene view 2, online instances, target instances
             crops = augmentation.on_device(*crops, ddp.device)  # the colour operations, batched (detail 11)
             for group in optimizer.param_groups:
@@ -542,7 +542,8 @@ def main():
                  **{f"loss_{k}": v / n_steps for k, v in zip(losses, sums[1:-2])},
                  "fallback_rate": sums[-2] / sums[-1] if with_instances else None,
                  "lr": float(lr_schedule[step - 1]), "tau": float(tau_schedule[step - 1]),
-                 "images_per_s": images_per_s, "data_wait": epoch_timer.data_wait, "peak_mem_mb": common.peak_memory_mb(ddp.device)}
+                 "images_per_s": images_per_s, "data_wait": epoch_timer.data_wait,
+                 "peak_mem_mb": common.peak_memory_mb(ddp.device)}
         if knn is not None and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
             stats.update(knn(model.backbone, autocast))
         if ddp.is_main:
@@ -551,7 +552,8 @@ def main():
             knn_text = f" | kNN top-1 {stats['knn_top1']:.1f}%" if "knn_top1" in stats else ""
             fb_text = f" | fallback {100 * stats['fallback_rate']:.0f}%" if with_instances else ""
             print(f"epoch {epoch + 1}/{args.epochs} | loss {stats['loss']:.3f} ({terms}){fb_text} | "
-                  f"lr {stats['lr']:.4f} | tau {stats['tau']:.4f} | {images_per_s:.0f} img/s | data wait {epoch_timer.data_wait:.0%}{knn_text}")
+                  f"lr {stats['lr']:.4f} | tau {stats['tau']:.4f} | {images_per_s:.0f} img/s | "
+                  f"data wait {epoch_timer.data_wait:.0%}{knn_text}")
         save(epoch + 1, {})
 
     if ddp.is_main and knn_init is not None and "knn_top1" in stats:

@@ -188,3 +188,30 @@ def test_bf16_autocast_does_not_change_the_result():
         got = aug(x, params)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_every_method_draws_its_views_and_colour_parameters_from_seed_epoch_and_index_alone():
+    """The workers' half of each method's augmentation, as the loader calls it: the same (seed, epoch, index)
+    gives bit-equal uint8 views and colour parameters (so a resumed run sees the same augmentations), and
+    another epoch other ones."""
+    import opera, rotssl, trex, univip
+    cases = [(common.Synthetic("train", size=8), opera.TwoViewAugmentation(32, 0.08)),
+             (common.Synthetic("train", size=8), trex.MultiCropAugmentation(32, 16, n_local=2)),
+             (common.Synthetic("train", size=8), lambda im, t: rotssl.Augmentation("swav", 32, 16, 2, True)(im)),
+             (common.build_scene_dataset("synthetic"), univip.SceneInstanceAugmentation(48, 16, 2, 8.0, (0.08, 1.0)))]
+    for data, aug in cases:
+        ds = common.Augmented(data, aug, seed=3)
+        a, b, other = _tensors(ds[(5, 2)]), _tensors(ds[(5, 2)]), _tensors(ds[(5, 3)])
+        assert len(a) >= 4 and all(torch.equal(x, y) for x, y in zip(a, b))
+        assert any(not torch.equal(x, y) for x, y in zip(a, other))
+        assert any(x.dtype == torch.uint8 for x in a)
+
+
+def _tensors(sample):
+    if torch.is_tensor(sample):
+        return [sample]
+    if isinstance(sample, dict):
+        return [t for v in sample.values() for t in _tensors(v)]
+    if isinstance(sample, (list, tuple)):
+        return [t for v in sample for t in _tensors(v)]
+    return []
