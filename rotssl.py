@@ -149,7 +149,7 @@ def resolve_image_defaults(args, native, recipe_wd=True):
     args.local_size = args.local_size or (max(8, 8 * round(args.global_size * 96 / 224 / 8)) if small else 96)
     if args.n_prototypes is None:  # 3000 (the paper) needs batches of 1024 or SwAV's queue: a batch spread
         # over far more clusters than it has images gets near-uniform codes and a loss stuck at ln K.
-        # Small data get at most one prototype per image of the batch (demo: kNN 38.7 % with 32, 26.8 % at init)
+        # Small data get at most one prototype per image of the batch (the demo's loss stays near ln K even so: README)
         args.n_prototypes = min(300, args.batch_size) if small else 3000
     if args.base == "byol":  # DeepMind's ImageNet recipe, or solo-learn's CIFAR one in full (detail 5)
         args.lr = args.lr or (1.0 if small else 0.2)
