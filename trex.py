@@ -58,7 +58,7 @@ reference: 10 epochs, the same at 100). (e) The validation resize is bicubic (th
 an exact Gaussian blur cut at 3 sigma instead of PIL's box approximation, solarize on the unrounded value.
 
 Commands
-    python trex.py                                            # CPU demo on synthetic shapes, ~2.5 minutes on 2 cores
+    python trex.py                                            # CPU demo on synthetic shapes, ~2 minutes on 2 cores
     python trex.py --data data/cifar10 --arch resnet18 --epochs 100 --batch-size 256 --eval-every 10
     # the paper's recipe (ResNet-50, ImageNet-1K, 100 epochs, global batch 256); --recipe trex_star for t-ReX*:
     torchrun --nproc_per_node=8 trex.py --data /imagenet --arch resnet50 --epochs 100 --batch-size 256 --recipe trex

@@ -17,9 +17,8 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.resnet import BasicBlock
-from conftest import (assert_bf16_run_close_to_fp32,
-                      REPO, assert_same_state, read_log, run_killed_after_first_checkpoint, run_script,
-                      run_signalled_mid_epoch)
+from conftest import (REPO, assert_bf16_run_close_to_fp32, assert_same_state, read_log,
+                      run_killed_after_first_checkpoint, run_script, run_signalled_mid_epoch)
 
 import common
 import opera

@@ -14,9 +14,8 @@ from torchvision.transforms import v2
 
 import common
 import rotssl
-from conftest import (assert_bf16_run_close_to_fp32,
-                      assert_same_state, read_log, run_killed_after_first_checkpoint, run_script,
-                      run_signalled_mid_epoch)
+from conftest import (assert_bf16_run_close_to_fp32, assert_same_state, read_log, run_killed_after_first_checkpoint,
+                      run_script, run_signalled_mid_epoch)
 
 # a tiny run: 256 images, batch 32, 16 px global / 8 px local crops, no kNN monitor
 TINY = ["--subset", "256", "--batch-size", "32", "--epochs", "2", "--eval-every", "0", "--workers", "0",

@@ -16,9 +16,8 @@ from PIL import Image
 
 import common
 import trex
-from conftest import (assert_bf16_run_close_to_fp32,
-                      assert_same_state, read_log, run_killed_after_first_checkpoint, run_script,
-                      run_signalled_mid_epoch)
+from conftest import (assert_bf16_run_close_to_fp32, assert_same_state, read_log, run_killed_after_first_checkpoint,
+                      run_script, run_signalled_mid_epoch)
 
 TINY_RUN = ("--subset", "128", "--batch-size", "32", "--eval-every", "0", "--workers", "1")
 

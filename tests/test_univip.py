@@ -15,9 +15,8 @@ from torchvision.transforms import v2
 
 import common
 import univip
-from conftest import (assert_bf16_run_close_to_fp32,
-                      REPO, assert_same_state, read_log, run_killed_after_first_checkpoint, run_script,
-                      run_signalled_mid_epoch)
+from conftest import (REPO, assert_bf16_run_close_to_fp32, assert_same_state, read_log,
+                      run_killed_after_first_checkpoint, run_script, run_signalled_mid_epoch)
 
 # A tiny configuration for whole runs: small crops and heads keep every run to a few seconds.
 TINY = ("--subset", "64", "--batch-size", "32", "--scene-size", "32", "--instance-size", "16",
