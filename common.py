@@ -1,9 +1,13 @@
-"""Shared plumbing for the method files: what every script would otherwise copy word for word.
+"""What the four method files share, in two parts.
 
-Backbones, datasets and loaders, the `backbone.pt` record, LARS and the warmup + cosine
-schedule, feature extraction and weighted kNN, and the small pieces of the training loop that
-have nothing to do with any one method (distributed setup, mixed precision, atomic checkpoints,
-logging, errors). Everything method-specific lives in the method's own file.
+The ground floor, all a reader needs to understand a method: backbones (ResNets, MoCo v3's ViT), the
+datasets (the synthetic shapes and scenes, image folders, CIFAR / STL-10, scenes with boxes), the crop-size
+policy, the batched colour augmentation that runs on the training device, the loaders with reproducible
+augmentation, feature extraction and the weighted kNN.
+
+Then, under a banner, the plumbing: flags, processes, mixed precision, checkpoints, resume and
+preemption, LARS and the schedules, progress, and `TrainingRun`, the helper that owns the glue around
+each method's training step. Everything specific to one method lives in that method's file.
 """
 import json
 import math
@@ -26,6 +30,7 @@ from PIL import Image, ImageDraw
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.models.vision_transformer import VisionTransformer
 from torchvision.transforms import v2
+from tqdm import tqdm
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -35,147 +40,6 @@ KNN_BANK = 20_000  # default memory bank of the kNN monitor: 20 images per class
 
 class UserError(Exception):
     """A problem with the user's input: reported as one sentence, without a traceback."""
-
-
-def run_main(main):
-    """Call `main()`; turn a UserError (also one raised inside a loader worker) into one line and exit 2."""
-    try:
-        main()
-    except UserError as e:
-        msg = str(e)
-        if "Original Traceback" in msg:  # re-raised by a DataLoader worker: keep the worker's sentence
-            msg = re.split(r"UserError: ", msg)[-1]
-        print(f"error: {msg.strip()}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-# ----------------------------------------------------------------------------------------------
-# Options shared by every script (same names and meaning everywhere)
-# ----------------------------------------------------------------------------------------------
-def add_common_args(parser, method, *, epochs, batch_size, lr, wd, warmup_epochs, arch="resnet_tiny",
-                    eval_every=10, demo_subset=0):
-    """The flags of DESIGN.md. Defaults: the method's paper values, except data, arch, epochs, batch size
-    and `demo_subset` (images of --data synthetic used by default), which size the CPU demo."""
-    g = parser.add_argument_group("common options (same in every script)")
-    g.add_argument("--data", default="synthetic",
-                   help="synthetic (embedded, no download), cifar10, cifar100, stl10, or the path of an "
-                        "ImageFolder root with train/ and val/ (or test/)")
-    g.add_argument("--data-dir", default="data", help="root of the torchvision datasets (cifar10, ...)")
-    g.add_argument("--download", action="store_true", help="download the torchvision dataset into --data-dir")
-    g.add_argument("--subset", type=int, default=None,
-                   help="train on a fixed random subset of this many images, 0 = all (default: "
-                        f"{demo_subset or 'all'} with --data synthetic, the CPU demo; all otherwise)")
-    parser.set_defaults(demo_subset=demo_subset, script=method)  # `script`: which method wrote a checkpoint
-    g.add_argument("--arch", default=arch, choices=ARCHS, help="backbone; resnet_tiny is the CPU demo network")
-    g.add_argument("--epochs", type=int, default=epochs, help="number of training epochs")
-    g.add_argument("--batch-size", type=int, default=batch_size,
-                   help="global batch size, split evenly across processes")
-    g.add_argument("--lr", type=float, default=lr, help="base learning rate (see the method's docstring for scaling)")
-    g.add_argument("--wd", type=float, default=wd, help="weight decay")
-    g.add_argument("--warmup-epochs", type=float, default=warmup_epochs, help="linear warmup length, per iteration")
-    g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader processes per GPU")
-    g.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
-                   help="auto = bf16 on GPUs that support it, fp16 with a grad scaler on older GPUs, fp32 on CPU")
-    g.add_argument("--compile", action="store_true", help="torch.compile the networks (before the DDP wrap)")
-    g.add_argument("--out", default=f"runs/{method}",
-                   help="output folder; if it holds a checkpoint.pt, training resumes from it")
-    g.add_argument("--seed", type=int, default=0, help="random seed")
-    g.add_argument("--save-every", type=float, default=0, metavar="MINUTES",
-                   help="also write checkpoint.pt every this many minutes inside an epoch, for machines that die "
-                        "without a signal (SIGTERM and SIGUSR1 always save and stop); 0 = at epoch ends only")
-    g.add_argument("--log-every", type=int, default=20, help="steps between progress-bar and NaN checks")
-    g.add_argument("--eval-every", type=int, default=eval_every,
-                   help="epochs between kNN monitors (also run before training and after the last epoch); 0 = off")
-    g.add_argument("--eval-subset", type=int, default=KNN_BANK,
-                   help="kNN monitor's memory bank: a fixed seeded subset of this many labelled training images "
-                        "(0 = every training image in use); bounds the monitor's cost on large datasets")
-    return g
-
-
-def check_common_args(args, world_size):
-    """Resolve --subset, then reject bad values with one sentence before anything is built or written."""
-    if args.subset is None:
-        args.subset = args.demo_subset if args.data == "synthetic" else 0
-    if args.epochs < 1:
-        raise UserError("--epochs must be at least 1")
-    if args.batch_size < 1 or args.batch_size % world_size:
-        raise UserError(f"--batch-size {args.batch_size} must be a positive multiple of the number of "
-                        f"processes ({world_size})")
-    if (args.lr is not None and args.lr <= 0) or args.wd < 0 or args.warmup_epochs < 0 or args.subset < 0:
-        raise UserError("--lr must be positive and --wd, --warmup-epochs, --subset must not be negative")
-    if args.log_every < 1 or min(args.eval_every, args.workers, args.save_every, args.eval_subset) < 0:
-        raise UserError("--log-every must be at least 1; --eval-every, --eval-subset, --workers and --save-every "
-                        "must not be negative")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UserError(f"--out {args.out} is a file, not a folder; choose another --out")
-
-
-# ----------------------------------------------------------------------------------------------
-# Distributed setup, seeds, mixed precision
-# ----------------------------------------------------------------------------------------------
-def init_distributed():
-    """One process (`python X.py`) or torchrun (RANK / LOCAL_RANK / WORLD_SIZE from the environment).
-
-    NCCL on CUDA, gloo on CPU. Returns a namespace: rank, world_size, local_rank, device, is_main.
-    """
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls and convs on Ampere and newer
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-    else:
-        device = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device
-                                if device.type == "cuda" else None)
-    return SimpleNamespace(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
-                           is_main=rank == 0, distributed=world_size > 1)
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def mixed_precision(precision, device):
-    """Returns (autocast context factory, GradScaler). bf16 needs no scaler; fp16 does; fp32 neither."""
-    if precision == "auto":
-        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        raise UserError("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    def autocast():
-        return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    return autocast, scaler
-
-
-def all_gather_nograd(x):
-    """Concatenate a tensor over processes along dim 0, without gradient (keys, memory writes)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, x.contiguous())
-    return torch.cat(out)
-
-
-def all_reduce_sum(x):
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(x)
-    return x
-
-
-def unwrap(model):
-    """The plain module under DDP and torch.compile wrappers."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -542,8 +406,6 @@ def build_dataset(data, split="train", data_dir="data", download=False, with_unl
         ds = _torchvision_dataset(data, split, data_dir, download, with_unlabeled)
         ds.classes = getattr(ds, "classes", None)
         return ds
-    if data in ("coco",):
-        raise UserError("--data coco is a scene dataset with boxes; it is used by univip.py only")
     if not os.path.exists(data):
         raise UserError(f"--data {data}: no such dataset or folder (choose synthetic, cifar10, cifar100, "
                         "stl10 or give an ImageFolder path)")
@@ -660,6 +522,17 @@ def native_image_size(dataset, sample=64, seed=0):
     return int(np.median(sides))
 
 
+def crop_sizes(native, global_size=None, local_size=None):
+    """The crop-size policy of every script, from the dataset's shorter side `native` (native_image_size):
+    images of SMALL_IMAGES px or less (CIFAR) are cropped at their native size, local crops at the
+    references' 96/224 of it (a multiple of 8: 32 -> 16 px); larger images get the references' 224 and 96 px,
+    whatever their own size. Flags that are set win. Returns (small_images, global size, local size)."""
+    small = native <= SMALL_IMAGES
+    global_size = global_size or (native if small else 224)
+    local_size = local_size or (max(8, 8 * round(global_size * 96 / 224 / 8)) if small else 96)
+    return small, global_size, local_size
+
+
 def describe_sizes(native, small, why=None, **sizes):
     """The line every script prints about the crop sizes it chose; `why` the stem was chosen, if not the
     images' own size."""
@@ -696,18 +569,6 @@ def _gray(x):
 
 def _blend(x, target, f):
     return (x * f + target * (1 - f)).clamp(0, 1)
-
-
-def adjust_brightness(x, f):
-    return _blend(x, 0.0, _per_image(f, x))
-
-
-def adjust_contrast(x, f):
-    return _blend(x, _gray(x).mean((1, 2, 3), keepdim=True), _per_image(f, x))
-
-
-def adjust_saturation(x, f):
-    return _blend(x, _gray(x), _per_image(f, x))
 
 
 def adjust_hue(x, h):
@@ -924,7 +785,261 @@ def eval_loader(dataset, batch_size, workers, device):
 
 
 # ----------------------------------------------------------------------------------------------
-# The backbone.pt record and atomic checkpoints
+# Features and weighted kNN (DINO's protocol)
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def extract_features(model, dataset, batch_size, workers, device, autocast=None):
+    """Features and labels of every item of `dataset` (in order), on every process.
+
+    Each process embeds a strided share; the shares are gathered and put back in order. Works
+    for any dataset size.
+    """
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    rank = dist.get_rank() if world > 1 else 0
+    n = len(dataset)
+    if n < world:
+        raise UserError(f"the evaluation set has {n} images, fewer than the {world} processes")
+    was_training = model.training
+    model.eval()
+    feats, labels = [], []
+    loader = eval_loader(torch.utils.data.Subset(dataset, range(rank, n, world)), batch_size, workers, device)
+    for images, y in loader:
+        images = images.to(device, non_blocking=True)
+        if device.type == "cuda":
+            images = images.to(memory_format=torch.channels_last)
+        with autocast() if autocast else torch.autocast(device.type, enabled=False):
+            f = model(images)
+        feats.append(f.float())
+        labels.append(torch.as_tensor(y).to(device))
+    model.train(was_training)
+    feats, labels = torch.cat(feats), torch.cat(labels)
+    if world == 1:
+        return feats, labels
+    per = math.ceil(n / world)  # pad every share to the same length, gather, then restore the order
+    pad_f = feats.new_zeros(per, feats.shape[1])
+    pad_y = labels.new_full((per,), -1)
+    pad_f[: len(feats)], pad_y[: len(labels)] = feats, labels
+    all_f, all_y = all_gather_nograd(pad_f), all_gather_nograd(pad_y)  # rank-major
+    order = torch.arange(per * world, device=device).view(world, per).t().reshape(-1)
+    return all_f[order][:n], all_y[order][:n]
+
+
+@torch.no_grad()
+def knn_classify(train_features, train_labels, test_features, test_labels, num_classes, k=20, temperature=0.07):
+    """Weighted kNN (Wu et al. 2018, as in DINO): cosine similarity, top-k neighbours, each vote
+    weighted by exp(sim / T). Returns top-1 and top-5 accuracy in percent. Unlabelled (-1)
+    training items are ignored; the test set is processed in chunks, so any size works."""
+    keep = train_labels >= 0
+    train = F.normalize(train_features[keep].float(), dim=1)
+    train_labels = train_labels[keep]
+    test = F.normalize(test_features.float(), dim=1)
+    k = min(k, len(train))
+    top1 = top5 = 0.0
+    for start in range(0, len(test), 1024):
+        sim, idx = (test[start:start + 1024] @ train.t()).topk(k, dim=1)
+        votes = torch.zeros(len(sim), num_classes, device=sim.device)
+        votes.scatter_add_(1, train_labels[idx], (sim / temperature).exp())
+        pred = votes.topk(min(5, num_classes), dim=1).indices
+        target = test_labels[start:start + 1024].view(-1, 1)
+        top1 += (pred[:, :1] == target).sum().item()
+        top5 += (pred == target).any(dim=1).sum().item()
+    n = max(1, len(test))
+    return 100.0 * top1 / n, 100.0 * top5 / n
+
+
+class KNNMonitor:
+    """kNN top-1 of the backbone's features on the validation split during training.
+
+    The memory bank is the (labelled) training subset in use, with the evaluation transform, capped at
+    `bank` images by a fixed seeded choice: on ImageNet the default 20,000 (plus the 50,000 validation
+    images) makes a monitor cost 5 % of the forward passes of embedding all 1.28 M training images.
+    Disabled (returns None) for data without labels or without a val split.
+    """
+
+    def __init__(self, data, data_dir, img_size, small_images, workers, device, subset=0, seed=0, download=False,
+                 bank=KNN_BANK, train=None, batch_size=256):
+        # `train`: the training set the script already built (not built twice), unless it holds unlabelled
+        # images as well (STL-10's unlabeled split): the bank is the labelled train split
+        if train is None or getattr(train, "split", None) == "train+unlabeled":
+            train = build_dataset(data, "train", data_dir, download)
+        val = build_dataset(data, "val", data_dir, download)
+        self.data, self.where = data, ""  # `where`: " on DATA" in the lines, where it is not the training data
+        self.num_classes = num_classes_of(train)
+        self.enabled = val is not None and self.num_classes > 0
+        if not self.enabled:
+            return
+        tf = eval_transform(img_size, small_images)
+        indices = EpochSampler(len(train), subset=subset, seed=seed).indices
+        if 0 < bank < len(indices):  # the same bank at every monitor and after a resume
+            indices = np.sort(np.random.default_rng([seed, bank]).choice(indices, bank, replace=False))
+        self.train, self.val = Transformed(train, tf, indices), Transformed(val, tf)
+        self.batch_size, self.workers, self.device = batch_size, workers, device
+
+    def __call__(self, backbone, autocast=None):
+        if not self.enabled:
+            return None
+        ftrain, ytrain = extract_features(backbone, self.train, self.batch_size, self.workers, self.device, autocast)
+        fval, yval = extract_features(backbone, self.val, self.batch_size, self.workers, self.device, autocast)
+        top1, top5 = knn_classify(ftrain, ytrain, fval, yval, self.num_classes)
+        return {"knn_top1": top1, "knn_top5": top5}
+
+# ==============================================================================================
+# THE PLUMBING. A reader needs none of what follows to understand a method: flags, processes,
+# checkpoints, resume and preemption, the optimiser and schedules, progress, and the training-run
+# helper that owns the glue around each method's training step.
+# ==============================================================================================
+
+def run_main(main):
+    """Call `main()`; turn a UserError (also one raised inside a loader worker) into one line and exit 2."""
+    try:
+        main()
+    except UserError as e:
+        msg = str(e)
+        if "Original Traceback" in msg:  # re-raised by a DataLoader worker: keep the worker's sentence
+            msg = re.split(r"UserError: ", msg)[-1]
+        print(f"error: {msg.strip()}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+# Options shared by every script (same names and meaning everywhere)
+# ----------------------------------------------------------------------------------------------
+def add_common_args(parser, method, *, epochs, batch_size, lr, wd, warmup_epochs, arch="resnet_tiny",
+                    eval_every=10, demo_subset=0):
+    """The flags of DESIGN.md. Defaults: the method's paper values, except data, arch, epochs, batch size
+    and `demo_subset` (images of --data synthetic used by default), which size the CPU demo."""
+    g = parser.add_argument_group("common options (same in every script)")
+    g.add_argument("--data", default="synthetic",
+                   help="synthetic (embedded, no download), cifar10, cifar100, stl10, or the path of an "
+                        "ImageFolder root with train/ and val/ (or test/)")
+    g.add_argument("--data-dir", default="data", help="root of the torchvision datasets (cifar10, ...)")
+    g.add_argument("--download", action="store_true", help="download the torchvision dataset into --data-dir")
+    g.add_argument("--subset", type=int, default=None,
+                   help="train on a fixed random subset of this many images, 0 = all (default: "
+                        f"{demo_subset or 'all'} with --data synthetic, the CPU demo; all otherwise)")
+    parser.set_defaults(demo_subset=demo_subset, script=method)  # `script`: which method wrote a checkpoint
+    g.add_argument("--arch", default=arch, choices=ARCHS, help="backbone; resnet_tiny is the CPU demo network")
+    g.add_argument("--epochs", type=int, default=epochs, help="number of training epochs")
+    g.add_argument("--batch-size", type=int, default=batch_size,
+                   help="global batch size, split evenly across processes")
+    g.add_argument("--lr", type=float, default=lr, help="base learning rate (see the method's docstring for scaling)")
+    g.add_argument("--wd", type=float, default=wd, help="weight decay")
+    g.add_argument("--warmup-epochs", type=float, default=warmup_epochs, help="linear warmup length, per iteration")
+    g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader processes per GPU")
+    g.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                   help="auto = bf16 on GPUs that support it, fp16 with a grad scaler on older GPUs, fp32 on CPU")
+    g.add_argument("--compile", action="store_true", help="torch.compile the networks (before the DDP wrap)")
+    g.add_argument("--out", default=f"runs/{method}",
+                   help="output folder; if it holds a checkpoint.pt, training resumes from it")
+    g.add_argument("--seed", type=int, default=0, help="random seed")
+    g.add_argument("--save-every", type=float, default=0, metavar="MINUTES",
+                   help="also write checkpoint.pt every this many minutes inside an epoch, for machines that die "
+                        "without a signal (SIGTERM and SIGUSR1 always save and stop); 0 = at epoch ends only")
+    g.add_argument("--log-every", type=int, default=20, help="steps between progress-bar and NaN checks")
+    g.add_argument("--eval-every", type=int, default=eval_every,
+                   help="epochs between kNN monitors (also run before training and after the last epoch); 0 = off")
+    g.add_argument("--eval-subset", type=int, default=KNN_BANK,
+                   help="kNN monitor's memory bank: a fixed seeded subset of this many labelled training images "
+                        "(0 = every training image in use); bounds the monitor's cost on large datasets")
+    return g
+
+
+def check_common_args(args, world_size):
+    """Resolve --subset, then reject bad values with one sentence before anything is built or written."""
+    if args.subset is None:
+        args.subset = args.demo_subset if args.data == "synthetic" else 0
+    if args.epochs < 1:
+        raise UserError("--epochs must be at least 1")
+    if args.batch_size < 1 or args.batch_size % world_size:
+        raise UserError(f"--batch-size {args.batch_size} must be a positive multiple of the number of "
+                        f"processes ({world_size})")
+    unset_or = lambda value, ok: value is None or ok(value)  # unset: the method's recipe fills it in later
+    if not (unset_or(args.lr, lambda v: v > 0) and unset_or(args.wd, lambda v: v >= 0)
+            and unset_or(args.warmup_epochs, lambda v: v >= 0) and args.subset >= 0):
+        raise UserError("--lr must be positive and --wd, --warmup-epochs, --subset must not be negative")
+    if args.log_every < 1 or min(args.eval_every, args.workers, args.save_every, args.eval_subset) < 0:
+        raise UserError("--log-every must be at least 1; --eval-every, --eval-subset, --workers and --save-every "
+                        "must not be negative")
+    check_out_folder(args.out)
+
+
+def check_out_folder(out, flag="--out"):
+    """An output folder that exists, or can be created: no file in its place or above it."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"{flag} {out} is a file, not a folder; choose another {flag}")
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise UserError(f"{flag} {out} cannot be created: {parent} is " +
+                        ("a file" if not os.path.isdir(parent) else "not writable") + f"; choose another {flag}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed setup, seeds, mixed precision
+# ----------------------------------------------------------------------------------------------
+def init_distributed():
+    """One process (`python X.py`) or torchrun (RANK / LOCAL_RANK / WORLD_SIZE from the environment).
+
+    NCCL on CUDA, gloo on CPU. Returns a namespace: rank, world_size, local_rank, device, is_main.
+    """
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls and convs on Ampere and newer
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device
+                                if device.type == "cuda" else None)
+    return SimpleNamespace(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
+                           is_main=rank == 0, distributed=world_size > 1)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def mixed_precision(precision, device):
+    """Returns (autocast context factory, GradScaler). bf16 needs no scaler; fp16 does; fp32 neither."""
+    if precision == "auto":
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise UserError("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    return autocast, scaler
+
+
+def all_gather_nograd(x):
+    """Concatenate a tensor over processes along dim 0, without gradient (keys, memory writes)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+def all_reduce_sum(x):
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(x)
+    return x
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints (the backbone.pt record, atomic saves), resume, preemption, the log
 # ----------------------------------------------------------------------------------------------
 def atomic_save(obj, path):
     """Write to a temporary file in the same folder, then rename: a crash never leaves a broken file."""
@@ -956,61 +1071,13 @@ def backbone_record(backbone, *, method, arch, small_images, img_size, feat_dim,
                     mean=IMAGENET_MEAN, std=IMAGENET_STD):
     return {"method": method, "arch": arch, "small_images": bool(small_images), "img_size": int(img_size),
             "mean": list(mean), "std": list(std), "feat_dim": int(feat_dim),
-            "state_dict": clean_state_dict(unwrap(backbone).state_dict()), "args": plain_args(args),
+            "state_dict": clean_state_dict(backbone.state_dict()), "args": plain_args(args),
             "epoch": int(epoch)}
 
 
 def save_backbone(path, backbone, **fields):
     """Write the method-independent `backbone.pt` that eval_linear.py reads (fields: see backbone_record)."""
     atomic_save(backbone_record(backbone, **fields), path)
-
-
-def _torch_load(path):
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__})") from None
-
-
-def load_backbone(path, arch=None):
-    """Read a `backbone.pt` record, a full `checkpoint.pt` (its record), or a bare torchvision state dict.
-
-    A bare state dict needs `arch`; its `small_images` is read off the stem's kernel size. If
-    `arch` is given, it must match the record's. Returns the record as a dict.
-    """
-    obj = _torch_load(path)
-    if isinstance(obj, dict) and isinstance(obj.get("backbone"), dict) and "state_dict" in obj["backbone"]:
-        obj = obj["backbone"]  # a training checkpoint.pt carries the record
-    if isinstance(obj, dict) and "state_dict" in obj and "arch" in obj:
-        record = obj
-    elif isinstance(obj, dict) and obj and all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
-        if arch is None:
-            raise UserError(f"{path} is a bare state dict; pass --arch to say which network it belongs to")
-        sd = clean_state_dict(obj)
-        small = "conv1.weight" in sd and sd["conv1.weight"].shape[-1] == 3
-        record = {"method": "torchvision", "arch": arch, "small_images": small, "img_size": None,
-                  "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "feat_dim": None, "state_dict": sd,
-                  "args": {}, "epoch": None}
-    else:
-        raise UserError(f"{path} is not a backbone.pt, checkpoint.pt or state dict of this project")
-    if arch is not None and arch != record["arch"]:
-        raise UserError(f"{path} holds a {record['arch']} backbone but --arch is {arch}; "
-                        f"pass --arch {record['arch']} or another checkpoint")
-    return record
-
-
-def backbone_from_record(record, img_size=None):
-    """Build the backbone described by a record and load its weights (strict)."""
-    img_size = record.get("img_size") or img_size or 224
-    model, feat_dim = build_backbone(record["arch"], record["small_images"], img_size)
-    try:
-        model.load_state_dict(record["state_dict"], strict=True)
-    except RuntimeError as e:
-        raise UserError(f"the checkpoint's weights do not fit {record['arch']} "
-                        f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from None
-    return model, feat_dim
 
 
 def rng_states():
@@ -1063,8 +1130,11 @@ def load_checkpoint(out, args, keys_that_must_match=()):
     except Exception as e:
         raise UserError(f"{path} cannot be read ({type(e).__name__}); delete it or use another --out") from None
     old = ckpt.get("args", {})
-    script = old.get("script") or str(ckpt.get("backbone", {}).get("method", "?"))
-    if not script.startswith(args.script) and not (args.script == "opera" and script == "mocov3"):
+    script = old.get("script")  # the method file that wrote it (set by add_common_args)
+    if script is None:
+        raise UserError(f"{path} was written by an older version of these scripts (it does not say which method); "
+                        "use another --out")
+    if script != args.script:
         raise UserError(f"{path} is a checkpoint of {script}, not of {args.script}; use another --out")
     for key in dict.fromkeys(RESUME_KEYS + tuple(keys_that_must_match)):
         if key in old and old[key] != getattr(args, key):
@@ -1210,16 +1280,22 @@ class LARS(torch.optim.Optimizer):
             torch._foreach_add_(params, bufs, alpha=-group["lr"])
 
 
-def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0.0, warmup_start=0.0):
+def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0.0, warmup_start=0.0, endpoint=True):
     """Per-iteration values: linear warmup from `warmup_start` to `base`, then cosine to `final`.
 
     Precomputed as an array (DINO's way) so that a resumed run lands on exactly the same value.
+    `endpoint=False` is MoCo v3's momentum form, final - (final - base)(1 + cos(pi t / T)) / 2 for
+    t = 0 .. T - 1: the value at t = T (after the last step) is `final`.
     """
     total = int(epochs * iters_per_epoch)
     warmup = min(int(warmup_epochs * iters_per_epoch), total)
     ramp = np.linspace(warmup_start, base, warmup, endpoint=False)
-    t = np.linspace(0.0, 1.0, total - warmup)  # the last iteration lands exactly on `final`
-    cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * t))
+    if endpoint:
+        t = np.linspace(0.0, 1.0, total - warmup)  # the last iteration lands exactly on `final`
+        cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * t))
+    else:
+        t, n = np.arange(total - warmup), total - warmup
+        cosine = final - (final - base) * (1 + np.cos(np.pi * t / n)) / 2
     return np.concatenate([ramp, cosine]).tolist()  # Python floats: optimizer states stay weights_only-loadable
 
 
@@ -1227,102 +1303,6 @@ def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0.0, war
 def momentum_update(target_params, online_params, momentum):
     """target <- m * target + (1 - m) * online, as one fused foreach op over all tensors."""
     torch._foreach_lerp_(target_params, online_params, 1.0 - momentum)
-
-
-# ----------------------------------------------------------------------------------------------
-# Features and weighted kNN (DINO's protocol)
-# ----------------------------------------------------------------------------------------------
-@torch.no_grad()
-def extract_features(model, dataset, batch_size, workers, device, autocast=None):
-    """Features and labels of every item of `dataset` (in order), on every process.
-
-    Each process embeds a strided share; the shares are gathered and put back in order. Works
-    for any dataset size.
-    """
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    rank = dist.get_rank() if world > 1 else 0
-    n = len(dataset)
-    if n < world:
-        raise UserError(f"the evaluation set has {n} images, fewer than the {world} processes")
-    was_training = model.training
-    model.eval()
-    feats, labels = [], []
-    loader = eval_loader(torch.utils.data.Subset(dataset, range(rank, n, world)), batch_size, workers, device)
-    for images, y in loader:
-        images = images.to(device, non_blocking=True)
-        if device.type == "cuda":
-            images = images.to(memory_format=torch.channels_last)
-        with autocast() if autocast else torch.autocast(device.type, enabled=False):
-            f = model(images)
-        feats.append(f.float())
-        labels.append(torch.as_tensor(y).to(device))
-    model.train(was_training)
-    feats, labels = torch.cat(feats), torch.cat(labels)
-    if world == 1:
-        return feats, labels
-    per = math.ceil(n / world)  # pad every share to the same length, gather, then restore the order
-    pad_f = feats.new_zeros(per, feats.shape[1])
-    pad_y = labels.new_full((per,), -1)
-    pad_f[: len(feats)], pad_y[: len(labels)] = feats, labels
-    all_f, all_y = all_gather_nograd(pad_f), all_gather_nograd(pad_y)  # rank-major
-    order = torch.arange(per * world, device=device).view(world, per).t().reshape(-1)
-    return all_f[order][:n], all_y[order][:n]
-
-
-@torch.no_grad()
-def knn_classify(train_features, train_labels, test_features, test_labels, num_classes, k=20, temperature=0.07):
-    """Weighted kNN (Wu et al. 2018, as in DINO): cosine similarity, top-k neighbours, each vote
-    weighted by exp(sim / T). Returns top-1 and top-5 accuracy in percent. Unlabelled (-1)
-    training items are ignored; the test set is processed in chunks, so any size works."""
-    keep = train_labels >= 0
-    train = F.normalize(train_features[keep].float(), dim=1)
-    train_labels = train_labels[keep]
-    test = F.normalize(test_features.float(), dim=1)
-    k = min(k, len(train))
-    top1 = top5 = 0.0
-    for start in range(0, len(test), 1024):
-        sim, idx = (test[start:start + 1024] @ train.t()).topk(k, dim=1)
-        votes = torch.zeros(len(sim), num_classes, device=sim.device)
-        votes.scatter_add_(1, train_labels[idx], (sim / temperature).exp())
-        pred = votes.topk(min(5, num_classes), dim=1).indices
-        target = test_labels[start:start + 1024].view(-1, 1)
-        top1 += (pred[:, :1] == target).sum().item()
-        top5 += (pred == target).any(dim=1).sum().item()
-    n = max(1, len(test))
-    return 100.0 * top1 / n, 100.0 * top5 / n
-
-
-class KNNMonitor:
-    """kNN top-1 of the backbone's features on the validation split during training.
-
-    The memory bank is the (labelled) training subset in use, with the evaluation transform, capped at
-    `bank` images by a fixed seeded choice: on ImageNet the default 20,000 (plus the 50,000 validation
-    images) makes a monitor cost 5 % of the forward passes of embedding all 1.28 M training images.
-    Disabled (returns None) for data without labels or without a val split.
-    """
-
-    def __init__(self, data, data_dir, img_size, small_images, batch_size, workers, device, subset=0,
-                 seed=0, download=False, bank=KNN_BANK):
-        train = build_dataset(data, "train", data_dir, download)
-        val = build_dataset(data, "val", data_dir, download)
-        self.num_classes = num_classes_of(train)
-        self.enabled = val is not None and self.num_classes > 0
-        if not self.enabled:
-            return
-        tf = eval_transform(img_size, small_images)
-        indices = EpochSampler(len(train), subset=subset, seed=seed).indices
-        if 0 < bank < len(indices):  # the same bank at every monitor and after a resume
-            indices = np.sort(np.random.default_rng([seed, bank]).choice(indices, bank, replace=False))
-        self.train, self.val = Transformed(train, tf, indices), Transformed(val, tf)
-        self.batch_size, self.workers, self.device = batch_size, workers, device
-
-    def __call__(self, backbone, autocast=None):
-        if not self.enabled:
-            return None
-        ftrain, ytrain = extract_features(backbone, self.train, self.batch_size, self.workers, self.device, autocast)
-        fval, yval = extract_features(backbone, self.val, self.batch_size, self.workers, self.device, autocast)
-        top1, top5 = knn_classify(ftrain, ytrain, fval, yval, self.num_classes)
-        return {"knn_top1": top1, "knn_top5": top5}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1365,3 +1345,189 @@ def check_finite(losses, step):
     """Call every --log-every steps with the stacked recent losses: stops with the step named."""
     if not torch.isfinite(losses).all():
         raise UserError(f"the loss is not finite at or before step {step}; lower --lr or use --precision fp32")
+
+
+# ----------------------------------------------------------------------------------------------
+# The training-run helper: everything around a method's step
+# ----------------------------------------------------------------------------------------------
+def init_run(args, check_method_args=None):
+    """Processes (one, or torchrun's), the flags (a bad one: one sentence, before anything is read or
+    written), the seeds (one stream per process). Returns the namespace of init_distributed."""
+    ddp = init_distributed()
+    check_common_args(args, ddp.world_size)
+    if check_method_args is not None:
+        check_method_args(args)
+    seed_everything(args.seed + ddp.rank)
+    return ddp
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+SELF_SUPERVISED_DEMO = (  # printed at the end of the self-supervised demos on the synthetic shapes
+    "what to expect: a few minutes of self-supervised training on the synthetic shapes move the kNN top-1 only a "
+    "few points from random init (the network bootstraps from its own random features); on CIFAR-10, BYOL, "
+    "MoCo v3, UniVIP and SwAV + rotation gain over random init within 2 epochs (README, Results)")
+
+
+class TrainingRun:
+    """The glue around a method's training step, the same in every script (DINO's `restart_from_checkpoint`
+    and `MetricLogger.log_every` in one). A method's `main()` builds its data, model, optimizer and
+    schedules, then writes its step out:
+
+        run = common.TrainingRun(args, ddp, model, optimizer, loader, autocast=..., scaler=..., ...)
+        for step, batch in run.batches():
+            ...                             # the method: from the batch to optimizer.step()
+            run.log(losses, lr=lr)          # the step's losses (scalar tensors), values to log
+
+    Construction: resume from --out's checkpoint.pt if there is one (the model with its buffers, the
+    optimizer, the grad scaler, each process's RNG, the position inside an epoch); SyncBatchNorm on several
+    GPUs; torch.compile, then DDP (`run.model`, called in the step; `model` stays the plain module); the
+    output folder, log.jsonl's header and the `recipe:` line; the kNN monitor at random init.
+    `batches()` runs the epochs: the sampler's epoch (skipping the batches a stopped run did), the progress
+    bar, images/s and data_wait, the non-finite check every --log-every steps, SIGTERM / SIGUSR1 /
+    --save-every checkpoints inside an epoch; at each epoch's end the means over steps and processes,
+    `evaluate()` (the method's own metrics), the kNN monitor every --eval-every epochs, one log.jsonl line
+    and one epoch line, checkpoint.pt and backbone.pt; at the end the kNN line and the method's `note`.
+    """
+
+    def __init__(self, args, ddp, model, optimizer, loader, *, autocast, scaler, backbone, record, knn=None,
+                 must_match=(), evaluate=None, recipe=None, note=None, broadcast_buffers=True):
+        self.args, self.ddp, self.loader, self.optimizer, self.autocast, self.scaler = (
+            args, ddp, loader, optimizer, autocast, scaler)
+        self.backbone, self.record, self.knn, self.evaluate, self.note = (
+            backbone, dict(record, arch=args.arch), knn, evaluate, note)
+        if ddp.distributed and ddp.device.type == "cuda":  # shares the parameters: the optimizer's stay valid
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.plain = model
+        # where the backbone sits in the model's state dict: checkpoint.pt holds each tensor once
+        self.backbone_prefix = next(name for name, m in model.named_modules() if m is backbone) + "."
+        ckpt = load_checkpoint(args.out, args, must_match)
+        self.start_epoch, self.step, self.done_in_epoch = resume_position(ckpt, len(loader))
+        self.resumed_totals, self.knn_init, self.knn_last = (ckpt or {}).get("totals", {}), None, None
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scaler.load_state_dict(ckpt["scaler"])
+            self.knn_init = ckpt.get("knn_init")
+            set_rng_states(ckpt["rng"][ddp.rank % len(ckpt["rng"])])
+        self.model = torch.compile(model) if args.compile else model  # compile before the DDP wrap
+        if ddp.distributed:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[ddp.local_rank] if ddp.device.type == "cuda" else None,
+                broadcast_buffers=broadcast_buffers)
+        self.log_path = os.path.join(args.out, "log.jsonl")
+        if ddp.is_main:
+            os.makedirs(args.out, exist_ok=True)
+            if ckpt is None:
+                write_json_line(self.log_path, dict(run_header(args), recipe=recipe))
+            if recipe:
+                print("recipe: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in recipe.items()))
+        if ckpt is None and knn is not None:
+            self.knn_init = knn(backbone, autocast)
+            if ddp.is_main and self.knn_init:
+                write_json_line(self.log_path, {"epoch": 0, **self.knn_init})
+                print(f"random-init backbone: kNN top-1 {self.knn_init['knn_top1']:.1f}%{knn.where}")
+        if ddp.is_main and knn is not None and not knn.enabled:
+            print(f"kNN monitor off: {knn.data} has no labelled validation split")
+
+    def log(self, losses, **last):
+        """After a step: add its losses to the epoch's sums (no host sync; 'loss' is checked for NaN);
+        `last`: values logged as they are at the epoch's end (lr, momentum, ...)."""
+        for name, value in losses.items():
+            self.totals[name] = self.totals.get(name, 0.0) + value.detach()
+        self.recent.append(losses["loss"].detach())
+        self.last.update(last)
+
+    def batches(self):
+        """Yields (step, batch) for every step of the run; see the class docstring."""
+        args, ddp, loader = self.args, self.ddp, self.loader
+        preemption = Preemption(ddp, args.save_every, sync_every=args.log_every)  # SIGTERM, SIGUSR1
+        for epoch in range(self.start_epoch, args.epochs):
+            skip = self.done_in_epoch if epoch == self.start_epoch else 0
+            loader.sampler.set_epoch(epoch, skip=skip * (args.batch_size // ddp.world_size))
+            self.model.train()
+            self.totals = ({k: v.to(ddp.device) if ddp.is_main else torch.zeros_like(v, device=ddp.device)
+                            for k, v in self.resumed_totals.items()} if skip else {})
+            self.recent, self.last = [], {}
+            epoch_timer, bar_timer = StepTimer(ddp.device), StepTimer(ddp.device)
+            bar = tqdm(epoch_timer.wrap(loader), total=len(loader), initial=skip, disable=not ddp.is_main,
+                       desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
+            for batch in bar:
+                yield self.step, batch
+                epoch_timer.add(args.batch_size)
+                bar_timer.add(args.batch_size)
+                self.step += 1
+                if self.step % args.log_every == 0:
+                    check_finite(torch.stack(self.recent), self.step)
+                    bar.set_postfix(loss=f"{self.recent[-1].item():.3f}", img_s=f"{bar_timer.rate():.0f}")
+                    self.recent = []
+                action = preemption.poll(self.step)  # the same answer on every process
+                if action:
+                    self.save(epoch, self.totals)
+                    if action == "stop":
+                        preemption.stop(self.step, args.out)
+            if self.recent:
+                check_finite(torch.stack(self.recent), self.step)
+            self._end_epoch(epoch, epoch_timer.rate(), epoch_timer.data_wait)
+        if ddp.is_main:
+            self._last_lines()
+
+    def _end_epoch(self, epoch, images_per_s, data_wait):
+        args, ddp = self.args, self.ddp
+        names = sorted(self.totals)  # the same order on every process
+        means = all_reduce_sum(torch.stack([self.totals[k] for k in names])) / (len(self.loader) * ddp.world_size)
+        stats = {"epoch": epoch + 1, **dict(zip(names, means.tolist())), **self.last, "images_per_s": images_per_s,
+                 "data_wait": data_wait, "peak_mem_mb": peak_memory_mb(ddp.device)}
+        stats.update(self.evaluate() if self.evaluate else {})
+        if self.knn is not None and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
+            self.knn_last = self.knn(self.backbone, self.autocast)
+            stats.update(self.knn_last or {})
+        if ddp.is_main:
+            write_json_line(self.log_path, stats)
+            print(epoch_line(stats, args.epochs))
+        self.save(epoch + 1, {})
+
+    def save(self, epochs_done, totals):
+        """checkpoint.pt and backbone.pt (atomic), at an epoch's end or inside one (then with the epoch's
+        running sums over all processes, so that its log line stays exact after the resume)."""
+        totals = {k: all_reduce_sum(v.clone()) for k, v in totals.items()}  # collectives: every process
+        rng = gather_rng_states()
+        if not self.ddp.is_main:
+            return
+        record = backbone_record(self.backbone, **self.record, args=self.args, epoch=epochs_done)
+        meta = {k: v for k, v in record.items() if k != "state_dict"}  # the weights are in "model"
+        atomic_save({"method": record["method"], "model": self.plain.state_dict(),
+                     "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                     "epoch": epochs_done, "step": self.step, "totals": totals, "args": plain_args(self.args),
+                     "rng": rng, "knn_init": self.knn_init, "backbone": dict(meta, state_dict_prefix=self.backbone_prefix)},
+                    os.path.join(self.args.out, "checkpoint.pt"))
+        atomic_save(record, os.path.join(self.args.out, "backbone.pt"))
+
+    def _last_lines(self):
+        args, knn_init, knn_last = self.args, self.knn_init, self.knn_last
+        if self.start_epoch >= args.epochs:
+            print(f"{args.out} already holds a model trained for {args.epochs} epochs")
+            return
+        print(f"kNN top-1{self.knn.where}: {knn_last['knn_top1']:.1f}% after training vs {knn_init['knn_top1']:.1f}% "
+              f"at random init (backbone: {args.out}/backbone.pt)" if knn_init and knn_last else
+              f"done: backbone saved to {args.out}/backbone.pt")
+        if self.note:
+            print(self.note)
+
+
+def epoch_line(stats, epochs):
+    """One format for every script: the loss and its terms, the logged values (lr, momentum, ...), the speed,
+    then the evaluations in percent (accuracies are logged in %, rates in [0, 1])."""
+    terms = [f"{k[5:]} {v:.3f}" for k, v in stats.items() if k.startswith("loss_")]
+    values = [(k, v) for k, v in stats.items() if v is not None and not k.startswith("loss") and
+              k not in ("epoch", "images_per_s", "data_wait", "peak_mem_mb", "knn_top5")]
+    name = lambda k: k.replace("knn", "kNN").replace("_top1", " top-1").replace("_top5", " top-5").replace("_", " ")
+    percent = [f"{name(k)} " + (f"{v:.0%}" if k.endswith("_rate") else f"{v:.1f}%")
+               for k, v in values if k.endswith(("top1", "top5", "_acc", "_rate"))]
+    plain = [f"{k} {v:.4g}" for k, v in values if not k.endswith(("top1", "top5", "_acc", "_rate"))]
+    loss = f"loss {stats['loss']:.3f}" + (f" ({', '.join(terms)})" if terms else "")
+    return ", ".join([f"epoch {stats['epoch']}/{epochs}: {loss}", *plain, f"{stats['images_per_s']:.0f} images/s",
+                      f"data wait {stats['data_wait']:.0%}", *percent])

@@ -90,6 +90,64 @@ def check_args(args, world_size):
         raise common.UserError(f"--batch-size {args.batch_size} must be a positive multiple of the number of processes")
     if args.epochs < 0 or args.subset < 0 or args.img_size < 0 or args.knn_k < 1 or args.knn_t <= 0:
         raise common.UserError("--epochs, --subset and --img-size must not be negative; --knn-k and --knn-t must be positive")
+    if args.out is not None:
+        common.check_out_folder(args.out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading a checkpoint: backbone.pt, checkpoint.pt or a bare torchvision state dict
+# ----------------------------------------------------------------------------------------------
+def read_checkpoint(path):
+    if not os.path.isfile(path):
+        raise common.UserError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise common.UserError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__})") from None
+
+
+def load_backbone(path, arch=None):
+    """Read a `backbone.pt` record, a full `checkpoint.pt` (its record), or a bare torchvision state dict.
+
+    A bare state dict needs `arch`; its `small_images` is read off the stem's kernel size. If
+    `arch` is given, it must match the record's. Returns the record as a dict.
+    """
+    obj = read_checkpoint(path)
+    if isinstance(obj, dict) and isinstance(obj.get("backbone"), dict) and "state_dict_prefix" in obj["backbone"]:
+        prefix = obj["backbone"]["state_dict_prefix"]  # a training checkpoint.pt: the record, its weights in "model"
+        weights = {k[len(prefix):]: v for k, v in obj["model"].items() if k.startswith(prefix)}
+        obj = {k: v for k, v in obj["backbone"].items() if k != "state_dict_prefix"}
+        obj["state_dict"] = common.clean_state_dict(weights)
+    elif isinstance(obj, dict) and isinstance(obj.get("backbone"), dict) and "state_dict" in obj["backbone"]:
+        obj = obj["backbone"]  # a checkpoint.pt of an earlier version, which carried the whole record
+    if isinstance(obj, dict) and "state_dict" in obj and "arch" in obj:
+        record = obj
+    elif isinstance(obj, dict) and obj and all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
+        if arch is None:
+            raise common.UserError(f"{path} is a bare state dict; pass --arch to say which network it belongs to")
+        sd = common.clean_state_dict(obj)
+        small = "conv1.weight" in sd and sd["conv1.weight"].shape[-1] == 3
+        record = {"method": "torchvision", "arch": arch, "small_images": small, "img_size": None,
+                  "mean": list(common.IMAGENET_MEAN), "std": list(common.IMAGENET_STD), "feat_dim": None, "state_dict": sd,
+                  "args": {}, "epoch": None}
+    else:
+        raise common.UserError(f"{path} is not a backbone.pt, checkpoint.pt or state dict of this project")
+    if arch is not None and arch != record["arch"]:
+        raise common.UserError(f"{path} holds a {record['arch']} backbone but --arch is {arch}; "
+                        f"pass --arch {record['arch']} or another checkpoint")
+    return record
+
+
+def backbone_from_record(record, img_size=None):
+    """Build the backbone described by a record and load its weights (strict)."""
+    img_size = record.get("img_size") or img_size or 224
+    model, feat_dim = common.build_backbone(record["arch"], record["small_images"], img_size)
+    try:
+        model.load_state_dict(record["state_dict"], strict=True)
+    except RuntimeError as e:
+        raise common.UserError(f"the checkpoint's weights do not fit {record['arch']} "
+                        f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from None
+    return model, feat_dim
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,15 +338,16 @@ def main():
     t0 = time.time()
 
     # -------------------------------------------------------------------- checkpoint and data
-    record = None if args.ckpt == "random" else common.load_backbone(args.ckpt, args.arch)
+    record = None if args.ckpt == "random" else load_backbone(args.ckpt, args.arch)
     train_raw = common.build_dataset(args.data, "train", args.data_dir, args.download)
     test_raw = common.build_dataset(args.data, "val", args.data_dir, args.download)
     num_classes = common.num_classes_of(train_raw)
     if num_classes == 0 or test_raw is None:
         raise common.UserError(f"--data {args.data} needs labelled train/ and val/ (or test/) splits for evaluation")
-    native = common.native_image_size(train_raw)
-    small = record["small_images"] if record else native <= 64
-    img_size = args.img_size or (record and record.get("img_size")) or (native if native <= 64 else 224)
+    # the record's sizes; for a random network the training scripts' crop-size policy
+    small, policy_size, _ = common.crop_sizes(common.native_image_size(train_raw))
+    small = record["small_images"] if record else small
+    img_size = args.img_size or (record and record.get("img_size")) or policy_size
     mean, std = (record["mean"], record["std"]) if record else (common.IMAGENET_MEAN, common.IMAGENET_STD)
     info = {"img_size": img_size, "small_images": small, "mean": mean, "std": std}
 
@@ -297,7 +356,7 @@ def main():
         torch.manual_seed(args.seed)
         backbone, feat_dim = common.build_backbone(args.arch, small, img_size)
     else:
-        backbone, feat_dim = common.backbone_from_record(record, img_size)
+        backbone, feat_dim = backbone_from_record(record, img_size)
     backbone = common.to_device(backbone, ddp.device).requires_grad_(False).eval()
     autocast, _ = common.mixed_precision(args.precision, ddp.device)
 

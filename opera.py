@@ -79,7 +79,6 @@ Commands
 """
 import argparse
 import copy
-import os
 
 import numpy as np
 import torch
@@ -87,11 +86,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.transforms import v2
-from tqdm import tqdm
 
 import common
 
-# The two columns of the paper's recipe (MoCo v3's): chosen from --arch, each overridable.
+# The recipe, in one place: the paper's two columns (MoCo v3's), chosen from --arch, then the CPU demo's
+# changes for resnet_tiny; each value can be overridden by its flag.
 PAPER_DEFAULTS = {
     "resnet": dict(optimizer="lars", lr=0.3, wd=1e-6, temperature=1.0, warmup_epochs=10, crop_min=0.2),
     "vit": dict(optimizer="adamw", lr=1.5e-4, wd=0.1, temperature=0.2, warmup_epochs=40, crop_min=0.08),
@@ -99,9 +98,8 @@ PAPER_DEFAULTS = {
 # The CPU demo (resnet_tiny, 400 steps on 32 px shapes) learns nothing in that time with LARS at base lr
 # 0.3 and 10 warmup epochs, values made for 100+ epochs of ImageNet; crops of 0.2 of a 32 px image often
 # miss the shape. Measured on an earlier version of the synthetic data (600 steps of 64): kNN top-1 11 %
-# with the paper's values, 28 % with these, 10 % at init. The demo now ends at 47 % (19 % at init).
+# with the paper's values, 28 % with these, 10 % at init (today's demo: README).
 DEMO_DEFAULTS = dict(lr=2.4, warmup_epochs=1, crop_min=0.5)
-RESUME_MUST_MATCH = ("sup_weight", "labeled_fraction", "dim", "mlp_dim", "optimizer", "crop_size")  # besides common's
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,36 +125,43 @@ def get_args_parser():
                    help="smallest RandomResizedCrop scale (ResNet 0.2, ViT 0.08)")
     g.add_argument("--crop-size", type=int, default=None,
                    help="side of both views (default: 224, or the native size of images of 64 px or less)")
-    g.add_argument("--base-momentum", type=float, default=0.99,
+    g.add_argument("--ema", "--base-momentum", dest="ema", type=float, default=0.99,
                    help="momentum encoder: m rises from this value to 1 on a per-iteration cosine")
     g.add_argument("--dim", type=int, default=256, help="output size of the projector and predictor (q, k)")
     g.add_argument("--mlp-dim", type=int, default=4096, help="hidden size of the projector and predictor MLPs")
     return parser
 
 
-def resolve_defaults(args):
+def resolve_recipe(args, native):
+    """Fill the options left unset (the tables above; crops from the images' shorter side `native`) and
+    return (small_images, the recipe as printed and logged)."""
     defaults = dict(PAPER_DEFAULTS["vit" if args.arch.startswith("vit") else "resnet"])
     if args.arch == "resnet_tiny":
         defaults.update(DEMO_DEFAULTS)
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    return args
+    small, args.crop_size, _ = common.crop_sizes(native, args.crop_size)  # 224, or native on small images
+    optimizer = "LARS (eta 0.001)" if args.optimizer == "lars" else "AdamW"
+    return small, dict(lr=f"{args.lr * args.batch_size / 256:.4g} ({args.lr} x {args.batch_size}/256, cosine to 0)",
+                       wd=args.wd, optimizer=optimizer, warmup=f"{args.warmup_epochs} epochs",
+                       ema=f"{args.ema} -> 1 (cosine)", temperature=args.temperature, crop=f"{args.crop_size} px")
 
 
-def check_method_args(args):
+def check_args(args):
+    """Bad OPERA options: one sentence, before any data is read (unset ones are resolved later)."""
     if args.sup_weight < 0:
         raise common.UserError(f"--sup-weight {args.sup_weight} must not be negative (0 = plain MoCo v3)")
     if not 0 <= args.labeled_fraction <= 1:
         raise common.UserError(f"--labeled-fraction {args.labeled_fraction} must be between 0 and 1")
-    if args.temperature <= 0:
+    if args.temperature is not None and args.temperature <= 0:
         raise common.UserError(f"--temperature {args.temperature} must be positive")
-    if not 0 < args.crop_min <= 1:
+    if args.crop_min is not None and not 0 < args.crop_min <= 1:
         raise common.UserError(f"--crop-min {args.crop_min} must be in (0, 1]")
     if args.crop_size is not None and args.crop_size < 8:
         raise common.UserError(f"--crop-size {args.crop_size} must be at least 8 pixels")
-    if not 0 <= args.base_momentum <= 1:
-        raise common.UserError(f"--base-momentum {args.base_momentum} must be between 0 and 1")
+    if not 0 <= args.ema <= 1:
+        raise common.UserError(f"--ema {args.ema} must be between 0 and 1")
     if args.dim < 1 or args.mlp_dim < 1:
         raise common.UserError("--dim and --mlp-dim must be positive")
 
@@ -287,13 +292,6 @@ class OPERA(nn.Module):
         return {"loss": loss_self + self.sup_weight * loss_class, "loss_self": loss_self, "loss_class": loss_class}
 
 
-def momentum_schedule(base_momentum, epochs, iters_per_epoch):
-    """m(t) = 1 - (1 - base)(1 + cos(pi t / T_total)) / 2 for iterations t = 0 .. T_total - 1 (MoCo v3's
-    per-iteration half cosine: m(0) = base, m(T_total) = 1)."""
-    t, total = np.arange(epochs * iters_per_epoch), epochs * iters_per_epoch
-    return (1 - (1 - base_momentum) * (1 + np.cos(np.pi * t / total)) / 2).tolist()
-
-
 def build_model(args, num_classes, small_images, img_size):
     """OPERA around a fresh backbone. ResNets start with zero-init residual branches (MoCo v3's choice),
     except the 4-block demo network, which then needs several times more steps to start learning."""
@@ -305,10 +303,10 @@ def build_model(args, num_classes, small_images, img_size):
 
 
 @torch.no_grad()
-def class_head_top1(model, val_set, batch_size, workers, device, autocast):
+def class_head_top1(model, val_set, workers, device, autocast):
     """Top-1 (%) of the class head on the validation split: online network in eval mode."""
     network = nn.Sequential(model.backbone, model.projector, model.predictor, model.class_head)
-    logits, labels = common.extract_features(network, val_set, batch_size, workers, device, autocast)
+    logits, labels = common.extract_features(network, val_set, 256, workers, device, autocast)
     return 100.0 * (logits.argmax(1) == labels).float().mean().item()
 
 
@@ -316,43 +314,35 @@ def class_head_top1(model, val_set, batch_size, workers, device, autocast):
 # Training
 # ----------------------------------------------------------------------------------------------
 def main():
-    args = resolve_defaults(get_args_parser().parse_args())
-    ddp = common.init_distributed()
-    common.check_common_args(args, ddp.world_size)
-    check_method_args(args)
-    common.seed_everything(args.seed + ddp.rank)
+    # ---------------------------------------------------------------- plumbing: processes, flags, seeds
+    args = get_args_parser().parse_args()
+    ddp = common.init_run(args, check_args)
 
-    # ---------------------------------------------------------------- data
+    # ---------------------------------------------------------------- data, recipe
     train_set = common.build_dataset(args.data, "train", args.data_dir, args.download, with_unlabeled=True)
     num_classes = common.num_classes_of(train_set) if args.sup_weight > 0 else 0
     if args.sup_weight > 0 and num_classes < 2:  # one class: the class loss is 0 from the first step
         raise common.UserError(f"--data {args.data} has labels for {num_classes} class(es); OPERA's class head needs "
                                "at least two: add labelled classes or pass --sup-weight 0 to train plain MoCo v3")
-    if args.labeled_fraction < 1:
+    native = common.native_image_size(train_set)
+    small, recipe = resolve_recipe(args, native)  # before the log header, so that it is logged
+    if ddp.is_main:
+        print(common.describe_sizes(native, small, crop=args.crop_size))
+    knn = (common.KNNMonitor(args.data, args.data_dir, args.crop_size, small, args.workers, ddp.device, args.subset,
+                             args.seed, args.download, args.eval_subset, train=train_set) if args.eval_every else None)
+    # the class head's top-1 on the validation split, every epoch (off with --eval-every 0)
+    val_set = knn.val if num_classes and knn is not None and knn.enabled else None
+    if args.labeled_fraction < 1:  # the omni-supervised setting: a seeded part of the images keeps its label
         in_use = common.EpochSampler(len(train_set), subset=args.subset, seed=args.seed).indices
         train_set = PartiallyLabeled(train_set, labeled_indices(in_use, args.labeled_fraction, args.seed))
-    # Crops of 224 px (MoCo v3) on ImageNet-sized images, at the native size on small ones (CIFAR stem)
-    native = common.native_image_size(train_set)
-    small = native <= common.SMALL_IMAGES
-    img_size = args.crop_size = args.crop_size or (native if small else 224)
-    if ddp.is_main:
-        print(common.describe_sizes(native, small, crop=img_size))
-    augmentation = TwoViewAugmentation(img_size, args.crop_min)
+    augmentation = TwoViewAugmentation(args.crop_size, args.crop_min)
     loader = common.train_loader(train_set, augmentation, args.batch_size // ddp.world_size, ddp, args.workers,
                                  args.seed, args.subset)
-    knn = (common.KNNMonitor(args.data, args.data_dir, img_size, small, 256, args.workers, ddp.device,
-                             args.subset, args.seed, args.download, args.eval_subset) if args.eval_every else None)
-    # the class head's top-1 on the validation split, every epoch (off with --eval-every 0)
-    val_set = (common.build_dataset(args.data, "val", args.data_dir, args.download)
-               if num_classes and args.eval_every else None)
-    if val_set is not None:
-        val_set = common.Transformed(val_set, common.eval_transform(img_size, small))
 
-    # ---------------------------------------------------------------- model
-    model, feat_dim = build_model(args, num_classes, small, img_size)
+    # ---------------------------------------------------------------- model (OPERA: MoCo v3 + class head)
+    model, feat_dim = build_model(args, num_classes, small, args.crop_size)
     model = common.to_device(model, ddp.device)
-    if ddp.distributed and ddp.device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    momentum_params, online_params = model.momentum_pairs()
 
     # ---------------------------------------------------------------- optimizer, schedules, precision
     if args.optimizer == "lars":
@@ -362,123 +352,37 @@ def main():
                                       fused=ddp.device.type == "cuda")
     lr_schedule = common.cosine_schedule(args.lr * args.batch_size / 256, 0.0, args.epochs, len(loader),
                                          args.warmup_epochs)
-    m_schedule = momentum_schedule(args.base_momentum, args.epochs, len(loader))
+    # m(t) = 1 - (1 - m0)(1 + cos(pi t / T)) / 2 per iteration, MoCo v3's (detail 3)
+    ema_schedule = common.cosine_schedule(args.ema, 1.0, args.epochs, len(loader), endpoint=False)
     autocast, scaler = common.mixed_precision(args.precision, ddp.device)
 
-    # ---------------------------------------------------------------- resume (at an epoch's end or inside one)
-    ckpt = common.load_checkpoint(args.out, args, RESUME_MUST_MATCH)
-    start_epoch, step, done_in_epoch = common.resume_position(ckpt, len(loader))
-    knn_init = None
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        knn_init = ckpt.get("knn_init")
-        common.set_rng_states(ckpt["rng"][ddp.rank % len(ckpt["rng"])])
-    momentum_params, online_params = model.momentum_pairs()
+    def evaluate():  # detail 10: the class head on the validation split
+        return {"head_top1": class_head_top1(model, val_set, args.workers, ddp.device, autocast)} if val_set else {}
 
-    # ---------------------------------------------------------------- compile, DDP (compile before DDP)
-    train_model = torch.compile(model) if args.compile else model
-    if ddp.distributed:
-        train_model = nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[ddp.local_rank] if ddp.device.type == "cuda" else None)
+    # ---------------------------------------------------------------- plumbing: resume, compile + DDP, output
+    run = common.TrainingRun(
+        args, ddp, model, optimizer, loader, autocast=autocast, scaler=scaler, backbone=model.backbone,
+        record=dict(method="opera" if num_classes else "mocov3", small_images=small, img_size=args.crop_size,
+                    feat_dim=feat_dim),
+        knn=knn, evaluate=evaluate, recipe=recipe,
+        note=common.SELF_SUPERVISED_DEMO if not num_classes and args.data == "synthetic" else None,
+        must_match=("sup_weight", "labeled_fraction", "dim", "mlp_dim", "optimizer", "crop_size"))
 
-    # ---------------------------------------------------------------- output folder (all checks passed)
-    log_path = os.path.join(args.out, "log.jsonl")
-    if ddp.is_main:
-        os.makedirs(args.out, exist_ok=True)
-        if ckpt is None:
-            common.write_json_line(log_path, common.run_header(args))
-    if ckpt is None and knn is not None:
-        knn_init = knn(model.backbone, autocast)
-        if ddp.is_main and knn_init:
-            common.write_json_line(log_path, {"epoch": 0, **knn_init})
-            print(f"random-init backbone: kNN top-1 {knn_init['knn_top1']:.1f}%")
-
-    def save(epochs_done, totals):
-        """backbone.pt and checkpoint.pt (atomic): at an epoch's end, or inside one (then with the epoch's
-        running loss sums over all processes, so that its log line stays exact after the resume)."""
-        totals = {k: common.all_reduce_sum(v.clone()) for k, v in totals.items()}  # collectives: every rank
-        rng = common.gather_rng_states()
-        if ddp.is_main:
-            fields = dict(method="opera" if num_classes else "mocov3", arch=args.arch, small_images=small,
-                          img_size=img_size, feat_dim=feat_dim, args=args, epoch=epochs_done)
-            common.save_backbone(os.path.join(args.out, "backbone.pt"), model.backbone, **fields)
-            common.atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                "scaler": scaler.state_dict(), "epoch": epochs_done, "step": step, "totals": totals,
-                                "args": common.plain_args(args), "rng": rng, "knn_init": knn_init,
-                                "backbone": common.backbone_record(model.backbone, **fields)},
-                               os.path.join(args.out, "checkpoint.pt"))
-
-    # ---------------------------------------------------------------- training
-    preemption = common.Preemption(ddp, args.save_every, sync_every=args.log_every)  # SIGTERM, SIGUSR1
-    record = {}
-    for epoch in range(start_epoch, args.epochs):
-        skip = done_in_epoch if epoch == start_epoch else 0  # batches done before a stop inside this epoch
-        loader.sampler.set_epoch(epoch, skip=skip * (args.batch_size // ddp.world_size))
-        train_model.train()
-        totals = ({k: v.to(ddp.device) if ddp.is_main else torch.zeros_like(v, device=ddp.device)
-                   for k, v in ckpt["totals"].items()} if skip else {})
-        recent = []
-        epoch_timer, bar_timer = common.StepTimer(ddp.device), common.StepTimer(ddp.device)
-        bar = tqdm(epoch_timer.wrap(loader), total=len(loader), initial=skip, disable=not ddp.is_main,
-                   desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
-        for view1, view2, labels in bar:
-            view1, view2 = augmentation.on_device(view1, view2, ddp.device)  # colour ops, batched (detail 11)
-            labels = labels.to(ddp.device, non_blocking=True)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_schedule[step]
-            # MoCo v3 (and OPERA's code) update the momentum encoder before computing the keys, from the
-            # online weights of this step (detail 3)
-            common.momentum_update(momentum_params, online_params, m_schedule[step])
-            with autocast():
-                losses = train_model(view1, view2, labels)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(losses["loss"]).backward()
-            scaler.step(optimizer)
-            scaler.update()
-
-            for key, value in losses.items():
-                totals[key] = totals.get(key, 0.0) + value.detach()
-            recent.append(losses["loss"].detach())
-            epoch_timer.add(args.batch_size)
-            bar_timer.add(args.batch_size)
-            step += 1
-            if step % args.log_every == 0:
-                common.check_finite(torch.stack(recent), step)
-                recent = []
-                bar.set_postfix(loss=f"{losses['loss'].item():.3f}", img_s=f"{bar_timer.rate():.0f}")
-            action = preemption.poll(step)  # the same answer on every process
-            if action:
-                save(epoch, totals)
-                if action == "stop":
-                    preemption.stop(step, args.out)
-        if recent:
-            common.check_finite(torch.stack(recent), step)
-        images_per_s = epoch_timer.rate()
-
-        # ------------------------------------------------------------ end of epoch: evaluate, log, save
-        terms = common.all_reduce_sum(torch.stack([totals[k] for k in ("loss", "loss_self", "loss_class")]))
-        terms = (terms / (len(loader) * ddp.world_size)).tolist()  # mean over steps and processes
-        record = {"epoch": epoch + 1, "loss": terms[0], "loss_self": terms[1], "loss_class": terms[2],
-                  "lr": float(lr_schedule[step - 1]), "momentum": float(m_schedule[step - 1]),
-                  "images_per_s": images_per_s, "data_wait": epoch_timer.data_wait,
-                  "peak_mem_mb": common.peak_memory_mb(ddp.device)}
-        if val_set is not None:
-            record["head_top1"] = class_head_top1(model, val_set, 256, args.workers, ddp.device, autocast)
-        if knn is not None and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
-            record.update(knn(model.backbone, autocast) or {})
-        if ddp.is_main:
-            common.write_json_line(log_path, record)
-            head = f", class head top-1 {record['head_top1']:.1f}%" if "head_top1" in record else ""
-            knn_text = f", kNN top-1 {record['knn_top1']:.1f}%" if "knn_top1" in record else ""
-            print(f"epoch {epoch + 1}/{args.epochs}: loss {record['loss']:.3f} (self {record['loss_self']:.3f}, "
-                  f"class {record['loss_class']:.3f}), lr {record['lr']:.4g}, m {record['momentum']:.4f}, "
-                  f"{images_per_s:.0f} images/s, data wait {epoch_timer.data_wait:.0%}{head}{knn_text}")
-        save(epoch + 1, {})
-
-    if ddp.is_main and knn_init and "knn_top1" in record:
-        print(f"kNN top-1: {record['knn_top1']:.1f}% after training vs {knn_init['knn_top1']:.1f}% at random init")
+    # ---------------------------------------------------------------- the training step (OPERA)
+    for step, (view1, view2, labels) in run.batches():
+        view1, view2 = augmentation.on_device(view1, view2, ddp.device)  # colour ops, batched (detail 11)
+        labels = labels.to(ddp.device, non_blocking=True)
+        common.set_lr(optimizer, lr_schedule[step])
+        # MoCo v3 (and OPERA's code) update the momentum encoder before computing the keys, from the
+        # online weights of this step (detail 3)
+        common.momentum_update(momentum_params, online_params, ema_schedule[step])
+        with autocast():
+            losses = run.model(view1, view2, labels)  # run.model: model, compiled and in DDP
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(losses["loss"]).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        run.log(losses, lr=lr_schedule[step], ema=ema_schedule[step])
 
 
 if __name__ == "__main__":

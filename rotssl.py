@@ -30,11 +30,13 @@ Implementation details (the choices that matter and that papers leave out):
     the first `--freeze-prototypes-iters` iterations; codes come from the two global crops only,
     with Sinkhorn-Knopp (eps 0.05, 3 iterations) whose row and total sums are all-reduced, so that
     N processes x batch B give the codes of one process with batch N*B.
- 5. SwAV's lr is not batch-scaled: warmup 0.3 -> 1.2 (`--lr` is the peak), cosine to 0.0012. BYOL's
-    is `--lr` x batch / 256, cosine to 0; target momentum 0.99 -> 1 on a per-iteration cosine. BYOL
-    above 64 px: DeepMind's ImageNet recipe (LARS eta 0.001, lr 0.2, wd 1.5e-6, warmup from 0, blur
-    p 1.0 / 0.1). At 64 px or less, solo-learn's CIFAR recipe in full: eta 0.02 with each layer's
-    rate clipped at the global one, lr 1.0, wd 1e-5, no blur, and warmup from 3e-5 (solo-learn's
+ 5. The recipes are the table RECIPES at the top, filled in by resolve_recipe() (flags that are set
+    win) and printed as the `recipe:` line. SwAV's lr is not batch-scaled: warmup 0.3 -> 1.2 (`--lr`
+    is the peak), cosine to 0.0012, LARS eta 0.001. BYOL's is `--lr` x batch / 256, cosine to 0;
+    target momentum `--ema` 0.99 -> 1 on a per-iteration cosine. BYOL above 64 px: DeepMind's
+    ImageNet recipe (LARS eta 0.001, lr 0.2, wd 1.5e-6, warmup from 0, blur p 1.0 / 0.1). At 64 px or
+    less, solo-learn's CIFAR recipe in full: eta 0.02 with each layer's rate clipped at the global
+    one, lr 1.0, wd 1e-5 (unless --wd is given), no blur, and warmup from 3e-5 (solo-learn's
     warmup_start_lr), so the clip holds from the first step (eta 0.001 moves weights 20x less).
  6. Crop sizes follow the median shorter side of a sample of the training images: above 64 px the
     reference's 224 and 96 px whatever the images' size; at 64 px or less (CIFAR stem) the native
@@ -78,15 +80,29 @@ Commands:
 """
 import argparse
 import copy
-import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.transforms import v2
-from tqdm import tqdm
 
 import common
+
+# The recipe, in one place (detail 5): the base method's row, and for BYOL on images of SMALL_IMAGES px or
+# less solo-learn's CIFAR row. A flag that is set wins (so BYOL's small-image wd 1e-5 applies only without
+# --wd); the LARS trust coefficient and clip are no flags: each recipe was tuned with its own. Warmup: 10
+# epochs in both papers, at most a fifth of a short run.
+RECIPES = {
+    # EffSSL's SwAV: warmup 0.3 -> 1.2 (not batch-scaled), cosine to 0.0012
+    "swav": dict(lr=1.2, wd=1e-6, warmup_epochs=10.0, warmup_start_lr=0.3, final_lr=0.0012, lars_eta=0.001,
+                 lars_clip=False),
+    # DeepMind's ImageNet BYOL: lr 0.2 x batch / 256, warmup from 0, cosine to 0
+    "byol": dict(lr=0.2, wd=1.5e-6, warmup_epochs=10.0, warmup_start_lr=0.0, final_lr=0.0, lars_eta=0.001,
+                 lars_clip=False),
+    # solo-learn's CIFAR BYOL: each layer's rate clipped at the global one, from a warmup start above 0
+    "byol_small": dict(lr=1.0, wd=1e-5, warmup_epochs=10.0, warmup_start_lr=3e-5, final_lr=0.0, lars_eta=0.02,
+                       lars_clip=True),
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -94,8 +110,11 @@ import common
 # ----------------------------------------------------------------------------------------------
 def get_args_parser():
     p = argparse.ArgumentParser("rotssl", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # lr, wd, warmup: None = the base method's value, resolved in resolve_defaults()
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog="--lr, --wd, --warmup-epochs, --warmup-start-lr and --final-lr default to the "
+                                       f"recipe of --base (byol_small: BYOL on images of {common.SMALL_IMAGES} px or "
+                                       f"less; warmup at most a fifth of the run): {RECIPES}")
+    # lr, wd, warmup: None = the recipe's value, resolved in resolve_recipe()
     # demo defaults: one epoch of the 10,000 synthetic images (312 steps of 32) fits the 3-minute CPU budget
     common.add_common_args(p, "rotssl", epochs=1, batch_size=32, lr=None, wd=None, warmup_epochs=None)
     g = p.add_argument_group("rotation task")
@@ -110,6 +129,8 @@ def get_args_parser():
                    help=f"SwAV's local crop side (default: the reference's 96; global size x 96/224 on {small})")
     g.add_argument("--warmup-start-lr", type=float, default=None,
                    help=f"lr at the start of the warmup (default: SwAV 0.3; BYOL 0, or solo-learn's 3e-5 on {small})")
+    g.add_argument("--final-lr", type=float, default=None,
+                   help="learning rate at the end of the cosine (default: SwAV 0.0012, BYOL 0)")
     g = p.add_argument_group("SwAV base")
     g.add_argument("--n-prototypes", type=int, default=None,
                    help="number of prototypes; default 3000 (the paper) for images above 64 px, min(300, batch size) "
@@ -121,45 +142,43 @@ def get_args_parser():
     g.add_argument("--freeze-prototypes-iters", type=int, default=313,
                    help="iterations at the start during which the prototypes receive no update")
     g.add_argument("--n-local", type=int, default=6, help="number of small local crops (multi-crop)")
-    g.add_argument("--final-lr", type=float, default=0.0012, help="learning rate at the end of the cosine")
     g = p.add_argument_group("BYOL base")
     g.add_argument("--ema", type=float, default=0.99,
                    help="initial momentum of the target network (rises to 1 on a cosine); try 0.996 for long runs")
     return p
 
 
-def resolve_defaults(args):
-    """Fill in the options whose paper value depends on the base method only (left None by the parser)."""
-    swav = args.base == "swav"
-    if swav:  # the peak of the warmup, not batch-scaled; BYOL's values wait for the image size
-        args.lr = 1.2 if args.lr is None else args.lr
-        args.warmup_start_lr = 0.3 if args.warmup_start_lr is None else args.warmup_start_lr
-    if args.wd is None:  # BYOL's small-image recipe may replace it (resolve_image_defaults)
-        args.wd = 1e-6 if swav else 1.5e-6
-    if args.warmup_epochs is None:  # 10 epochs in both papers; at most a fifth of a short run
-        args.warmup_epochs = min(10.0, args.epochs / 5)
-    return args
-
-
-def resolve_image_defaults(args, native, recipe_wd=True):
-    """The options whose value depends on the images' shorter side `native` (details 5 and 6), stored in
-    args before the log header is written so that they are logged. Returns small_images."""
-    small = native <= common.SMALL_IMAGES
-    args.global_size = args.global_size or (native if small else 224)
-    args.local_size = args.local_size or (max(8, 8 * round(args.global_size * 96 / 224 / 8)) if small else 96)
+def resolve_recipe(args, native):
+    """Fill the options left unset: the crop sizes from the images' shorter side `native` (detail 6), then
+    the recipe's row of RECIPES (detail 5), including args.lars_eta and args.lars_clip; stored in args before
+    the log header is written, so that they are logged. Returns (small_images, the recipe as printed and logged)."""
+    small, args.global_size, args.local_size = common.crop_sizes(native, args.global_size, args.local_size)
+    swav, row = args.base == "swav", "byol_small" if args.base == "byol" and small else args.base
+    defaults = dict(RECIPES[row])
+    defaults["warmup_epochs"] = min(defaults["warmup_epochs"], args.epochs / 5)
+    for name, value in defaults.items():
+        if getattr(args, name, None) is None:  # lars_eta and lars_clip: always the row's
+            setattr(args, name, value)
     if args.n_prototypes is None:  # 3000 (the paper) needs batches of 1024 or SwAV's queue: a batch spread
         # over far more clusters than it has images gets near-uniform codes and a loss stuck at ln K.
         # Small data get at most one prototype per image of the batch (the demo's loss stays near ln K even so: README)
         args.n_prototypes = min(300, args.batch_size) if small else 3000
-    if args.base == "byol":  # DeepMind's ImageNet recipe, or solo-learn's CIFAR one in full (detail 5)
-        args.lr = args.lr or (1.0 if small else 0.2)
-        args.wd = 1e-5 if small and recipe_wd else args.wd
-        if args.warmup_start_lr is None:
-            args.warmup_start_lr = 3e-5 if small else 0.0
-    return small
+    how = "not batch-scaled" if swav else f"{args.lr} x {args.batch_size}/256"
+    clip = ", each layer's rate clipped at the global one" if args.lars_clip else ""
+    recipe = dict(defaults=row, lr=f"{args.lr if swav else args.lr * args.batch_size / 256:.4g} ({how}, "
+                                   f"cosine to {args.final_lr:g})",
+                  wd=f"{args.wd:g} (not on biases and norms)", optimizer=f"LARS (eta {args.lars_eta:g}{clip})",
+                  warmup=f"{args.warmup_epochs:g} epochs from {args.warmup_start_lr:g}")
+    if swav:
+        recipe.update(prototypes=f"{args.n_prototypes} (frozen for {args.freeze_prototypes_iters} iterations)",
+                      crops=f"2 x {args.global_size} px + {args.n_local} x {args.local_size} px")
+    else:
+        recipe.update(ema=f"{args.ema} -> 1 (cosine)", crops=f"2 x {args.global_size} px")
+    return small, recipe
 
 
-def check_method_args(args):
+def check_args(args):
+    """Bad rotssl options: one sentence, before any data is read (unset ones are resolved later)."""
     if args.rot_weight < 0:
         raise common.UserError(f"--rot-weight must not be negative (got {args.rot_weight}); 0 turns the "
                                "rotation task off")
@@ -167,7 +186,8 @@ def check_method_args(args):
         raise common.UserError("--n-prototypes must be at least 2")
     if args.temperature <= 0 or args.epsilon <= 0 or args.sinkhorn_iters < 1:
         raise common.UserError("--temperature and --epsilon must be positive and --sinkhorn-iters at least 1")
-    if args.n_local < 0 or args.freeze_prototypes_iters < 0 or (args.warmup_start_lr or 0) < 0 or args.final_lr < 0:
+    if (args.n_local < 0 or args.freeze_prototypes_iters < 0 or (args.warmup_start_lr or 0) < 0
+            or (args.final_lr or 0) < 0):
         raise common.UserError("--n-local, --freeze-prototypes-iters, --warmup-start-lr and --final-lr "
                                "must not be negative")
     if min(args.global_size or 8, args.local_size or 8) < 8:
@@ -318,8 +338,8 @@ class RotSSL(nn.Module):
         else:
             self.projector = mlp(feat_dim, 4096, 256)
             self.predictor = mlp(256, 4096, 256)
-            self.target_backbone = copy.deepcopy(backbone).requires_grad_(False)  # trained by momentum only
-            self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)
+            self.momentum_backbone = copy.deepcopy(backbone).requires_grad_(False)  # trained by momentum only
+            self.momentum_projector = copy.deepcopy(self.projector).requires_grad_(False)
         self.rotation_head = RotationHead(feat_dim) if rot_weight > 0 else None
 
     def forward(self, batch):
@@ -352,7 +372,7 @@ class RotSSL(nn.Module):
         # one call per view and network: BN normalises over the B images of one view (detail 2)
         p1, p2 = [self.predictor(self.projector(self.backbone(x))) for x in (x1, x2)]
         with torch.no_grad():  # the target sees the two unrotated views only
-            z1, z2 = [self.target_projector(self.target_backbone(x)) for x in (x1, x2)]
+            z1, z2 = [self.momentum_projector(self.momentum_backbone(x)) for x in (x1, x2)]
         return byol_loss(p1, p2, z1, z2)
 
     @torch.no_grad()
@@ -361,179 +381,80 @@ class RotSSL(nn.Module):
         w = self.prototypes.weight
         w.copy_(F.normalize(w, dim=1))
 
-    def momentum_update(self, tau):
-        """BYOL: target <- tau * target + (1 - tau) * online, after each optimizer step."""
+    def momentum_pairs(self):
+        """BYOL: (target parameters, matching online parameters), for common.momentum_update."""
         online = [*self.backbone.parameters(), *self.projector.parameters()]
-        target = [*self.target_backbone.parameters(), *self.target_projector.parameters()]
-        common.momentum_update(target, online, tau)
+        target = [*self.momentum_backbone.parameters(), *self.momentum_projector.parameters()]
+        return target, online
 
 
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
-def schedules(args, iters):
-    """Per-iteration learning rate and (BYOL) target momentum of the whole run (detail 5)."""
-    if args.base == "swav":  # warmup 0.3 -> 1.2, cosine to 0.0012; not batch-scaled (the reference's schedule)
-        return common.cosine_schedule(args.lr, args.final_lr, args.epochs, iters, args.warmup_epochs,
-                                      args.warmup_start_lr), None
-    lr = common.cosine_schedule(args.lr * args.batch_size / 256, 0.0, args.epochs, iters, args.warmup_epochs,
-                                args.warmup_start_lr)  # BYOL: lr x batch/256, cosine to 0
-    return lr, common.cosine_schedule(args.ema, 1.0, args.epochs, iters)  # tau 0.99 -> 1 on a cosine
-
-
 def main():
+    # ---------------------------------------------------------------- plumbing: processes, flags, seeds
     args = get_args_parser().parse_args()
-    recipe_wd = args.wd is None  # no --wd: BYOL's weight decay follows the image size (detail 5)
-    resolve_defaults(args)
-    ddp = common.init_distributed()
-    common.check_common_args(args, ddp.world_size)
-    check_method_args(args)
-    common.seed_everything(args.seed + ddp.rank)
+    ddp = common.init_run(args, check_args)
     swav = args.base == "swav"
 
-    # ---------------------------------------------------------------- data
+    # ---------------------------------------------------------------- data, recipe
     train_set = common.build_dataset(args.data, "train", args.data_dir, args.download, with_unlabeled=True)
     native = common.native_image_size(train_set)
-    small = resolve_image_defaults(args, native, recipe_wd)  # before the log header, so that they are logged
+    small, recipe = resolve_recipe(args, native)  # before the log header, so that it is logged
     if ddp.is_main:
         sizes = {"global": args.global_size, **({"local": args.local_size} if swav and args.n_local else {})}
         print(common.describe_sizes(native, small, **sizes))
+    knn = (common.KNNMonitor(args.data, args.data_dir, args.global_size, small, args.workers, ddp.device, args.subset,
+                             args.seed, args.download, args.eval_subset, train=train_set) if args.eval_every else None)
     augmentation = Augmentation(args.base, args.global_size, args.local_size, args.n_local,
                                 rotate=args.rot_weight > 0, small=small)
     loader = common.train_loader(train_set, augmentation, args.batch_size // ddp.world_size, ddp, args.workers,
                                  args.seed, args.subset)
-    knn = (common.KNNMonitor(args.data, args.data_dir, args.global_size, small, 256, args.workers, ddp.device,
-                             args.subset, args.seed, args.download, args.eval_subset) if args.eval_every else None)
 
-    # ---------------------------------------------------------------- model
+    # ---------------------------------------------------------------- model (SwAV or BYOL, + rotation head)
     backbone, feat_dim = common.build_backbone(args.arch, small, args.global_size)
     model = RotSSL(backbone, feat_dim, args.base, args.rot_weight, args.n_prototypes, args.temperature,
                    args.epsilon, args.sinkhorn_iters)
     model = common.to_device(model, ddp.device)
-    if ddp.distributed and ddp.device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    momentum_params, online_params = ([], []) if swav else model.momentum_pairs()
 
     # ---------------------------------------------------------------- optimizer, schedules, precision
-    byol_small = not swav and small  # solo-learn's CIFAR LARS: eta 0.02, clipped (detail 5)
-    optimizer = common.LARS(common.param_groups(model, args.wd), momentum=0.9,
-                            trust_coefficient=0.02 if byol_small else 0.001, clip=byol_small)
-    lr_schedule, tau_schedule = schedules(args, len(loader))
+    optimizer = common.LARS(common.param_groups(model, args.wd), momentum=0.9, trust_coefficient=args.lars_eta,
+                            clip=args.lars_clip)
+    # SwAV: warmup 0.3 -> 1.2, cosine to 0.0012, not batch-scaled (the reference's); BYOL: lr x batch/256,
+    # cosine to 0 (detail 5)
+    lr_schedule = common.cosine_schedule(args.lr if swav else args.lr * args.batch_size / 256, args.final_lr,
+                                         args.epochs, len(loader), args.warmup_epochs, args.warmup_start_lr)
+    # BYOL: tau from --ema (0.99) to 1 on a per-iteration cosine
+    ema_schedule = None if swav else common.cosine_schedule(args.ema, 1.0, args.epochs, len(loader))
     autocast, scaler = common.mixed_precision(args.precision, ddp.device)
 
-    # ---------------------------------------------------------------- resume (at an epoch's end or inside one)
-    ckpt = common.load_checkpoint(args.out, args, ("base", "rot_weight", "n_prototypes"))
-    start_epoch, step, done_in_epoch = common.resume_position(ckpt, len(loader))
-    knn_init = None
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        knn_init = ckpt.get("knn_init")
-        common.set_rng_states(ckpt["rng"][ddp.rank % len(ckpt["rng"])])
-    core = model  # the plain module, for the prototypes, the momentum update and the backbone
+    # ---------------------------------------------------------------- plumbing: resume, compile + DDP, output
+    run = common.TrainingRun(
+        args, ddp, model, optimizer, loader, autocast=autocast, scaler=scaler, backbone=model.backbone,
+        record=dict(method=f"rotssl-{args.base}", small_images=small, img_size=args.global_size, feat_dim=feat_dim),
+        knn=knn, recipe=recipe, note=common.SELF_SUPERVISED_DEMO if args.data == "synthetic" else None,
+        must_match=("base", "rot_weight", "n_prototypes"))
 
-    # ---------------------------------------------------------------- compile, DDP (compile before DDP)
-    if args.compile:
-        model = torch.compile(model)
-    if ddp.distributed:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[ddp.local_rank] if ddp.device.type == "cuda"
-                                                    else None)
-
-    # ---------------------------------------------------------------- output folder (all checks passed)
-    log_path = os.path.join(args.out, "log.jsonl")
-    if ddp.is_main:
-        os.makedirs(args.out, exist_ok=True)
-        if ckpt is None:
-            common.write_json_line(log_path, common.run_header(args))
-    if ckpt is None and knn is not None:
-        knn_init = knn(core.backbone, autocast)
-        if ddp.is_main and knn_init:
-            common.write_json_line(log_path, {"epoch": 0, **knn_init})
-            print(f"random-init backbone: kNN top-1 {knn_init['knn_top1']:.1f}%")
-
-    def save(epochs_done, totals):
-        """backbone.pt and checkpoint.pt (atomic), at an epoch's end or inside one (then with the epoch's
-        loss sums over all processes, so that its log line stays exact after the resume)."""
-        totals = {k: common.all_reduce_sum(v.clone()) for k, v in totals.items()}  # collectives: every rank
-        rng = common.gather_rng_states()
-        if ddp.is_main:
-            fields = dict(method=f"rotssl-{args.base}", arch=args.arch, small_images=small,
-                          img_size=args.global_size, feat_dim=feat_dim, args=args, epoch=epochs_done)
-            common.atomic_save({"model": core.state_dict(), "optimizer": optimizer.state_dict(),
-                                "scaler": scaler.state_dict(), "epoch": epochs_done, "step": step, "totals": totals,
-                                "args": common.plain_args(args), "rng": rng, "knn_init": knn_init,
-                                "backbone": common.backbone_record(core.backbone, **fields)},
-                               os.path.join(args.out, "checkpoint.pt"))
-            common.save_backbone(os.path.join(args.out, "backbone.pt"), core.backbone, **fields)
-
-    # ---------------------------------------------------------------- training
-    preemption = common.Preemption(ddp, args.save_every, sync_every=args.log_every)  # SIGTERM, SIGUSR1
-    record = {}
-    for epoch in range(start_epoch, args.epochs):
-        skip = done_in_epoch if epoch == start_epoch else 0  # batches done before a stop inside this epoch
-        loader.sampler.set_epoch(epoch, skip=skip * (args.batch_size // ddp.world_size))
-        model.train()
-        totals = ({k: v.to(ddp.device) if ddp.is_main else torch.zeros_like(v, device=ddp.device)
-                   for k, v in ckpt["totals"].items()} if skip else {})
-        recent = []
-        epoch_timer, bar_timer = common.StepTimer(ddp.device), common.StepTimer(ddp.device)
-        bar = tqdm(epoch_timer.wrap(loader), total=len(loader), initial=skip, disable=not ddp.is_main,
-                   desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
-        for batch in bar:
-            batch = augmentation.on_device(batch, ddp.device)  # colour ops and rotations, batched (detail 8)
-            for group in optimizer.param_groups:
-                group["lr"] = float(lr_schedule[step])
-            if swav:
-                core.normalize_prototypes()
-            with autocast():
-                losses = model(batch)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(losses["loss"]).backward()
-            if swav and step < args.freeze_prototypes_iters:  # prototypes frozen at the start (detail 4)
-                core.prototypes.weight.grad = None
-            scaler.step(optimizer)
-            scaler.update()
-            if not swav:
-                core.momentum_update(float(tau_schedule[step]))
-
-            for k, v in losses.items():
-                totals[k] = totals.get(k, 0.0) + v.detach()
-            recent.append(losses["loss"].detach())
-            epoch_timer.add(args.batch_size)
-            bar_timer.add(args.batch_size)
-            step += 1
-            if step % args.log_every == 0:
-                common.check_finite(torch.stack(recent), step)
-                recent = []
-                bar.set_postfix(loss=f"{losses['loss'].item():.3f}", img_s=f"{bar_timer.rate():.0f}")
-            action = preemption.poll(step)  # the same answer on every process
-            if action:
-                save(epoch, totals)
-                if action == "stop":
-                    preemption.stop(step, args.out)
-        if recent:
-            common.check_finite(torch.stack(recent), step)
-        images_per_s = epoch_timer.rate()
-
-        # end of epoch: averages over steps and processes, kNN monitor, log line, checkpoint
-        names = sorted(totals)
-        means = (common.all_reduce_sum(torch.stack([totals[k] for k in names])) / (len(loader) * ddp.world_size))
-        record = {"epoch": epoch + 1, **dict(zip(names, means.tolist())),
-                  "lr": float(lr_schedule[step - 1]), "images_per_s": images_per_s, "data_wait": epoch_timer.data_wait,
-                  "peak_mem_mb": common.peak_memory_mb(ddp.device)}
-        if knn is not None and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
-            record.update(knn(core.backbone, autocast) or {})
-        if ddp.is_main:
-            common.write_json_line(log_path, record)
-            rot = f", L_rot {record['loss_rot']:.3f}, rotation acc {record['rot_acc']:.1f}%" if "loss_rot" in record else ""
-            knn_text = f", kNN top-1 {record['knn_top1']:.1f}%" if "knn_top1" in record else ""
-            print(f"epoch {epoch + 1}/{args.epochs}: loss {record['loss']:.3f}, L_{args.base} "
-                  f"{record['loss_base']:.3f}{rot}, lr {record['lr']:.4f}, {images_per_s:.0f} images/s, "
-                  f"data wait {epoch_timer.data_wait:.0%}{knn_text}")
-        save(epoch + 1, {})
-
-    if ddp.is_main and knn_init and "knn_top1" in record:
-        print(f"kNN top-1: {record['knn_top1']:.1f}% after training vs {knn_init['knn_top1']:.1f}% at random init")
+    # ---------------------------------------------------------------- the training step (SwAV or BYOL + rotation)
+    for step, batch in run.batches():
+        batch = augmentation.on_device(batch, ddp.device)  # colour ops and rotations, batched (detail 8)
+        common.set_lr(optimizer, lr_schedule[step])
+        if swav:  # every prototype a unit vector before the step, in place (detail 4)
+            model.normalize_prototypes()
+        with autocast():
+            losses = run.model(batch)  # run.model: model, compiled and in DDP
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(losses["loss"]).backward()
+        if swav and step < args.freeze_prototypes_iters:  # prototypes frozen at the start (detail 4)
+            model.prototypes.weight.grad = None
+        scaler.step(optimizer)
+        scaler.update()
+        if swav:
+            run.log(losses, lr=lr_schedule[step])
+        else:  # BYOL: the target follows the online networks after the optimizer step
+            common.momentum_update(momentum_params, online_params, ema_schedule[step])
+            run.log(losses, lr=lr_schedule[step], ema=ema_schedule[step])
 
 
 if __name__ == "__main__":

@@ -27,19 +27,22 @@ Implementation details (choices that matter and are easy to miss)
    run past the last slot fills it and drops the rest of the batch; the next write starts at slot 0.
    Empty slots carry label -1 and never count: a class not in the memory yet has a zero prototype
    (logit 0), and the first step's loss is exactly ln(C).
-5. The momentum encoder (backbone + projector) follows the online one with a constant 0.999, on
-   parameters only, and always runs in train mode (batch statistics).
+5. The momentum encoder (backbone + projector) follows the online one with a constant EMA of 0.999
+   (`--ema`), on parameters only, and always runs in train mode (batch statistics).
 6. Logits and the loss are computed in fp32, averaged over all B x (1 + n_local) crop-samples.
 7. SGD (momentum 0.9, not Nesterov), lr 0.1 x batch/256 with a per-iteration linear warmup from 0
    over 10 % of training (10 of the paper's 100 epochs), then cosine to 1e-6; weight decay 1e-4 on
    weights (ndim >= 2) only. No label smoothing, mixup, cutmix or gradient clipping. The CPU demo
-   network (resnet_tiny) defaults to lr 0.8 and momentum 0.99 instead: a few hundred steps, not 500k.
+   network (resnet_tiny) defaults to lr 0.8 and EMA 0.99 instead: a few hundred steps, not 500k.
 8. `--projector-layers 0` removes the projector; without a memory the classifier is then nn.Linear with
    bias on the pooled features (torchvision's ResNet). The reference's 0-layer projector is Projector(d, 0).
-9. The own-classifier top-1 on the validation split uses the online encoder in eval mode with the
-   prototypes of the current memory (OCM) or the learned classifier, as the reference evaluates.
-10. Crop sizes come from the dataset as a whole, never from one image: the reference's 224 / 96 px on
-   images above 64 px, whatever their size; native and half (CIFAR: 32 / 16) on smaller ones.
+9. Each epoch (both off with --eval-every 0) the own classifier's top-1 and top-5 on the validation
+   split, from the online encoder in eval mode with the prototypes of the current memory (OCM) or the
+   learned classifier, as the reference evaluates; under torchrun, a check that every process holds
+   the same parameters and memory.
+10. Crop sizes come from the dataset as a whole, never from one image (common.crop_sizes): the
+   reference's 224 / 96 px on images above 64 px, whatever their size; on smaller ones the native size
+   and 96/224 of it, rounded to a multiple of 8 (CIFAR: 32 / 16).
 11. The workers decode, crop and flip; the colour operations run batched on the training device (one
    call for the global crops, one for the local ones), each crop with its own parameters drawn in the
    worker (common.ColorAugmentation, torchvision's distributions): a third of a worker's time per image.
@@ -64,29 +67,36 @@ Commands
     torchrun --nproc_per_node=8 trex.py --data /imagenet --arch resnet50 --epochs 100 --batch-size 256 --recipe trex
     # the ordinary supervised baseline:
     python trex.py --n-local 0 --projector-layers 0 --memory-size 0
-Evaluate the features with `python eval_linear.py --ckpt runs/trex/backbone.pt --data synthetic`.
+It prints the recipe it trains with, one line per epoch and the kNN top-1 after training vs at random init;
+evaluate the features with `python eval_linear.py --ckpt runs/trex/backbone.pt --data synthetic`.
 """
 import argparse
 import copy
-import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from torchvision.transforms import v2
-from tqdm import tqdm
 
 import common
 
-# Sec. 4 of the paper: the projector depth and the scale split between global and local crops.
+# The recipe, in one place: the paper's values (for 100 ImageNet epochs, warmup 10 % of them), the three
+# variants of --recipe (Sec. 4: the projector depth and the scale split between global and local crops), then
+# the CPU demo's changes for resnet_tiny; each value can be overridden by its flag.
+PAPER_DEFAULTS = dict(lr=0.1, ema=0.999, hidden_dim=2048)
 RECIPES = {
     "trex": dict(projector_layers=3, scale_split=0.25, memory_size=8192),       # best transfer
     "trex_star": dict(projector_layers=1, scale_split=0.40, memory_size=8192),  # best ImageNet top-1
     "plain": dict(projector_layers=3, scale_split=0.25, memory_size=0),         # learnable cosine classifier
 }
+# The paper's lr and EMA are made for 100 ImageNet epochs: in the demo's 248 steps the network hardly learns with
+# them (numbers: README); the demo network has 128-d features, so a 2048-wide MLP would dominate a step.
+DEMO_DEFAULTS = dict(lr=0.8, ema=0.99, hidden_dim=512)  # for --arch resnet_tiny only
 
 
+# ----------------------------------------------------------------------------------------------
+# Options
+# ----------------------------------------------------------------------------------------------
 def get_args_parser():
     p = argparse.ArgumentParser("trex", description="t-ReX / t-ReX*: supervised training with multi-crop, "
                                 "an expendable projector and online class-mean prototypes",
@@ -108,8 +118,9 @@ def get_args_parser():
     g.add_argument("--memory-size", type=int, default=None,
                    help="entries of the OCM memory (paper: 8192); 0 = a learned classifier instead of prototypes")
     g.add_argument("--tau", type=float, default=0.1, help="temperature of the cosine softmax")
-    g.add_argument("--momentum", type=float, default=None,
-                   help="momentum of the encoder that fills the memory (constant, no schedule; paper: 0.999)")
+    g.add_argument("--ema", "--momentum", dest="ema", type=float, default=None,
+                   help="momentum of the encoder that fills the memory (constant, no schedule; paper: 0.999, "
+                        "resnet_tiny: 0.99)")
     g.add_argument("--n-local", type=int, default=8, help="local crops per image (0 = single-crop training)")
     g.add_argument("--scale-split", type=float, default=None,
                    help="global crops take (s, 1) of the image area, local crops (0.05, s); without local "
@@ -118,50 +129,50 @@ def get_args_parser():
                    help="global crop side (default: the reference's 224, whatever the images' size; the native "
                         f"size on datasets of images of {common.SMALL_IMAGES} px or less, e.g. 32 on CIFAR)")
     g.add_argument("--local-size", type=int, default=None,
-                   help="local crop side (default: the reference's 96; half the global size on datasets of "
-                        f"images of {common.SMALL_IMAGES} px or less)")
+                   help="local crop side (default: the reference's 96; on datasets of images of "
+                        f"{common.SMALL_IMAGES} px or less 96/224 of the global size, a multiple of 8: 16 at 32 px)")
     g.add_argument("--min-lr", type=float, default=1e-6, help="learning rate at the end of the cosine schedule")
     return p
 
 
-# The paper's lr (0.1 x batch/256) and momentum (0.999) are made for 100 ImageNet epochs; in the demo's 248 steps
-# the network would hardly learn: measured kNN top-1 21 % at init, 28 % after the demo with them, 38 % with these.
-DEMO_DEFAULTS = dict(lr=0.8, momentum=0.99)  # for --arch resnet_tiny only
+def resolve_recipe(args, native):
+    """Fill the options left unset (the tables above; crops from the images' shorter side `native`, detail 10)
+    and return (small_images, the recipe as printed and logged)."""
+    defaults = dict(PAPER_DEFAULTS, **RECIPES[args.recipe], warmup_epochs=args.epochs / 10)
+    if args.arch == "resnet_tiny":
+        defaults.update(DEMO_DEFAULTS)
+    if not args.n_local:  # single-crop training: the standard RandomResizedCrop range
+        defaults["scale_split"] = 0.08
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    small, args.global_size, args.local_size = common.crop_sizes(native, args.global_size, args.local_size)
+    lr = f"{args.lr * args.batch_size / 256:.4g} ({args.lr} x {args.batch_size}/256, cosine to {args.min_lr:g})"
+    projector = (f"{args.projector_layers} x {args.hidden_dim} -> {args.bottleneck_dim}" if args.projector_layers
+                 else "none")
+    classifier = (f"OCM ({args.memory_size} entries)" if args.memory_size else
+                  "learned cosine" if args.projector_layers else "learned linear")
+    crops = f"1 x {args.global_size} px (scale {args.scale_split} to 1)" + (
+        f" + {args.n_local} x {args.local_size} px (0.05 to {args.scale_split})" if args.n_local else "")
+    return small, dict(lr=lr, wd=f"{args.wd:g} (weights only)", optimizer="SGD (momentum 0.9)",
+                       warmup=f"{args.warmup_epochs:g} epochs",
+                       ema=f"{args.ema} (constant)" if args.memory_size else "none (no memory)",
+                       projector=projector, classifier=classifier, tau=args.tau, crops=crops)
 
 
-def resolve_defaults(args):
-    """Fill the options left unset: first from --recipe, then from the paper's ratios."""
-    for key, paper in dict(lr=0.1, momentum=0.999).items():
-        if getattr(args, key) is None:
-            setattr(args, key, DEMO_DEFAULTS[key] if args.arch == "resnet_tiny" else paper)
-    for key, value in RECIPES[args.recipe].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value if key != "scale_split" or args.n_local else 0.08)
-    if args.hidden_dim is None:  # the CPU demo network has 128-d features: a 2048-wide MLP would dominate a step
-        args.hidden_dim = 512 if args.arch == "resnet_tiny" else 2048
-    if args.warmup_epochs is None:
-        args.warmup_epochs = args.epochs / 10  # the paper warms up for 10 of its 100 epochs
-    return args
-
-
-def resolve_crop_sizes(args, native):
-    """Crop sides from `native` = common.native_image_size(train set) (detail 10); returns small_images."""
-    small = native <= common.SMALL_IMAGES
-    args.global_size = args.global_size or (native if small else 224)
-    args.local_size = args.local_size or (args.global_size // 2 if small else 96)
-    return small
-
-
-def check_trex_args(args):
-    if args.projector_layers < 0 or args.hidden_dim < 1 or args.bottleneck_dim < 1:
+def check_args(args):
+    """Bad t-ReX options: one sentence, before any data is read (unset ones are resolved later)."""
+    unset_or = lambda value, ok: value is None or ok(value)  # unset: resolve_recipe fills it in from the tables
+    if not (unset_or(args.projector_layers, lambda v: v >= 0) and unset_or(args.hidden_dim, lambda v: v >= 1)
+            and args.bottleneck_dim >= 1):
         raise common.UserError("--projector-layers must not be negative and --hidden-dim, --bottleneck-dim positive")
-    if args.memory_size < 0 or args.n_local < 0:
+    if not unset_or(args.memory_size, lambda v: v >= 0) or args.n_local < 0:
         raise common.UserError("--memory-size and --n-local must not be negative")
-    if not 0.05 < args.scale_split < 1 and not (args.n_local == 0 and 0 < args.scale_split < 1):
+    if not unset_or(args.scale_split, lambda s: 0.05 < s < 1 or (args.n_local == 0 and 0 < s < 1)):
         raise common.UserError(f"--scale-split {args.scale_split} must lie between 0.05 and 1 (local crops take "
                                "(0.05, s) of the image, global crops (s, 1))")
-    if args.tau <= 0 or not 0 <= args.momentum < 1 or args.min_lr < 0:
-        raise common.UserError("--tau must be positive, --momentum in [0, 1) and --min-lr not negative")
+    if args.tau <= 0 or not unset_or(args.ema, lambda v: 0 <= v < 1) or args.min_lr < 0:
+        raise common.UserError("--tau must be positive, --ema in [0, 1) and --min-lr not negative")
     if min(args.global_size or 8, args.local_size or 8) < 8:
         raise common.UserError("--global-size and --local-size must be at least 8 pixels")
 
@@ -277,9 +288,9 @@ class TReX(nn.Module):
     vectors, the plain variant) or "linear" (no projector, no memory: nn.Linear with bias, the baseline)."""
 
     def __init__(self, backbone, feat_dim, num_classes, projector_layers=3, hidden_dim=2048, bottleneck_dim=256,
-                 memory_size=8192, tau=0.1, momentum=0.999):
+                 memory_size=8192, tau=0.1, ema=0.999):
         super().__init__()
-        self.num_classes, self.tau, self.momentum = num_classes, tau, momentum
+        self.num_classes, self.tau, self.ema = num_classes, tau, ema
         self.backbone = backbone
         self.projector = (Projector(feat_dim, projector_layers, hidden_dim, bottleneck_dim) if projector_layers
                           else nn.Identity())
@@ -308,9 +319,9 @@ class TReX(nn.Module):
 
     @torch.no_grad()
     def update_memory(self, global_crops, labels):
-        online = [*self.backbone.parameters(), *self.projector.parameters()]
-        target = [*self.momentum_backbone.parameters(), *self.momentum_projector.parameters()]
-        common.momentum_update(target, online, self.momentum)  # xi <- m xi + (1 - m) theta
+        online_params = [*self.backbone.parameters(), *self.projector.parameters()]
+        momentum_params = [*self.momentum_backbone.parameters(), *self.momentum_projector.parameters()]
+        common.momentum_update(momentum_params, online_params, self.ema)  # xi <- m xi + (1 - m) theta
         keys = self.momentum_projector(self.momentum_backbone(global_crops))
         self.memory.write(keys.float(), labels)  # raw outputs, global crop only
 
@@ -344,9 +355,9 @@ class _TopPredictions(nn.Module):
         return logits.topk(min(5, logits.shape[1]), dim=1).indices.float()
 
 
-def classifier_accuracy(model, val_set, batch_size, workers, device, autocast):
+def classifier_accuracy(model, val_set, workers, device, autocast):
     """Top-1 / top-5 (%) of the model's own classifier on the validation split (every rank gets them)."""
-    top, labels = common.extract_features(_TopPredictions(model), val_set, batch_size, workers, device, autocast)
+    top, labels = common.extract_features(_TopPredictions(model), val_set, 256, workers, device, autocast)
     hits = top.long() == labels.view(-1, 1)
     return 100.0 * hits[:, 0].float().mean().item(), 100.0 * hits.any(dim=1).float().mean().item()
 
@@ -365,158 +376,71 @@ def check_replicas_agree(model):
 # Training
 # ----------------------------------------------------------------------------------------------
 def main():
-    args = resolve_defaults(get_args_parser().parse_args())
-    ddp = common.init_distributed()
-    common.check_common_args(args, ddp.world_size)
-    check_trex_args(args)
-    common.seed_everything(args.seed + ddp.rank)
+    # ---------------------------------------------------------------- plumbing: processes, flags, seeds
+    args = get_args_parser().parse_args()
+    ddp = common.init_run(args, check_args)
 
-    # ------------------------------------------------------------------------------ data
+    # ---------------------------------------------------------------- data, recipe
     train_set = common.build_dataset(args.data, "train", args.data_dir, args.download)
     num_classes = common.num_classes_of(train_set)
     if num_classes < 2:  # a single class: the loss would be 0 from the first step
         raise common.UserError(f"--data {args.data} has labels for {num_classes} class(es); t-ReX is a supervised "
                                "method and needs at least two classes (one subfolder per class)")
     native = common.native_image_size(train_set)
-    small = resolve_crop_sizes(args, native)  # before the log header, so that the sizes are logged
+    small, recipe = resolve_recipe(args, native)  # before the log header, so that it is logged
     if ddp.is_main:
         print(common.describe_sizes(native, small, **{"global": args.global_size, "local": args.local_size}))
+    knn = (common.KNNMonitor(args.data, args.data_dir, args.global_size, small, args.workers, ddp.device, args.subset,
+                             args.seed, args.download, args.eval_subset, train=train_set) if args.eval_every else None)
+    # the own classifier's top-1 / top-5 on the validation split, every epoch (off with --eval-every 0)
+    val_set = knn.val if knn is not None and knn.enabled else None
     augmentation = MultiCropAugmentation(args.global_size, args.local_size, args.n_local, args.scale_split)
-    per_rank_batch = args.batch_size // ddp.world_size
-    loader = common.train_loader(train_set, augmentation, per_rank_batch, ddp, args.workers, args.seed, args.subset)
-    knn = (common.KNNMonitor(args.data, args.data_dir, args.global_size, small, per_rank_batch, args.workers,
-                             ddp.device, args.subset, args.seed, args.download, args.eval_subset)
-           if args.eval_every else None)
-    val = common.build_dataset(args.data, "val", args.data_dir, args.download) if args.eval_every else None
-    val_set = common.Transformed(val, common.eval_transform(args.global_size, small)) if val else None
+    loader = common.train_loader(train_set, augmentation, args.batch_size // ddp.world_size, ddp, args.workers,
+                                 args.seed, args.subset)
 
-    # ------------------------------------------------------------------------------ model
+    # ---------------------------------------------------------------- model (t-ReX: projector + OCM classifier)
     backbone, feat_dim = common.build_backbone(args.arch, small, args.global_size)
     model = TReX(backbone, feat_dim, num_classes, args.projector_layers, args.hidden_dim, args.bottleneck_dim,
-                 args.memory_size, args.tau, args.momentum)
+                 args.memory_size, args.tau, args.ema)  # the momentum encoder and the memory live in the model
     model = common.to_device(model, ddp.device)
-    if ddp.distributed and ddp.device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
-    # ------------------------------------------------------------------------------ optimizer, schedules, precision
+    # ---------------------------------------------------------------- optimizer, schedules, precision
     optimizer = torch.optim.SGD(common.param_groups(model, args.wd), lr=0.0, momentum=0.9)
     lr_schedule = common.cosine_schedule(args.lr * args.batch_size / 256, args.min_lr, args.epochs, len(loader),
                                          args.warmup_epochs)
-    autocast, scaler = common.mixed_precision(args.precision, ddp.device)
+    autocast, scaler = common.mixed_precision(args.precision, ddp.device)  # the EMA is constant: no schedule
 
-    # ------------------------------------------------------------------------------ resume (also inside an epoch)
-    ckpt = common.load_checkpoint(args.out, args, keys_that_must_match=(
-        "projector_layers", "hidden_dim", "bottleneck_dim", "memory_size", "n_local", "global_size", "local_size"))
-    start_epoch, step, done_in_epoch = common.resume_position(ckpt, len(loader))
-    knn_init = None
-    if ckpt is not None:  # the memory, its pointer and the momentum encoder are in the model's state_dict
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        knn_init = ckpt["knn_init"]
-        common.set_rng_states(ckpt["rng"][ddp.rank % len(ckpt["rng"])])
-
-    # ------------------------------------------------------------------------------ compile, DDP (compile first)
-    net = model  # the plain module: its backbone, memory and state_dict
-    model = torch.compile(net) if args.compile else net
-    if ddp.distributed:  # the memory stays identical by construction: no need to broadcast buffers every step
-        model = DistributedDataParallel(model, device_ids=[ddp.local_rank] if ddp.device.type == "cuda" else None,
-                                        broadcast_buffers=False)
-
-    # ------------------------------------------------------------------------------ output folder
-    log_path = os.path.join(args.out, "log.jsonl")
-    if ddp.is_main:
-        os.makedirs(args.out, exist_ok=True)
-        if ckpt is None:
-            common.write_json_line(log_path, common.run_header(args))
-    if ckpt is None and knn is not None:
-        knn_init = knn(net.backbone, autocast)
-        if ddp.is_main and knn_init:
-            common.write_json_line(log_path, {"epoch": 0, **knn_init})
-            print(f"random-init backbone: kNN top-1 {knn_init['knn_top1']:.1f}%")
-
-    def save(epochs_done, totals):
-        """backbone.pt and checkpoint.pt (atomic): at an epoch's end, or inside one (then with the epoch's
-        running loss sum over all processes, so that its log line stays exact after the resume)."""
-        totals = {k: common.all_reduce_sum(v.clone()) for k, v in totals.items()}  # collectives: every rank
-        rng = common.gather_rng_states()
-        if ddp.is_main:
-            fields = dict(method="trex", arch=args.arch, small_images=small, img_size=args.global_size,
-                          feat_dim=feat_dim, args=args, epoch=epochs_done)
-            common.save_backbone(os.path.join(args.out, "backbone.pt"), net.backbone, **fields)
-            common.atomic_save({"method": "trex", "model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                                "scaler": scaler.state_dict(), "epoch": epochs_done, "step": step, "totals": totals,
-                                "args": common.plain_args(args), "rng": rng, "knn_init": knn_init,
-                                "backbone": common.backbone_record(net.backbone, **fields)},
-                               os.path.join(args.out, "checkpoint.pt"))
-
-    # ------------------------------------------------------------------------------ training
-    preemption = common.Preemption(ddp, args.save_every, sync_every=args.log_every)  # SIGTERM, SIGUSR1
-    knn_last = None
-    for epoch in range(start_epoch, args.epochs):
-        skip = done_in_epoch if epoch == start_epoch else 0  # batches done before a stop inside this epoch
-        loader.sampler.set_epoch(epoch, skip=skip * per_rank_batch)
-        model.train()
-        totals = ({k: v.to(ddp.device) if ddp.is_main else torch.zeros_like(v, device=ddp.device)
-                   for k, v in ckpt["totals"].items()} if skip else {"loss": torch.zeros((), device=ddp.device)})
-        recent, epoch_timer, bar_timer = [], common.StepTimer(ddp.device), common.StepTimer(ddp.device)
-        bar = tqdm(epoch_timer.wrap(loader), total=len(loader), initial=skip, disable=not ddp.is_main,
-                   desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
-        for crops, labels in bar:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_schedule[step]
-            crops = augmentation.on_device(crops, ddp.device)  # the colour operations, batched (detail 11)
-            labels = labels.to(ddp.device, non_blocking=True)
-            with autocast():
-                loss = model(crops, labels)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            totals["loss"] += loss.detach()
-            recent.append(loss.detach())
-            epoch_timer.add(args.batch_size)
-            bar_timer.add(args.batch_size)
-            step += 1
-            if step % args.log_every == 0:
-                common.check_finite(torch.stack(recent), step)
-                bar.set_postfix(loss=f"{recent[-1].item():.3f}", img_s=f"{bar_timer.rate():.0f}")
-                recent = []
-            action = preemption.poll(step)  # the same answer on every process
-            if action:
-                save(epoch, totals)
-                if action == "stop":
-                    preemption.stop(step, args.out)
-        if recent:
-            common.check_finite(torch.stack(recent), step)
-        images_per_s = epoch_timer.rate()
-
-        # ---------------------------------------------------------------------- end of epoch: evaluate, log, save
-        mean_loss = common.all_reduce_sum(totals["loss"]).item() / (len(loader) * ddp.world_size)  # steps, ranks
-        stats = {"epoch": epoch + 1, "loss": mean_loss, "lr": float(lr_schedule[step - 1]),
-                 "images_per_s": images_per_s, "data_wait": epoch_timer.data_wait,
-                 "peak_mem_mb": common.peak_memory_mb(ddp.device)}
+    def evaluate():  # detail 9: the model's own classifier; under torchrun, identical replicas
+        stats = {}
         if val_set is not None:
             stats["classifier_top1"], stats["classifier_top5"] = classifier_accuracy(
-                net, val_set, per_rank_batch, args.workers, ddp.device, autocast)
-        if knn is not None and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
-            knn_last = knn(net.backbone, autocast)
-            stats.update(knn_last or {})
+                model, val_set, args.workers, ddp.device, autocast)
         if ddp.distributed:
-            check_replicas_agree(net)
-        if ddp.is_main:
-            common.write_json_line(log_path, stats)
-            print(f"epoch {epoch + 1}/{args.epochs}  loss {stats['loss']:.3f}  lr {stats['lr']:.4f}  "
-                  f"{images_per_s:.0f} img/s, data wait {stats['data_wait']:.0%}" +
-                  "".join(f"  {k} {stats[k]:.1f}%" for k in ("classifier_top1", "knn_top1") if k in stats))
-        save(epoch + 1, {})
+            check_replicas_agree(model)
+        return stats
 
-    if ddp.is_main and knn_init and knn_last:
-        print(f"kNN top-1 on the validation split: random-init backbone {knn_init['knn_top1']:.1f}% -> "
-              f"trained {knn_last['knn_top1']:.1f}%  (backbone saved to {args.out}/backbone.pt)")
-    elif ddp.is_main:
-        print(f"{args.out} already holds a model trained for {args.epochs} epochs" if start_epoch >= args.epochs
-              else f"done: backbone saved to {args.out}/backbone.pt")
+    # ---------------------------------------------------------------- plumbing: resume, compile + DDP, output
+    run = common.TrainingRun(
+        args, ddp, model, optimizer, loader, autocast=autocast, scaler=scaler, backbone=model.backbone,
+        record=dict(method="trex", small_images=small, img_size=args.global_size, feat_dim=feat_dim),
+        knn=knn, evaluate=evaluate, recipe=recipe,
+        must_match=("projector_layers", "hidden_dim", "bottleneck_dim", "memory_size", "n_local", "global_size",
+                    "local_size"),
+        broadcast_buffers=False)  # the memory stays identical by construction (detail 4): no broadcast every step
+
+    # ---------------------------------------------------------------- the training step (t-ReX)
+    for step, (crops, labels) in run.batches():
+        crops = augmentation.on_device(crops, ddp.device)  # the colour operations, batched (detail 11)
+        labels = labels.to(ddp.device, non_blocking=True)
+        common.set_lr(optimizer, lr_schedule[step])
+        # prototypes, online logits, momentum update and forward of the global crops, memory write, loss (detail 3)
+        with autocast():
+            loss = run.model(crops, labels)  # run.model: model, compiled and in DDP
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        run.log({"loss": loss}, lr=lr_schedule[step])
 
 
 if __name__ == "__main__":

@@ -32,14 +32,17 @@ Implementation details (choices the paper leaves open, and how they are made her
     online crops in one online call, the B*K target crops in one target call.
  7. Online instances get the view-1 augmentations (blur 1.0, no solarize), target instances the view-2
     ones; L_ii is one-directional, as written in the paper.
- 8. Weight decay skips biases and norm parameters (also with SGD); the target network keeps its own
-    batch-norm statistics (train mode) and never receives gradients.
+ 8. Weight decay skips biases and norm parameters (also with SGD); the target network (momentum_backbone,
+    momentum_projector) keeps its own batch-norm statistics (train mode), never receives gradients and
+    follows the online one after each step, tau rising from --ema 0.99 to 1 on a per-iteration cosine.
  9. Crop sizes: the paper's 224 (scenes) and 96 (instances) whatever the images' size, except on small
     scenes (median shorter side of sampled images 128 px or less, e.g. the 96 px synthetic ones): scenes
-    64, instances 32, --min-box 8. Flags override each. Instances of 64 px or less get the CIFAR stem.
-    The kNN monitor uses single-object images (32 px synthetic shapes, or --eval-data), as a linear probe.
+    64, instances 32, --min-box 8 (UniVIP's own policy, not common.crop_sizes). Flags override each.
+    Instances of 64 px or less get the CIFAR stem. The kNN monitor uses single-object images (32 px
+    synthetic shapes, or --eval-data), as a linear probe; it is off if --eval-data has no labels or val/.
 10. resnet_tiny (the CPU demo) defaults to lr 3.2 per 512 images, not the paper's 0.4: the demo has 128
-    steps, the paper 800 COCO epochs.
+    steps, the paper 800 COCO epochs (the tables at the top of the file; the run prints a `recipe:` line).
+    Logged each epoch: loss, loss_ss, loss_si, loss_ii, fallback_rate, lr, ema (tau), the kNN top-1.
 11. The workers decode, pick the windows and boxes, crop and flip; the colour operations run batched
     on the training device, one call per view, each crop with its own parameters drawn in the worker
     (common.ColorAugmentation, torchvision's distributions, blur sigma scaled by crop size / 224).
@@ -67,7 +70,6 @@ Commands
 import argparse
 import copy
 import math
-import os
 import random
 
 import numpy as np
@@ -77,11 +79,18 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 from torchvision.transforms import v2
-from tqdm import tqdm
 
 import common
 
 LOSSES = ("ss", "si", "ii")
+# The recipe, in one place: the paper's COCO recipe (Sec. 4.1: SGD, lr 0.4 per 512 images, wd 1e-4, 4 warmup
+# epochs, here at most a fifth of a short run), the CPU demo's lr for resnet_tiny (its 128 steps learn more with
+# 3.2; numbers: README), and the crop sizes (detail 9, UniVIP's own policy, not common.crop_sizes); flags win.
+PAPER_DEFAULTS = dict(lr=0.4, warmup_epochs=4.0)
+DEMO_DEFAULTS = dict(lr=3.2)
+SMALL_SCENES = 128  # px: scenes whose median shorter side is this or less get the small sizes (True)
+SCENE_SIZES = {False: dict(scene_size=224, instance_size=96, min_box=64.0),
+               True: dict(scene_size=64, instance_size=32, min_box=8.0)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,7 +98,9 @@ LOSSES = ("ss", "si", "ii")
 # ----------------------------------------------------------------------------------------------
 def get_args_parser():
     p = argparse.ArgumentParser("UniVIP", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                epilog=f"--lr (per 512 images), --warmup-epochs (at most epochs / 5): the paper's "
+                                       f"{PAPER_DEFAULTS}; resnet_tiny changes {DEMO_DEFAULTS}.")
     common.add_common_args(p, "univip", epochs=4, batch_size=32, lr=None, wd=1e-4, warmup_epochs=None, eval_every=10,
                            demo_subset=1024)
     g = p.add_argument_group("UniVIP")
@@ -110,7 +121,7 @@ def get_args_parser():
                    help="area range of the scene windows (RandomResizedCrop scale)")
     g.add_argument("--optimizer", default="sgd", choices=("sgd", "lars"),
                    help="sgd (momentum 0.9, the COCO recipe) or lars (the ImageNet recipe, with --lr 0.6 --wd 1e-6)")
-    g.add_argument("--momentum-teacher", type=float, default=0.99,
+    g.add_argument("--ema", "--momentum-teacher", dest="ema", type=float, default=0.99,
                    help="base momentum tau of the target network, raised to 1 by a per-iteration cosine")
     g.add_argument("--hidden-dim", type=int, default=4096, help="hidden width of projector and predictor")
     g.add_argument("--proj-dim", type=int, default=256, help="output width of projector and predictor")
@@ -124,35 +135,42 @@ def get_args_parser():
     return p
 
 
-def resolve_sizes(args, native_size):
-    """Sizes the user left open (detail 9), written into args so that the log's header holds them: the
-    paper's whatever the images' size, scaled down on small scenes (the dataset's sampled median side)."""
-    small = native_size <= 128
-    args.scene_size = args.scene_size or (64 if small else 224)
-    args.instance_size = args.instance_size or (32 if small else 96)
-    args.min_box = args.min_box if args.min_box is not None else (8.0 if small else 64.0)
+def resolve_recipe(args, native):
+    """Fill the options left unset (the tables above; sizes from the scenes' shorter side `native`) and return
+    (small_images, the recipe as printed and logged); small: instances of 64 px or less, the CIFAR stem."""
+    defaults = dict(PAPER_DEFAULTS, **(DEMO_DEFAULTS if args.arch == "resnet_tiny" else {}),
+                    **SCENE_SIZES[native <= SMALL_SCENES])
+    defaults["warmup_epochs"] = min(defaults["warmup_epochs"], args.epochs / 5)
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     patch = common.vit_patch_size(args.scene_size)
     if args.arch.startswith("vit") and (args.scene_size % patch or args.instance_size % patch):
         raise common.UserError(f"with {args.arch}, --scene-size and --instance-size must be multiples of the "
                                f"patch size {patch}")
+    optimizer = "SGD (momentum 0.9)" if args.optimizer == "sgd" else "LARS (eta 0.001, momentum 0.9)"
+    return args.instance_size <= common.SMALL_IMAGES, dict(
+        lr=f"{args.lr * args.batch_size / 512:.4g} ({args.lr} x {args.batch_size}/512, cosine to 0)",
+        wd=args.wd, optimizer=optimizer, warmup=f"{args.warmup_epochs:g} epochs", ema=f"{args.ema} -> 1 (cosine)",
+        crops=f"scene {args.scene_size} px, instance {args.instance_size} px, boxes from {args.min_box:g} px")
 
 
 def check_args(args):
-    """Reject bad UniVIP options with one sentence, before any data is read."""
+    """Bad UniVIP options: one sentence, before any data is read (unset ones are resolved later)."""
     terms = args.losses.split(",")
     if any(t not in LOSSES for t in terms) or len(set(terms)) != len(terms):
         raise common.UserError(f"--losses {args.losses} must be a comma-separated subset of ss,si,ii, e.g. ss,si,ii")
     if args.num_instances < 1 or (args.min_box is not None and args.min_box <= 0):
         raise common.UserError("--num-instances must be at least 1 and --min-box positive")
-    if min(args.scene_size or 16, args.instance_size or 16) < 16:
+    if any(size is not None and size < 16 for size in (args.scene_size, args.instance_size)):
         raise common.UserError("--scene-size and --instance-size must be at least 16 pixels")
     if args.hidden_dim < 1 or args.proj_dim < 1:
         raise common.UserError("--hidden-dim and --proj-dim must be positive")
     if not 0 < args.scene_scale[0] <= args.scene_scale[1] <= 1:
-        raise common.UserError(f"--scene-scale {args.scene_scale[0]} {args.scene_scale[1]} must satisfy "
-                               "0 < low <= high <= 1")
-    if not 0 <= args.momentum_teacher <= 1 or args.sinkhorn_eps <= 0 or args.sinkhorn_iters < 1:
-        raise common.UserError("--momentum-teacher must be in [0, 1], --sinkhorn-eps positive, --sinkhorn-iters >= 1")
+        low, high = args.scene_scale
+        raise common.UserError(f"--scene-scale {low} {high} must satisfy 0 < low <= high <= 1")
+    if not 0 <= args.ema <= 1 or args.sinkhorn_eps <= 0 or args.sinkhorn_iters < 1:
+        raise common.UserError("--ema must be in [0, 1], --sinkhorn-eps positive, --sinkhorn-iters >= 1")
     if args.boxes is not None and args.data in ("synthetic", "coco"):
         raise common.UserError(f"--boxes is for a folder of images; --data {args.data} brings its own boxes")
 
@@ -323,15 +341,15 @@ def univip_loss(online_scenes, target_scenes, online_instances=None, target_inst
     """The UniVIP objective, per image and averaged over the batch, in fp32. Inputs:
     online_scenes = (f(s1), f(s2)) and target_scenes = (g(s1), g(s2)), each (B, D); online_instances o
     (B, K, D) and target_instances t (B, K, D); aggregate I (B, D) = aggregator(concat(o_1 .. o_K)).
-    Returns {"loss", "ss", "si", "ii"} (only the terms named in `losses`)."""
+    Returns {"loss", "loss_ss", "loss_si", "loss_ii"} (only the terms named in `losses`)."""
     p1, p2 = (x.float() for x in online_scenes)
     z1, z2 = (x.float().detach() for x in target_scenes)
     out = {}
     if "ss" in losses:  # scene-scene (BYOL, Eq. 1): each online view predicts the other target view
-        out["ss"] = (distance(p1, z2) + distance(p2, z1)).mean()
+        out["loss_ss"] = (distance(p1, z2) + distance(p2, z1)).mean()
     if "si" in losses:  # scene-instance (Eq. 2): the aggregate of the K instances predicts both scenes
         agg = aggregate.float()
-        out["si"] = (distance(agg, z1) + distance(agg, z2)).mean()
+        out["loss_si"] = (distance(agg, z1) + distance(agg, z2)).mean()
     if "ii" in losses:  # instance-instance with optimal transport (Eq. 3 - 5)
         o, t = online_instances.float(), target_instances.float().detach()
         with torch.no_grad():
@@ -342,13 +360,14 @@ def univip_loss(online_scenes, target_scenes, online_instances=None, target_inst
             a = transport_marginal(t, (p1 + p2).detach())  # mass of each target instance: with f's scene
             plan = sinkhorn_plan(1 - similarity, b, a, eps, iters)
         pairwise = distance(o.unsqueeze(2), t.unsqueeze(1))  # d(o_m, t_n), (B, K, K): the gradient flows here
-        out["ii"] = (plan * pairwise).sum((1, 2)).mean()
-    out["loss"] = sum(out[k] for k in LOSSES if k in out)
+        out["loss_ii"] = (plan * pairwise).sum((1, 2)).mean()
+    out["loss"] = sum(out[f"loss_{k}"] for k in LOSSES if f"loss_{k}" in out)
     return out
 
 
 class UniVIP(nn.Module):
-    """Online f = predictor(projector(backbone)), target g = momentum copy of backbone + projector, and the
+    """Online f = predictor(projector(backbone)), target g = momentum_projector(momentum_backbone), a momentum
+    copy of backbone + projector, and the
     instance aggregator I = Linear(K * D, D). `forward` is the training step: scene views 1 and 2
     (B, 3, S, S) each, online and target instances (B*K, 3, s, s) each or None -> the loss dict."""
 
@@ -361,22 +380,21 @@ class UniVIP(nn.Module):
         self.predictor = mlp(proj_dim, hidden_dim, proj_dim)
         # built only when used, so that DDP never sees parameters without gradients (e.g. --losses ss)
         self.aggregator = nn.Linear(num_instances * proj_dim, proj_dim) if "si" in losses else None
-        self.target_backbone, self.target_projector = copy.deepcopy(backbone), copy.deepcopy(self.projector)
-        for p in self.target_parameters():
-            p.requires_grad_(False)
+        self.momentum_backbone = copy.deepcopy(backbone).requires_grad_(False)
+        self.momentum_projector = copy.deepcopy(self.projector).requires_grad_(False)
 
-    def online_parameters(self):  # the ones the target follows, in the same order as target_parameters
-        return [*self.backbone.parameters(), *self.projector.parameters()]
-
-    def target_parameters(self):
-        return [*self.target_backbone.parameters(), *self.target_projector.parameters()]
+    def momentum_pairs(self):
+        """(momentum network parameters, matching online parameters), for common.momentum_update."""
+        online = [*self.backbone.parameters(), *self.projector.parameters()]
+        momentum = [*self.momentum_backbone.parameters(), *self.momentum_projector.parameters()]
+        return momentum, online
 
     def online(self, x):
         return self.predictor(self.projector(self.backbone(x)))
 
     @torch.no_grad()
     def target(self, x):
-        return self.target_projector(self.target_backbone(x))
+        return self.momentum_projector(self.momentum_backbone(x))
 
     def forward(self, view1, view2, online_instances=None, target_instances=None):
         # one call per view and network, as BYOL's code (detail 6): each BatchNorm sees the B images of one view
@@ -396,169 +414,66 @@ class UniVIP(nn.Module):
 # Training
 # ----------------------------------------------------------------------------------------------
 def main():
+    # ---------------------------------------------------------------- plumbing: processes, flags, seeds
     args = get_args_parser().parse_args()
-    if args.lr is None:  # per 512 images: the paper's 0.4, made for 800 COCO epochs; the CPU demo's 128 steps
-        # need more (kNN top-1 on the demo: 26.8 % at init, 27.4 % after training with 0.4, 32.9 % with 3.2)
-        args.lr = 3.2 if args.arch == "resnet_tiny" else 0.4
-    if args.warmup_epochs is None:  # the paper's 4 epochs, at most a fifth of a short run
-        args.warmup_epochs = min(4.0, args.epochs / 5)
-    ddp = common.init_distributed()
-    common.check_common_args(args, ddp.world_size)
-    check_args(args)
-    losses = tuple(args.losses.split(","))
-    common.seed_everything(args.seed + ddp.rank)
+    ddp = common.init_run(args, check_args)
+    terms = tuple(args.losses.split(","))
 
-    # ---------------------------------------------------------------- data
+    # ---------------------------------------------------------------- data, recipe
     train_set = common.build_scene_dataset(args.data, args.data_dir, args.boxes, "train")
     if len(train_set) == 0:
         raise common.UserError(f"--data {args.data} holds no images")
     native = common.native_image_size(train_set)
-    resolve_sizes(args, native)
-    with_instances = "si" in losses or "ii" in losses
-    small = args.instance_size <= common.SMALL_IMAGES  # CIFAR stem: a 32 px instance would shrink to 8 px
+    small, recipe = resolve_recipe(args, native)  # before the log header, so that it is logged
     if ddp.is_main:
         why = f"instances of {common.SMALL_IMAGES} px or less: CIFAR stem" if small else "ImageNet stem"
         print(common.describe_sizes(native, small, why, scene=args.scene_size, instance=args.instance_size))
     eval_size = args.instance_size if small else args.scene_size
+    knn = (common.KNNMonitor(args.eval_data, args.eval_data_dir or args.data_dir, eval_size, small, args.workers,
+                             ddp.device, 0, args.seed, args.download, args.eval_subset) if args.eval_every else None)
+    if knn is not None:
+        knn.where = f" on {args.eval_data}"  # single-object images, not the scenes (detail 9): the lines say so
     augmentation = SceneInstanceAugmentation(args.scene_size, args.instance_size, args.num_instances, args.min_box,
-                                             tuple(args.scene_scale), with_instances)
-    per_rank_batch = args.batch_size // ddp.world_size
-    loader = common.train_loader(train_set, augmentation, per_rank_batch, ddp, args.workers, args.seed,
-                                 args.subset, collate_fn=collate_scene_pairs)
-    knn = (common.KNNMonitor(args.eval_data, args.eval_data_dir or args.data_dir, eval_size, small, 256,
-                             args.workers, ddp.device, 0, args.seed, args.download, args.eval_subset)
-           if args.eval_every else None)
+                                             tuple(args.scene_scale), "si" in terms or "ii" in terms)
+    loader = common.train_loader(train_set, augmentation, args.batch_size // ddp.world_size, ddp, args.workers,
+                                 args.seed, args.subset, collate_fn=collate_scene_pairs)
 
-    # ---------------------------------------------------------------- model
+    # ---------------------------------------------------------------- model (UniVIP: BYOL networks + aggregator)
     backbone, feat_dim = common.build_backbone(args.arch, small, args.scene_size)
-    model = common.to_device(UniVIP(backbone, feat_dim, args.num_instances, args.hidden_dim, args.proj_dim, losses,
+    model = common.to_device(UniVIP(backbone, feat_dim, args.num_instances, args.hidden_dim, args.proj_dim, terms,
                                     args.sinkhorn_eps, args.sinkhorn_iters), ddp.device)
-    if ddp.distributed and ddp.device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    momentum_params, online_params = model.momentum_pairs()
 
     # ---------------------------------------------------------------- optimizer, schedules, precision
-    groups = common.param_groups(model, args.wd)  # the target's parameters have requires_grad False
+    groups = common.param_groups(model, args.wd)  # the momentum networks' parameters have requires_grad False
     lr = args.lr * args.batch_size / 512  # the paper's scaling: 0.4 at batch 512 (SGD), 4.8 at 4096 (LARS)
     optimizer = (torch.optim.SGD(groups, lr=lr, momentum=0.9) if args.optimizer == "sgd"
                  else common.LARS(groups, lr=lr, momentum=0.9))
     lr_schedule = common.cosine_schedule(lr, 0.0, args.epochs, len(loader), args.warmup_epochs)
-    tau_schedule = common.cosine_schedule(args.momentum_teacher, 1.0, args.epochs, len(loader))  # BYOL's tau, per step
+    ema_schedule = common.cosine_schedule(args.ema, 1.0, args.epochs, len(loader))  # BYOL's tau, per step
     autocast, scaler = common.mixed_precision(args.precision, ddp.device)
 
-    # ---------------------------------------------------------------- resume (at an epoch's end or inside one)
-    ckpt = common.load_checkpoint(args.out, args, ("losses", "num_instances", "scene_size", "instance_size",
-                                                   "hidden_dim"))
-    start_epoch, step, done_in_epoch = common.resume_position(ckpt, len(loader))
-    knn_init = None
-    if ckpt is not None:  # the target networks are in the model's state_dict
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        knn_init = ckpt.get("knn_init")
-        common.set_rng_states(ckpt["rng"][ddp.rank % len(ckpt["rng"])])
+    # ---------------------------------------------------------------- plumbing: resume, compile + DDP, output
+    run = common.TrainingRun(
+        args, ddp, model, optimizer, loader, autocast=autocast, scaler=scaler, backbone=model.backbone,
+        record=dict(method="univip", small_images=small, img_size=eval_size, feat_dim=feat_dim),
+        knn=knn, recipe=recipe, note=common.SELF_SUPERVISED_DEMO if args.data == "synthetic" else None,
+        must_match=("losses", "num_instances", "scene_size", "instance_size", "hidden_dim"))
 
-    # ---------------------------------------------------------------- compile, DDP (compile before DDP)
-    train_model = torch.compile(model) if args.compile else model
-    if ddp.distributed:
-        train_model = nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[ddp.local_rank] if ddp.device.type == "cuda" else None)
-    online_params, target_params = model.online_parameters(), model.target_parameters()
-
-    # ---------------------------------------------------------------- output folder (all checks passed)
-    log_path = os.path.join(args.out, "log.jsonl")
-    if ddp.is_main:
-        os.makedirs(args.out, exist_ok=True)
-        if ckpt is None:
-            common.write_json_line(log_path, common.run_header(args))
-    if ckpt is None and knn is not None:
-        knn_init = knn(model.backbone, autocast)
-        if ddp.is_main:
-            common.write_json_line(log_path, {"epoch": 0, **knn_init})
-            print(f"kNN top-1 of the random-init backbone on {args.eval_data}: {knn_init['knn_top1']:.1f}%")
-
-    def save(epochs_done, totals):
-        """backbone.pt and checkpoint.pt (atomic): at an epoch's end, or inside one (then with the epoch's
-        running sums over all processes, so that its log line stays exact after the resume)."""
-        totals = {k: common.all_reduce_sum(v.clone()) for k, v in totals.items()}  # collectives: every rank
-        rng = common.gather_rng_states()
-        if ddp.is_main:
-            fields = dict(method="univip", arch=args.arch, small_images=small, img_size=eval_size,
-                          feat_dim=feat_dim, args=args, epoch=epochs_done)
-            common.save_backbone(os.path.join(args.out, "backbone.pt"), model.backbone, **fields)
-            common.atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                "scaler": scaler.state_dict(), "epoch": epochs_done, "step": step, "totals": totals,
-                                "args": common.plain_args(args), "rng": rng, "knn_init": knn_init,
-                                "backbone": common.backbone_record(model.backbone, **fields)},
-                               os.path.join(args.out, "checkpoint.pt"))
-
-    # ---------------------------------------------------------------- training
-    preemption = common.Preemption(ddp, args.save_every, sync_every=args.log_every)  # SIGTERM, SIGUSR1
-    stats = {}
-    for epoch in range(start_epoch, args.epochs):
-        skip = done_in_epoch if epoch == start_epoch else 0  # batches done before a stop inside this epoch
-        loader.sampler.set_epoch(epoch, skip=skip * per_rank_batch)
-        model.train()
-        totals = ({k: v.to(ddp.device) if ddp.is_main else torch.zeros_like(v, device=ddp.device)
-                   for k, v in ckpt["totals"].items()} if skip else  # loss, terms, fallbacks, samples
-                  {"sums": torch.zeros(len(losses) + 3, device=ddp.device)})
-        recent, epoch_timer, bar_timer = [], common.StepTimer(ddp.device), common.StepTimer(ddp.device)
-        bar = tqdm(epoch_timer.wrap(loader), total=len(loader), initial=skip, disable=not ddp.is_main,
-                   desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
-        for *crops, fell_back in bar:  # scene view 1, scene view 2, online instances, target instances
-            crops = augmentation.on_device(*crops, ddp.device)  # the colour operations, batched (detail 11)
-            for group in optimizer.param_groups:
-                group["lr"] = float(lr_schedule[step])  # a float: the checkpoint must load with weights_only
-            with autocast():
-                out = train_model(*crops)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(out["loss"]).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            common.momentum_update(target_params, online_params, float(tau_schedule[step]))  # after the step (BYOL)
-
-            values = torch.stack([out["loss"].detach(), *(out[k].detach() for k in losses)])
-            totals["sums"] += torch.cat([values, values.new_tensor([fell_back.sum().item(), len(fell_back)])])  # CPU
-            recent.append(values[0])
-            epoch_timer.add(args.batch_size)
-            bar_timer.add(args.batch_size)
-            step += 1
-            if step % args.log_every == 0:
-                common.check_finite(torch.stack(recent), step)
-                bar.set_postfix(loss=f"{torch.stack(recent).mean().item():.3f}", img_s=f"{bar_timer.rate():.0f}")
-                recent = []
-            action = preemption.poll(step)  # the same answer on every process
-            if action:
-                save(epoch, totals)
-                if action == "stop":
-                    preemption.stop(step, args.out)
-        if recent:
-            common.check_finite(torch.stack(recent), step)
-        images_per_s = epoch_timer.rate()
-
-        # ------------------------------------------------------------ end of epoch: monitor, log, save
-        sums = common.all_reduce_sum(totals["sums"]).tolist()
-        n_steps = sums[-1] / per_rank_batch  # steps x processes: each added its mean
-        stats = {"epoch": epoch + 1, "loss": sums[0] / n_steps,
-                 **{f"loss_{k}": v / n_steps for k, v in zip(losses, sums[1:-2])},
-                 "fallback_rate": sums[-2] / sums[-1] if with_instances else None,
-                 "lr": float(lr_schedule[step - 1]), "tau": float(tau_schedule[step - 1]),
-                 "images_per_s": images_per_s, "data_wait": epoch_timer.data_wait,
-                 "peak_mem_mb": common.peak_memory_mb(ddp.device)}
-        if knn is not None and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
-            stats.update(knn(model.backbone, autocast))
-        if ddp.is_main:
-            common.write_json_line(log_path, stats)
-            terms = " ".join(f"{k} {stats[f'loss_{k}']:.3f}" for k in losses)
-            knn_text = f" | kNN top-1 {stats['knn_top1']:.1f}%" if "knn_top1" in stats else ""
-            fb_text = f" | fallback {100 * stats['fallback_rate']:.0f}%" if with_instances else ""
-            print(f"epoch {epoch + 1}/{args.epochs} | loss {stats['loss']:.3f} ({terms}){fb_text} | "
-                  f"lr {stats['lr']:.4f} | tau {stats['tau']:.4f} | {images_per_s:.0f} img/s | "
-                  f"data wait {epoch_timer.data_wait:.0%}{knn_text}")
-        save(epoch + 1, {})
-
-    if ddp.is_main and knn_init is not None and "knn_top1" in stats:
-        print(f"kNN top-1 on {args.eval_data} (single-object images): random-init backbone "
-              f"{knn_init['knn_top1']:.1f}% -> UniVIP {stats['knn_top1']:.1f}%")
+    # ---------------------------------------------------------------- the training step (UniVIP)
+    for step, (*crops, fell_back) in run.batches():  # scene views 1 and 2, online and target instances
+        crops = augmentation.on_device(*crops, ddp.device)  # the colour operations, batched (detail 11)
+        common.set_lr(optimizer, lr_schedule[step])
+        with autocast():
+            losses = run.model(*crops)  # run.model: model, compiled and in DDP
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(losses["loss"]).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        common.momentum_update(momentum_params, online_params, ema_schedule[step])  # after the step (BYOL)
+        if augmentation.with_instances:  # the epoch's mean: the share of its images that fell back (detail 3)
+            losses["fallback_rate"] = fell_back.to(ddp.device, non_blocking=True).float().mean()
+        run.log(losses, lr=lr_schedule[step], ema=ema_schedule[step])
 
 
 if __name__ == "__main__":

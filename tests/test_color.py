@@ -26,10 +26,18 @@ def per_image(op, x, values, **kwargs):
     return torch.stack([op(image, v, **kwargs) for image, v in zip(x, values)])
 
 
+def jitter_blend(op):
+    """The pipeline's one blend for ColorJitter's op 0 (brightness), 1 (contrast) or 2 (saturation)."""
+    def apply(x, factors):
+        f = factors.view(-1, 1, 1, 1)
+        return common._jitter_blend(x, torch.full_like(f, float(op)), f, f, f)
+    return apply
+
+
 @pytest.mark.parametrize("ours, theirs, values", [
-    (common.adjust_brightness, TF.adjust_brightness, [0.6, 1.0, 1.4, 0.8, 0.0]),
-    (common.adjust_contrast, TF.adjust_contrast, [0.0, 0.6, 1.4, 1.0, 1.1]),
-    (common.adjust_saturation, TF.adjust_saturation, [0.0, 0.8, 1.2, 1.0, 0.5]),
+    (jitter_blend(0), TF.adjust_brightness, [0.6, 1.0, 1.4, 0.8, 0.0]),
+    (jitter_blend(1), TF.adjust_contrast, [0.0, 0.6, 1.4, 1.0, 1.1]),
+    (jitter_blend(2), TF.adjust_saturation, [0.0, 0.8, 1.2, 1.0, 0.5]),
     (common.adjust_hue, TF.adjust_hue, [-0.5, -0.1, 0.0, 0.1, 0.5, 0.27, -0.33]),
     (common.solarize, TF.solarize, [0.5, 128 / 255, 0.0, 1.0]),
 ])

@@ -16,6 +16,7 @@ import torchvision
 from torchvision.transforms import v2
 
 import common
+import eval_linear
 
 
 def test_resnet_tiny_is_small_and_maps_images_to_features():
@@ -124,7 +125,7 @@ def test_load_backbone_accepts_records_checkpoints_and_bare_state_dicts(tmp_path
     common.atomic_save({"model": {}, "backbone": common.backbone_record(model, **fields)}, tmp_path / "checkpoint.pt")
     torch.save(model.state_dict(), tmp_path / "bare.pt")
     for name in ("backbone.pt", "checkpoint.pt", "bare.pt"):
-        rebuilt, _ = common.backbone_from_record(common.load_backbone(tmp_path / name, arch="resnet_tiny"))
+        rebuilt, _ = eval_linear.backbone_from_record(eval_linear.load_backbone(tmp_path / name, arch="resnet_tiny"))
         assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), model.state_dict().values()))
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]  # atomic writes leave no temporary file
 
@@ -143,7 +144,7 @@ def test_load_backbone_rejects_bad_files_with_one_sentence(case, tmp_path):
     elif case == "foreign_dict":
         torch.save({"hello": 1}, path)
     with pytest.raises(common.UserError) as e:
-        common.load_backbone(path, arch="resnet18" if case == "wrong_arch" else None)
+        eval_linear.load_backbone(path, arch="resnet18" if case == "wrong_arch" else None)
     assert "\n" not in str(e.value) and str(path) in str(e.value)
 
 
@@ -369,13 +370,11 @@ def test_resume_refuses_another_methods_checkpoint_and_tidies_the_output_folder(
     for script in ("opera", "univip", "trex"):
         with pytest.raises(common.UserError, match="checkpoint of rotssl, not of " + script):
             common.load_checkpoint(str(tmp_path), argparse.Namespace(**{**vars(args), "script": script}))
-    # checkpoints written before `script` was recorded: the backbone record names the method
-    old = {"args": {k: v for k, v in common.plain_args(args).items() if k != "script"}, "epoch": 1, "step": 5,
-           "backbone": {"method": "mocov3"}}
+    # a checkpoint that does not say which method wrote it: refused, not guessed
+    old = {"args": {k: v for k, v in common.plain_args(args).items() if k != "script"}, "epoch": 1, "step": 5}
     common.atomic_save(old, str(tmp_path / "checkpoint.pt"))
-    assert common.load_checkpoint(str(tmp_path), argparse.Namespace(**{**vars(args), "script": "opera"}))
-    with pytest.raises(common.UserError, match="checkpoint of mocov3, not of trex"):
-        common.load_checkpoint(str(tmp_path), argparse.Namespace(**{**vars(args), "script": "trex"}))
+    with pytest.raises(common.UserError, match="does not say which method"):
+        common.load_checkpoint(str(tmp_path), args)
 
 
 def test_resume_position_and_the_sampler_skip_resume_inside_an_epoch():
@@ -410,20 +409,23 @@ def test_preemption_polls_signals_and_timed_saves_without_exiting(monkeypatch):
             signal.signal(s, h)
 
 
-@pytest.mark.parametrize("script", ["trex.py", "opera.py", "rotssl.py", "univip.py"])
-def test_an_out_that_is_a_file_is_refused_in_one_sentence(script, tmp_path):
+@pytest.mark.parametrize("script", ["trex.py", "opera.py", "rotssl.py", "univip.py", "eval_linear.py"])
+def test_an_out_that_is_a_file_or_below_one_is_refused_in_one_sentence(script, tmp_path):
     from conftest import run_script
     (tmp_path / "taken").write_text("a file, not a folder")
-    result = run_script(script, "--out", tmp_path / "taken", check=False)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines() == [f"error: --out {tmp_path / 'taken'} is a file, not a folder; "
-                                                  "choose another --out"]
+    ckpt = ("--ckpt", "random", "--arch", "resnet_tiny") if script == "eval_linear.py" else ()
+    for out, reason in ((tmp_path / "taken", "is a file, not a folder"),
+                        (tmp_path / "taken" / "sub" / "run", f"cannot be created: {tmp_path / 'taken'} is a file")):
+        result = run_script(script, *ckpt, "--out", out, check=False)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert result.stderr.strip().splitlines() == [f"error: --out {out} {reason}; choose another --out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # nothing written
 
 
 def test_knn_monitor_bank_is_a_fixed_seeded_subset_of_the_training_images_in_use():
     device = torch.device("cpu")
     def bank(**kw):
-        monitor = common.KNNMonitor("synthetic", "data", 32, True, 64, 0, device, **kw)
+        monitor = common.KNNMonitor("synthetic", "data", 32, True, 0, device, **kw)
         return monitor.train.indices
     default = bank(subset=3000, seed=0)
     assert len(default) == 3000  # below the default cap of 20,000: every image in use

@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import os
+import re
 import signal
 import socket
 
@@ -21,6 +22,7 @@ from conftest import (REPO, assert_bf16_run_close_to_fp32, assert_same_state, re
                       run_killed_after_first_checkpoint, run_script, run_signalled_mid_epoch)
 
 import common
+import eval_linear
 import opera
 
 TINY = ("--subset", 256, "--batch-size", 32, "--epochs", 2, "--eval-every", 0, "--workers", 0, "--mlp-dim", 512)
@@ -29,8 +31,9 @@ TINY = ("--subset", 256, "--batch-size", 32, "--epochs", 2, "--eval-every", 0, "
 def model_args(arch, sup_weight=0.5):
     args = argparse.Namespace(arch=arch, dim=32, mlp_dim=64, temperature=None, sup_weight=sup_weight, lr=None,
                               wd=None, warmup_epochs=None, optimizer=None, crop_min=None, subset=None,
-                              data="synthetic")
-    return opera.resolve_defaults(args)
+                              data="synthetic", crop_size=None, batch_size=256, ema=0.99)
+    opera.resolve_recipe(args, native=32)
+    return args
 
 
 # ---------------------------------------------------------------------------------------------- loss terms
@@ -126,7 +129,7 @@ def test_training_step_equals_the_reference_computation_per_view():
 
 
 def test_momentum_schedule_rises_from_0_99_to_1():
-    m = opera.momentum_schedule(0.99, epochs=3, iters_per_epoch=10)
+    m = common.cosine_schedule(0.99, 1.0, epochs=3, iters_per_epoch=10, endpoint=False)  # opera's main() call
     t = np.arange(30)
     assert len(m) == 30 and m[0] == pytest.approx(0.99, abs=1e-12)
     assert np.allclose(m, 1 - 0.5 * (1 + np.cos(np.pi * t / 30)) * (1 - 0.99))  # m(t) of the spec
@@ -243,11 +246,13 @@ def test_demo_path_runs_and_logs(demo_run):
     assert "args" in log[0] and log[0]["args"]["arch"] == "resnet_tiny" and log[0]["args"]["optimizer"] == "lars"
     assert log[1]["epoch"] == 0 and 0 <= log[1]["knn_top1"] <= 100
     last = log[-1]
-    for key in ("loss", "loss_self", "loss_class", "lr", "momentum", "images_per_s", "peak_mem_mb", "head_top1",
+    for key in ("loss", "loss_self", "loss_class", "lr", "ema", "images_per_s", "peak_mem_mb", "head_top1",
                 "knn_top1", "knn_top5"):
         assert key in last and math.isfinite(last[key]), key
     assert last["loss"] == pytest.approx(last["loss_self"] + 0.5 * last["loss_class"], rel=1e-4)
-    assert "kNN top-1" in result.stdout
+    assert re.search(r"kNN top-1: [\d.]+% after training vs [\d.]+% at random init", result.stdout)
+    assert result.stdout.count("recipe: lr 0.6 (2.4 x 64/256") == 1  # the demo's recipe, printed once
+    assert log[0]["recipe"]["optimizer"] == "LARS (eta 0.001)"
     ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["backbone"]["method"] == "opera"
 
@@ -285,6 +290,14 @@ def test_exact_resume_after_a_crash(tmp_path):
     assert_same_state(a["optimizer"]["state"], b["optimizer"]["state"])
     # the momentum encoder moved, but less than the online network
     assert not torch.equal(a["model"]["momentum_projector.0.weight"], a["model"]["projector.0.weight"])
+    # checkpoint.pt holds each tensor once: its backbone record has no weights of its own (they are the
+    # "backbone." entries of "model"), and eval_linear reads them back exactly as backbone.pt holds them
+    assert "state_dict" not in b["backbone"] and b["backbone"]["state_dict_prefix"] == "backbone."
+    saved = torch.load(tmp_path / "crashed" / "backbone.pt", map_location="cpu", weights_only=True)
+    from_checkpoint = eval_linear.load_backbone(str(tmp_path / "crashed" / "checkpoint.pt"))
+    assert_same_state(from_checkpoint["state_dict"], saved["state_dict"])
+    assert {k: v for k, v in from_checkpoint.items() if k != "state_dict"} == {
+        k: v for k, v in saved.items() if k != "state_dict"}
     # resuming with other options is refused in one sentence
     result = run_script("opera.py", *TINY, "--sup-weight", 0, "--out", tmp_path / "crashed", check=False)
     assert result.returncode == 2 and "--sup-weight" in result.stderr and "Traceback" not in result.stderr

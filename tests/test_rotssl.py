@@ -3,6 +3,7 @@ import copy
 import json
 import math
 import os
+import signal
 import socket
 
 import pytest
@@ -13,6 +14,7 @@ from torch.utils.data import default_collate
 from torchvision.transforms import v2
 
 import common
+import eval_linear
 import rotssl
 from conftest import (assert_bf16_run_close_to_fp32, assert_same_state, read_log, run_killed_after_first_checkpoint,
                       run_script, run_signalled_mid_epoch)
@@ -55,9 +57,9 @@ def test_augmentation_draws_rotations_per_view_and_only_when_asked():
 
 
 def count_backbone_calls(model):
-    """Record the input of every call of the online and (BYOL) target backbones."""
+    """Record the input of every call of the online and (BYOL) momentum (target) backbones."""
     calls = {"online": [], "target": []}
-    for name, key in (("backbone", "online"), ("target_backbone", "target")):
+    for name, key in (("backbone", "online"), ("momentum_backbone", "target")):
         net = getattr(model, name, None)
         if net is not None:
             forward = net.forward
@@ -143,11 +145,11 @@ def test_byol_step_equals_the_reference_computed_one_view_per_call():
         if per_view:
             p = [m.predictor(m.projector(m.backbone(x))) for x in (x1, x2)]
             with torch.no_grad():
-                z = [m.target_projector(m.target_backbone(x)) for x in (x1, x2)]
+                z = [m.momentum_projector(m.momentum_backbone(x)) for x in (x1, x2)]
         else:  # the old way: both views in one call, BN statistics over 2B mixed images
             p = m.predictor(m.projector(m.backbone(torch.cat([x1, x2])))).chunk(2)
             with torch.no_grad():
-                z = m.target_projector(m.target_backbone(torch.cat([x1, x2]))).chunk(2)
+                z = m.momentum_projector(m.momentum_backbone(torch.cat([x1, x2]))).chunk(2)
         # solo-learn's byol_loss_func, summed over the two pairs
         byol = sum(2 - 2 * (F.normalize(pi, dim=-1) * F.normalize(zj, dim=-1)).sum(-1).mean()
                    for pi, zj in ((p[0], z[1]), (p[1], z[0])))
@@ -205,30 +207,62 @@ def test_swav_step_equals_the_reference_computed_one_call_per_resolution():
 
 # ---------------------------------------------------------------------------- crop sizes and recipes
 def resolved(native, *flags):
-    args = rotssl.resolve_defaults(rotssl.get_args_parser().parse_args(list(flags)))
-    recipe_wd = "--wd" not in flags
-    return rotssl.resolve_image_defaults(args, native, recipe_wd), args
+    args = rotssl.get_args_parser().parse_args(list(flags))
+    small, recipe = rotssl.resolve_recipe(args, native)
+    return small, args, recipe
 
 
 def test_image_size_sets_the_crop_sizes_and_the_byol_recipe():
     # images above 64 px: the reference's 224 / 96 px whatever their size, and BYOL's ImageNet recipe
-    small, args = resolved(375, "--base", "byol")
+    small, args, recipe = resolved(375, "--base", "byol")
     assert not small and (args.global_size, args.local_size) == (224, 96)
-    assert (args.lr, args.wd, args.warmup_start_lr) == (0.2, 1.5e-6, 0.0)
-    small, args = resolved(375)
+    assert (args.lr, args.wd, args.warmup_start_lr, args.final_lr) == (0.2, 1.5e-6, 0.0, 0.0)
+    assert (args.lars_eta, args.lars_clip) == (0.001, False) and recipe["optimizer"] == "LARS (eta 0.001)"
+    small, args, recipe = resolved(375)
     assert (args.global_size, args.local_size, args.n_prototypes, args.wd, args.warmup_start_lr) == (224, 96, 3000,
                                                                                                       1e-6, 0.3)
-    # 32 px images: native-size crops and solo-learn's CIFAR recipe in full
-    small, args = resolved(32, "--base", "byol")
+    assert (args.lr, args.final_lr, args.lars_eta, args.lars_clip) == (1.2, 0.0012, 0.001, False)
+    assert recipe["lr"] == "1.2 (not batch-scaled, cosine to 0.0012)" and recipe["warmup"] == "0.2 epochs from 0.3"
+    # 32 px images: native-size crops and solo-learn's CIFAR recipe in full, LARS eta 0.02 clipped
+    small, args, recipe = resolved(32, "--base", "byol")
     assert small and (args.global_size, args.local_size) == (32, 16)
-    assert (args.lr, args.wd, args.warmup_start_lr) == (1.0, 1e-5, 3e-5)
-    lr, tau = rotssl.schedules(args, iters=100)
-    # the warmup starts at solo-learn's 3e-5, not 0, so that the clipped LARS step is clipped from step 0
-    assert lr[0] == pytest.approx(3e-5) and lr[0] > 0 and tau[0] == pytest.approx(0.99)
-    # the flags override
-    small, args = resolved(32, "--base", "byol", "--wd", "1e-4", "--global-size", "24", "--local-size", "12",
-                           "--warmup-start-lr", "0")
-    assert (args.global_size, args.local_size, args.wd, args.warmup_start_lr) == (24, 12, 1e-4, 0.0)
+    assert (args.lr, args.wd, args.warmup_start_lr, args.lars_eta, args.lars_clip) == (1.0, 1e-5, 3e-5, 0.02, True)
+    assert recipe["defaults"] == "byol_small" and recipe["lr"] == "0.125 (1.0 x 32/256, cosine to 0)"
+    assert recipe["optimizer"] == "LARS (eta 0.02, each layer's rate clipped at the global one)"
+    # the flags override; BYOL's small-image wd 1e-5 applies only when --wd is not given
+    small, args, recipe = resolved(32, "--base", "byol", "--wd", "1e-4", "--global-size", "24", "--local-size", "12",
+                                   "--warmup-start-lr", "0", "--lr", "0.5", "--warmup-epochs", "2")
+    assert (args.global_size, args.local_size, args.wd, args.warmup_start_lr, args.lr) == (24, 12, 1e-4, 0.0, 0.5)
+    assert args.warmup_epochs == 2 and (args.lars_eta, args.lars_clip) == (0.02, True)
+    assert resolved(32, "--base", "byol", "--wd", "1.5e-6")[1].wd == 1.5e-6  # even when it is the ImageNet value
+    # SwAV's recipe does not depend on the image size, only its prototypes do: min(300, batch)
+    small, args, recipe = resolved(32, "--batch-size", "64")
+    assert (args.lr, args.wd, args.warmup_start_lr, args.lars_eta, args.n_prototypes) == (1.2, 1e-6, 0.3, 0.001, 64)
+
+
+def test_main_warms_up_from_the_recipes_start_lr_and_updates_the_target_after_the_step(tmp_path, monkeypatch):
+    """The schedules main() builds from the recipe: on small images BYOL's lr starts at solo-learn's 3e-5, not 0,
+    so that the clipped LARS step is clipped from step 0; tau starts at --ema; each momentum update follows the
+    optimizer step (it sees the step's new online weights)."""
+    events, set_lr, momentum_update, step = [], common.set_lr, common.momentum_update, common.LARS.step
+    monkeypatch.setattr(common, "set_lr", lambda opt, lr: (events.append(("lr", lr)), set_lr(opt, lr))[1])
+    monkeypatch.setattr(common, "momentum_update",
+                        lambda t, o, m: (events.append(("ema", m)), momentum_update(t, o, m))[1])
+    monkeypatch.setattr(common.LARS, "step", lambda self, closure=None: (events.append(("step",)), step(self))[1])
+    monkeypatch.setattr("sys.argv", ["rotssl.py", "--base", "byol", *TINY, "--subset", "64", "--epochs", "1",
+                                     "--warmup-epochs", "1", "--out", str(tmp_path / "byol")])
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # one process, whatever launched pytest
+        monkeypatch.delenv(name, raising=False)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}  # the run installs its own
+    try:
+        rotssl.main()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert [e[0] for e in events] == ["lr", "step", "ema"] * 2  # 64 images, batch 32: two steps
+    (_, lr0), (_, tau0) = events[0], events[2]
+    assert lr0 == pytest.approx(3e-5) and lr0 > 0 and tau0 == pytest.approx(0.99)
+    assert events[3][1] > lr0  # the warmup rises from there
 
 
 def test_augmentation_blur_scale_and_interpolation_follow_the_references():
@@ -315,14 +349,17 @@ def test_byol_target_is_a_frozen_momentum_average_of_the_online_networks():
     backbone, feat_dim = common.build_backbone("resnet_tiny", True, 16)
     model = rotssl.RotSSL(backbone, feat_dim, "byol", 0.1)
     online = [*model.backbone.parameters(), *model.projector.parameters()]
-    target = [*model.target_backbone.parameters(), *model.target_projector.parameters()]
+    target = [*model.momentum_backbone.parameters(), *model.momentum_projector.parameters()]
     assert not any(p.requires_grad for p in target)  # trained only through the momentum update
     assert all(torch.equal(t, o) for t, o in zip(target, online))  # starts as a copy
+    pairs = model.momentum_pairs()  # what main() updates: each target tensor with its online twin
+    assert all(t is a for t, a in zip(pairs[0], target)) and all(o is b for o, b in zip(pairs[1], online))
+    assert len(pairs[0]) == len(target) and len(pairs[1]) == len(online)
     before = [t.clone() for t in target]
     with torch.no_grad():
         for p in [*online, *model.predictor.parameters()]:
             p.add_(torch.randn_like(p))
-    model.momentum_update(0.9)
+    common.momentum_update(*pairs, 0.9)
     for t, t0, o in zip(target, before, online):
         assert torch.allclose(t, 0.9 * t0 + 0.1 * o, atol=1e-6)
 
@@ -331,17 +368,20 @@ def test_byol_target_is_a_frozen_momentum_average_of_the_online_networks():
 def test_demo_path_runs_and_logs_the_rotation_task(tmp_path):
     out = tmp_path / "demo"
     result = run_script("rotssl.py", "--epochs", "1", "--subset", "256", "--workers", "1", "--out", out)
-    assert "kNN top-1" in result.stdout and "at random init" in result.stdout
+    assert "kNN top-1: " in result.stdout and "% at random init" in result.stdout
+    assert common.SELF_SUPERVISED_DEMO in result.stdout  # what to expect of the demo
     assert "crop sizes: global 32 px, local 16 px (images of about 32 px" in result.stdout
+    assert result.stdout.count("recipe: defaults swav, lr 1.2 (not batch-scaled, cosine to 0.0012)") == 1
     header, init, epoch = read_log(out)
+    assert header["recipe"]["optimizer"] == "LARS (eta 0.001)" and "ema" not in epoch  # SwAV has no target
     assert header["args"]["base"] == "swav" and header["args"]["n_prototypes"] == 32  # min(300, batch 32)
     assert (header["args"]["global_size"], header["args"]["local_size"]) == (32, 16)  # the sizes are logged
     assert init["epoch"] == 0 and "knn_top1" in init
     for key in ("loss", "loss_base", "loss_rot", "rot_acc", "lr", "images_per_s", "peak_mem_mb", "knn_top1"):
         assert math.isfinite(epoch[key]), key
-    record = common.load_backbone(str(out / "backbone.pt"))
+    record = eval_linear.load_backbone(str(out / "backbone.pt"))
     assert record["method"] == "rotssl-swav" and record["img_size"] == 32
-    common.backbone_from_record(record)
+    eval_linear.backbone_from_record(record)
 
 
 def test_byol_base_trains_a_momentum_target(tmp_path):
@@ -350,8 +390,9 @@ def test_byol_base_trains_a_momentum_target(tmp_path):
     logs = read_log(out)[1:]
     assert [r["epoch"] for r in logs] == [1, 2]
     assert all(0 <= r["rot_acc"] <= 100 and r["loss"] > r["loss_base"] for r in logs)
+    assert all(0.99 <= r["ema"] <= 1 for r in logs) and logs[-1]["ema"] == 1.0  # tau: 0.99 -> 1, logged
     ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
-    target = {k[len("target_backbone."):]: v for k, v in ckpt["model"].items() if k.startswith("target_backbone.")}
+    target = {k[len("momentum_backbone."):]: v for k, v in ckpt["model"].items() if k.startswith("momentum_backbone.")}
     online = {k[len("backbone."):]: v for k, v in ckpt["model"].items() if k.startswith("backbone.")}
     assert target.keys() == online.keys()
     weights = [k for k in online if k.endswith("weight")]
@@ -362,6 +403,7 @@ def test_byol_base_trains_a_momentum_target(tmp_path):
     # warmup from 3e-5
     header = read_log(out)[0]["args"]
     assert (header["lr"], header["wd"], header["warmup_start_lr"]) == (1.0, 1e-5, 3e-5)
+    assert (header["lars_eta"], header["lars_clip"]) == (0.02, True)  # resolved by the recipe, logged
     lars = ckpt["optimizer"]["param_groups"][0]
     assert lars["trust_coefficient"] == 0.02 and lars["clip"] and not lars["lars_exclude"]
     assert lars["weight_decay"] == 1e-5
@@ -411,7 +453,7 @@ def test_byol_sigterm_mid_epoch_saves_and_the_resumed_run_is_bit_equal(tmp_path)
     run_script("rotssl.py", *args, "--out", tmp_path / "stopped")
     a = torch.load(tmp_path / "straight" / "checkpoint.pt", map_location="cpu", weights_only=True)
     b = torch.load(tmp_path / "stopped" / "checkpoint.pt", map_location="cpu", weights_only=True)
-    assert a["step"] == b["step"] == 32 and any(k.startswith("target_backbone.") for k in a["model"])
+    assert a["step"] == b["step"] == 32 and any(k.startswith("momentum_backbone.") for k in a["model"])
     assert_same_state(a["model"], b["model"])
     assert_same_state(a["optimizer"]["state"], b["optimizer"]["state"])
     log_a, log_b = read_log(tmp_path / "straight"), read_log(tmp_path / "stopped")

@@ -4,6 +4,7 @@ import copy
 import json
 import math
 import os
+import re
 import socket
 
 import pytest
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import common
+import eval_linear
 import trex
 from conftest import (assert_bf16_run_close_to_fp32, assert_same_state, read_log, run_killed_after_first_checkpoint,
                       run_script, run_signalled_mid_epoch)
@@ -149,9 +151,20 @@ def test_loss_is_fp32_under_bf16_autocast():
 
 
 def test_recipes_and_the_ordinary_supervised_baseline():
-    parse = lambda *a: trex.resolve_defaults(args := trex.get_args_parser().parse_args(list(a))) or args
+    def parse(*flags):
+        args = trex.get_args_parser().parse_args(list(flags))
+        trex.check_args(args)  # before the recipe is resolved: unset values must pass
+        trex.resolve_recipe(args, native=32)
+        return args
     args = parse("--recipe", "trex_star")
     assert (args.projector_layers, args.scale_split, args.memory_size) == (1, 0.40, 8192)
+    args = parse()  # the CPU demo network: the demo's values (DEMO_DEFAULTS), warmup 10 % of the epochs
+    assert (args.lr, args.ema, args.hidden_dim, args.warmup_epochs) == (0.8, 0.99, 512, 0.4)
+    args = parse("--arch", "resnet50", "--epochs", "100")  # the paper's
+    assert (args.lr, args.ema, args.hidden_dim, args.warmup_epochs, args.memory_size) == (0.1, 0.999, 2048, 10, 8192)
+    assert parse("--momentum", "0.9").ema == parse("--ema", "0.9").ema == 0.9  # the old flag name is an alias
+    with pytest.raises(common.UserError, match="--ema"):
+        parse("--ema", "1")
     args = parse("--recipe", "trex_star", "--projector-layers", "2", "--scale-split", "0.3")
     assert (args.projector_layers, args.scale_split) == (2, 0.3)
     assert parse("--recipe", "plain").memory_size == 0
@@ -184,7 +197,7 @@ def reference_step(model, crops, labels):
             online = [*model.backbone.parameters(), *model.projector.parameters()]
             ema = [*model.momentum_backbone.parameters(), *model.momentum_projector.parameters()]
             for p, q in zip(online, ema):
-                q.data = q.data * model.momentum + p.data * (1.0 - model.momentum)
+                q.data = q.data * model.ema + p.data * (1.0 - model.ema)
             keys = model.momentum_projector.mlp(F.normalize(model.momentum_backbone(crops[0]), dim=1))
             ptr, size = int(memory.ptr), memory.labels.shape[0]
             keys, new = keys[:size - ptr], labels[:size - ptr]
@@ -291,19 +304,23 @@ def demo_run(tmp_path_factory):
 
 def test_demo_path_runs_and_writes_log_checkpoint_and_backbone(demo_run):
     out, result = demo_run
-    assert "kNN top-1 on the validation split: random-init backbone" in result.stdout
+    assert re.search(r"kNN top-1: [\d.]+% after training vs [\d.]+% at random init", result.stdout)
     assert "crop sizes: global 32 px, local 16 px (images of about 32 px, 64 px or less: CIFAR stem)" in result.stdout
+    assert result.stdout.count("recipe: lr 0.2 (0.8 x 64/256") == 1  # the demo's recipe, printed once
+    assert re.search(r"epoch 1/1: loss [\d.]+, lr .*classifier top-1 [\d.]+%", result.stdout)
     lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert lines[0]["args"]["recipe"] == "trex" and lines[0]["args"]["global_size"] == 32
+    assert lines[0]["args"]["ema"] == 0.99 and lines[0]["recipe"]["ema"] == "0.99 (constant)"
     assert lines[1]["epoch"] == 0 and "knn_top1" in lines[1]
     epoch = lines[2]
     assert epoch["epoch"] == 1 and math.isfinite(epoch["loss"]) and epoch["images_per_s"] > 0
-    assert {"lr", "peak_mem_mb", "classifier_top1", "knn_top1", "knn_top5"} <= epoch.keys()
+    assert {"lr", "peak_mem_mb", "classifier_top1", "classifier_top5", "knn_top1", "knn_top5"} <= epoch.keys()
+    assert 0 <= epoch["classifier_top1"] <= epoch["classifier_top5"] <= 100
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["method"] == "trex" and "memory.labels" in ckpt["model"]
     assert (ckpt["model"]["memory.labels"] >= 0).sum() == 256  # 2 steps x 128 images written
-    record = common.load_backbone(str(out / "backbone.pt"))
-    backbone, feat_dim = common.backbone_from_record(record)
+    record = eval_linear.load_backbone(str(out / "backbone.pt"))
+    backbone, feat_dim = eval_linear.backbone_from_record(record)
     assert record["method"] == "trex" and feat_dim == 128
     assert not any(k.startswith(("projector", "momentum", "memory")) for k in record["state_dict"])
 
@@ -376,13 +393,15 @@ def test_a_single_class_folder_is_refused(tmp_path):
 def test_crop_sizes_are_the_references_unless_the_images_are_small_and_flags_override_them():
     def sizes(native, *flags):
         args = trex.get_args_parser().parse_args(list(flags))
-        small = trex.resolve_crop_sizes(args, native)
+        small, recipe = trex.resolve_recipe(args, native)
+        assert f"1 x {args.global_size} px" in recipe["crops"] and f"8 x {args.local_size} px" in recipe["crops"]
         return args.global_size, args.local_size, small
     assert sizes(375) == sizes(180) == sizes(96) == sizes(65) == (224, 96, False)  # whatever the images' size
-    assert sizes(32) == (32, 16, True) and sizes(64) == (64, 32, True)
+    # small images: native, and 96/224 of it rounded to a multiple of 8 (common.crop_sizes, every script's policy)
+    assert sizes(32) == (32, 16, True) and sizes(64) == (64, 24, True) and sizes(16) == (16, 8, True)
     assert sizes(375, "--global-size", "160") == (160, 96, False)
     assert sizes(375, "--global-size", "128", "--local-size", "48") == (128, 48, False)
-    assert sizes(32, "--global-size", "24") == (24, 12, True) and sizes(32, "--local-size", "10") == (32, 10, True)
+    assert sizes(32, "--global-size", "56") == (56, 24, True) and sizes(32, "--local-size", "10") == (32, 10, True)
 
 
 def image_folder(root, first, others, per_class=4):

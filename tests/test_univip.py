@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw
 from torchvision.transforms import v2
 
 import common
+import eval_linear
 import univip
 from conftest import (REPO, assert_bf16_run_close_to_fp32, assert_same_state, read_log,
                       run_killed_after_first_checkpoint, run_script, run_signalled_mid_epoch)
@@ -168,20 +169,20 @@ def test_each_loss_term_equals_a_hand_computed_value():
     agg = torch.tensor([[1.0, 0.0]])
     out = univip.univip_loss((p, p), (z, z), o, t, agg, eps=0.1, iters=50)
     # L_ss = d(p1, z2) + d(p2, z1) = 0;  L_si = 2 d((1, 0), (1, 1)) = 2 (2 - sqrt 2)
-    assert abs(out["ss"].item()) < 1e-6
-    assert abs(out["si"].item() - 2 * (2 - math.sqrt(2))) < 1e-5
+    assert abs(out["loss_ss"].item()) < 1e-6
+    assert abs(out["loss_si"].item() - 2 * (2 - math.sqrt(2))) < 1e-5
     # marginals uniform (both cosines 1/sqrt 2); cost [[0, 1], [1, 0]] -> Y = 0.5 [[1, e], [e, 1]] / (1 + e)
     # with e = exp(-1 / 0.1); d(o, t) = [[0, 2], [2, 0]] -> L_ii = 2 e / (1 + e)
     e = math.exp(-10)
-    assert abs(out["ii"].item() - 2 * e / (1 + e)) < 1e-7
-    assert abs(out["loss"].item() - (out["ss"] + out["si"] + out["ii"]).item()) < 1e-6
+    assert abs(out["loss_ii"].item() - 2 * e / (1 + e)) < 1e-7
+    assert abs(out["loss"].item() - (out["loss_ss"] + out["loss_si"] + out["loss_ii"]).item()) < 1e-6
     # a second image with the target instances swapped: OT moves the plan off the diagonal, so L_ii is
     # again 2 e / (1 + e) (a fixed diagonal pairing would give 4); the batch loss is the mean over images
     out2 = univip.univip_loss((p.repeat(2, 1),) * 2, (z.repeat(2, 1),) * 2, torch.cat([o, o]),
                               torch.cat([t, t.flip(1)]), agg.repeat(2, 1), eps=0.1, iters=50)
-    assert abs(out2["ii"].item() - 0.5 * (2 * e / (1 + e) + 2 * e / (1 + e))) < 1e-6  # OT finds the swap
+    assert abs(out2["loss_ii"].item() - 0.5 * (2 * e / (1 + e) + 2 * e / (1 + e))) < 1e-6  # OT finds the swap
     # only the terms that were asked for
-    assert set(univip.univip_loss((p, p), (z, z), losses=("ss",))) == {"ss", "loss"}
+    assert set(univip.univip_loss((p, p), (z, z), losses=("ss",))) == {"loss_ss", "loss"}
 
 
 def test_identical_online_and_target_outputs_give_zero_loss():
@@ -190,10 +191,10 @@ def test_identical_online_and_target_outputs_give_zero_loss():
     instances = torch.linalg.qr(torch.randn(8, 16, 4)).Q.transpose(1, 2)  # K = 4 orthonormal instances
     out = univip.univip_loss(scenes.chunk(2), scenes.chunk(2)[::-1], instances[:4], instances[:4],
                              losses=("ss", "ii"))
-    assert out["ss"].abs() < 1e-6 and out["ii"] < 1e-3
+    assert out["loss_ss"].abs() < 1e-6 and out["loss_ii"] < 1e-3
     out = univip.univip_loss((scenes[:4], scenes[:4]), (scenes[:4], scenes[:4]), aggregate=scenes[:4] * 2,
                              losses=("ss", "si"))
-    assert out["ss"].abs() < 1e-6 and out["si"].abs() < 1e-6
+    assert out["loss_ss"].abs() < 1e-6 and out["loss_si"].abs() < 1e-6
 
 
 def test_batch_loss_is_the_mean_of_per_image_losses():
@@ -226,19 +227,21 @@ def test_training_step_updates_online_only_and_target_follows_by_momentum():
     torch.manual_seed(0)
     backbone, dim = common.build_backbone("resnet_tiny", True, 32)
     model = univip.UniVIP(backbone, dim, num_instances=2, hidden_dim=32, proj_dim=16)
-    target_before = [p.detach().clone() for p in model.target_parameters()]
+    momentum, online = model.momentum_pairs()
+    assert len(momentum) == len(online) > 0 and all(m is not o for m, o in zip(momentum, online))
+    assert all(m.shape == o.shape for m, o in zip(momentum, online))
+    target_before = [p.detach().clone() for p in momentum]
     optimizer = torch.optim.SGD(common.param_groups(model, 1e-4), lr=0.1, momentum=0.9)
     out = model(torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32), torch.randn(8, 3, 16, 16),
                 torch.randn(8, 3, 16, 16))
-    assert set(out) == {"ss", "si", "ii", "loss"} and torch.isfinite(out["loss"])
+    assert set(out) == {"loss_ss", "loss_si", "loss_ii", "loss"} and torch.isfinite(out["loss"])
     out["loss"].backward()
-    assert all(p.grad is None for p in model.target_parameters())
+    assert all(p.grad is None for p in momentum)
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)  # aggregator included
     optimizer.step()
-    assert all(torch.equal(a, b) for a, b in zip(target_before, model.target_parameters()))
-    common.momentum_update(model.target_parameters(), model.online_parameters(), 0.99)
-    online, target = model.online_parameters(), model.target_parameters()
-    for before, tp, op in zip(target_before, target, online):
+    assert all(torch.equal(a, b) for a, b in zip(target_before, momentum))
+    common.momentum_update(momentum, online, 0.99)
+    for before, tp, op in zip(target_before, momentum, online):
         torch.testing.assert_close(tp, 0.99 * before + 0.01 * op.detach())
     assert univip.UniVIP(backbone, dim, losses=("ss",)).aggregator is None  # BYOL: no unused parameters
 
@@ -252,7 +255,7 @@ def reference_step(model, view1, view2, online_crops, target_crops, per_view=Tru
 
     def target(x):
         with torch.no_grad():
-            return model.target_projector(model.target_backbone(x))
+            return model.momentum_projector(model.momentum_backbone(x))
 
     def d(a, b):
         return 2 - 2 * F.cosine_similarity(a, b, dim=-1)
@@ -338,9 +341,10 @@ def test_coco_annotations_feed_the_sampler(tmp_path):
     assert fell_back.dtype == torch.bool and fell_back.all()  # never K boxes here: always the fallback
 
 
-def test_crop_sizes_come_from_the_dataset_and_the_flags_override_them(tmp_path):
+def test_recipe_sizes_come_from_the_dataset_and_the_flags_override_them(tmp_path):
     """A folder of 320 x 240 photos whose first file is 400 x 100: the paper's sizes, not small-scene ones
-    (the first file alone would say 100 px); the 96 px synthetic scenes get the small sizes."""
+    (the first file alone would say 100 px); the 96 px synthetic scenes get the small sizes. The lr and
+    warmup defaults: the paper's 0.4 per 512 images (resnet_tiny 3.2), 4 warmup epochs, at most epochs / 5."""
     sizes = [(400, 100)] + [(320, 240)] * 6
     for i, size in enumerate(sizes):
         Image.new("RGB", size).save(tmp_path / f"{i}.jpg")
@@ -353,8 +357,15 @@ def test_crop_sizes_come_from_the_dataset_and_the_flags_override_them(tmp_path):
                                   (folder, ["--scene-size", "160", "--instance-size", "64", "--min-box", "20"],
                                    (160, 64, 20.0))]:
         args = parser.parse_args(flags)
-        univip.resolve_sizes(args, common.native_image_size(data))
+        small, recipe = univip.resolve_recipe(args, common.native_image_size(data))
         assert (args.scene_size, args.instance_size, args.min_box) == expected
+        assert small == (args.instance_size <= 64) and f"scene {expected[0]} px" in recipe["crops"]
+    for flags, lr, warmup in [([], 3.2, 0.8), (["--arch", "resnet50", "--epochs", "100"], 0.4, 4.0),
+                              (["--lr", "0.6", "--warmup-epochs", "10", "--batch-size", "4096"], 0.6, 10.0)]:
+        args = parser.parse_args(flags)
+        _, recipe = univip.resolve_recipe(args, 96)
+        assert (args.lr, args.warmup_epochs) == (lr, warmup)
+        assert recipe["lr"].startswith(f"{lr * args.batch_size / 512:.4g} ({lr} x {args.batch_size}/512")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -368,20 +379,42 @@ def test_demo_path_and_eval_linear(tmp_path):
     assert header["args"]["losses"] == "ss,si,ii" and header["args"]["scene_size"] == 64
     assert init["epoch"] == 0 and 0 <= init["knn_top1"] <= 100
     assert epoch["epoch"] == 1 and 0 <= epoch["fallback_rate"] <= 1 and epoch["images_per_s"] > 0
-    for key in ("loss", "loss_ss", "loss_si", "loss_ii", "lr", "tau", "knn_top1", "knn_top5", "peak_mem_mb"):
+    for key in ("loss", "loss_ss", "loss_si", "loss_ii", "lr", "ema", "knn_top1", "knn_top5", "peak_mem_mb"):
         assert math.isfinite(epoch[key]), key
     assert abs(epoch["loss"] - epoch["loss_ss"] - epoch["loss_si"] - epoch["loss_ii"]) < 1e-4
-    assert "random-init backbone" in result.stdout and "UniVIP" in result.stdout
+    assert epoch["ema"] == 1.0 and header["recipe"]["ema"] == "0.99 -> 1 (cosine)"  # tau's last step: 1
+    assert f"random-init backbone: kNN top-1 {init['knn_top1']:.1f}% on synthetic" in result.stdout
+    assert (f"kNN top-1 on synthetic: {epoch['knn_top1']:.1f}% after training vs {init['knn_top1']:.1f}% at "
+            "random init") in result.stdout
+    assert "recipe: lr 0.2 (3.2 x 32/512, cosine to 0)" in result.stdout
     assert "crop sizes: scene 64 px, instance 32 px (images of about 96 px" in result.stdout
-    record = common.load_backbone(str(out / "backbone.pt"))
+    record = eval_linear.load_backbone(str(out / "backbone.pt"))
     assert record["method"] == "univip" and record["small_images"] and record["img_size"] == 32
     if (REPO / "eval_linear.py").exists():
         run_script("eval_linear.py", "--ckpt", out / "backbone.pt", "--data", "synthetic", "--subset", "500")
         with open(out / "eval_synthetic.json") as f:
             assert 0 <= json.load(f)["knn"]["top1"] <= 100
     else:  # eval_linear.py not written yet: the record must rebuild the backbone on its own
-        backbone, _ = common.backbone_from_record(record)
+        backbone, _ = eval_linear.backbone_from_record(record)
         assert backbone(torch.randn(2, 3, 32, 32)).shape == (2, record["feat_dim"])
+
+
+def test_knn_monitor_off_on_eval_data_without_labels(tmp_path):
+    """--eval-data naming a folder of unlabelled images (no class subfolders, no val/): one line says the
+    monitor is off and the run trains to its end (it once ended in a TypeError on the missing kNN result)."""
+    folder = tmp_path / "unlabelled"
+    folder.mkdir()
+    for i in range(4):
+        Image.new("RGB", (32, 32), (60 * i, 120, 200)).save(folder / f"{i}.png")
+    out = tmp_path / "run"
+    result = run_script("univip.py", "--eval-data", folder, "--subset", "16", "--epochs", "1", "--batch-size", "8",
+                        "--eval-every", "1", "--scene-size", "32", "--instance-size", "16", "--hidden-dim", "64",
+                        "--workers", "0", "--out", out, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"kNN monitor off: {folder} has no labelled validation split" in result.stdout
+    assert "Traceback" not in result.stderr
+    header, epoch = read_log(out)  # no kNN line at init
+    assert epoch["epoch"] == 1 and math.isfinite(epoch["loss"]) and "knn_top1" not in epoch
 
 
 def test_torchrun_two_processes(tmp_path):
@@ -452,7 +485,7 @@ def test_real_images_with_a_box_file(tmp_path, cifar10_root):
                "--eval-every", "0", "--workers", "0", "--out", out)
     epochs = read_log(out)[1:]
     assert [e["epoch"] for e in epochs] == [1, 2] and all(math.isfinite(e["loss_ii"]) for e in epochs)
-    assert common.load_backbone(str(out / "backbone.pt"))["args"]["min_box"] == 8.0  # small scenes
+    assert eval_linear.load_backbone(str(out / "backbone.pt"))["args"]["min_box"] == 8.0  # small scenes
 
 
 @pytest.mark.parametrize("flags, words", [
