@@ -207,7 +207,7 @@ SHAPE_NAMES = tuple(SHAPES)
 # Colours and textures come from small shared sets: many images of every class share each of them,
 # so no single colour or background pattern tells one image from all others (with unique random
 # colours, instance discrimination is solved by colour alone, as SimCLR found on photos without colour
-# jitter). Their combination nearly does; the README's oracle-pair control (rotssl section) shows that
+# jitter). Their combination nearly does; the README's oracle-pair control (Results) shows that
 # this is not what keeps the self-supervised demos from learning the shapes faster.
 PALETTE = np.array([[230, 60, 50], [60, 170, 70], [50, 90, 220], [240, 200, 40], [150, 60, 190], [40, 190, 200],
                     [240, 130, 30], [235, 235, 235], [30, 30, 30], [130, 130, 130]], np.float32)

@@ -47,7 +47,7 @@ Implementation details (the choices that matter and that papers leave out):
  7. Rotation prediction needs upright images (photos): on the synthetic shapes, half of which look
     the same after a quarter turn, the demo's rotation accuracy stays near 25 %. LARS (trust 0.001)
     moves each weight by about lr x 0.001 of its norm per step: the recipes are made for tens of
-    thousands of iterations, not the demo's 312 (numbers in the README).
+    thousands of iterations, not the demo's 312 (what limits the demo: README, Results).
  8. The workers decode, crop, flip and draw the rotations; the colour operations run batched on the
     training device, each crop with its own parameters drawn in the worker (common.ColorAugmentation,
     torchvision's distributions), and so do the rotations of the finished global views.

@@ -1,0 +1,133 @@
+"""Benchmark of the input pipeline at ImageNet sizes: worker images/s per core and the device half's cost.
+
+For each method's augmentation this measures, on one thread:
+  - the worker half (decode, crops, flips, boxes, rotation labels) on 500 x 375 JPEGs, ImageNet's
+    typical size, made once from CIFAR-10 images upscaled with bicubic interpolation; decode included;
+  - the device half (the batched colour operations and normalisation) on a collated batch, with the
+    CPU standing in for the training device (on a GPU it is a few elementwise kernels per view).
+Not collected by pytest (no test_ prefix). Run from the repository root:
+
+    python tests/bench_input.py                 # 10 s per pipeline, device half on 64 images (about 2 minutes)
+    python tests/bench_input.py --quick         # 1 s per pipeline, device half on 8 images: checks that it runs
+"""
+import argparse
+import glob
+import os
+import platform
+import sys
+import tarfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import default_collate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import common, opera, rotssl, trex, univip  # noqa: E402  (the repository's own modules)
+
+
+def get_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=10.0, help="time spent on each pipeline's worker half")
+    parser.add_argument("--batch", type=int, default=64, help="images in the batch of the device half")
+    parser.add_argument("--images", type=int, default=200, help="number of 500 x 375 JPEGs to make and cycle over")
+    parser.add_argument("--quick", action="store_true", help="--seconds 1 --batch 8: a check that it runs")
+    parser.add_argument("--cifar", default=os.path.join(REPO, "data", "cifar10"),
+                        help="CIFAR-10 ImageFolder (train/<class>/*.jpg); extracted from --tarball if missing")
+    parser.add_argument("--tarball", default=os.path.join(REPO, "..", "shared", "data", "cifar10-jpeg.tar.gz"),
+                        help="the CIFAR-10 JPEG tarball")
+    parser.add_argument("--jpeg-dir", default=os.path.join(REPO, "data", "bench_jpeg"),
+                        help="where the upscaled JPEGs are written (reused when present)")
+    args = parser.parse_args()
+    if args.quick:
+        args.seconds, args.batch = 1.0, 8
+    return args
+
+
+def make_jpegs(args):
+    """--images CIFAR-10 training images, every 250th, upscaled to 500 x 375 and saved at JPEG quality 90."""
+    paths = sorted(glob.glob(os.path.join(args.jpeg_dir, "*.jpg")))
+    if len(paths) >= args.images:
+        return paths[:args.images]
+    if not glob.glob(os.path.join(args.cifar, "train", "*", "*.jpg")):
+        if not os.path.exists(args.tarball):
+            sys.exit(f"no CIFAR-10 images in {args.cifar} and no tarball at {args.tarball}: give --cifar or --tarball")
+        print(f"extracting {args.tarball} into {os.path.dirname(args.cifar)}", flush=True)
+        with tarfile.open(args.tarball) as tar:
+            destination = os.path.dirname(os.path.abspath(args.cifar))
+            try:
+                tar.extractall(destination, filter="data")
+            except TypeError:  # Python before 3.10.12 / 3.11.4: no extraction filters
+                tar.extractall(destination)
+    sources = sorted(glob.glob(os.path.join(args.cifar, "train", "*", "*.jpg")))[::250][:args.images]
+    os.makedirs(args.jpeg_dir, exist_ok=True)
+    for i, path in enumerate(sources):
+        Image.open(path).convert("RGB").resize((500, 375), Image.BICUBIC).save(
+            os.path.join(args.jpeg_dir, f"{i:03d}.jpg"), quality=90)
+    return sorted(glob.glob(os.path.join(args.jpeg_dir, "*.jpg")))[:args.images]
+
+
+def pipelines():
+    """name: (worker half on one decoded image, device half on a batch of worker outputs, or None)."""
+    cpu = torch.device("cpu")
+    boxes = np.array([[20, 20, 200, 150], [250, 30, 220, 180], [40, 200, 180, 160], [260, 210, 200, 150]], np.float32)
+    two_view = opera.TwoViewAugmentation(224, 0.08)
+    scenes = univip.SceneInstanceAugmentation(224, 96, 4, 64, (0.08, 1.0))
+    byol = rotssl.Augmentation("byol", 224, 96, 0, rotate=True)
+    swav = rotssl.Augmentation("swav", 224, 96, 6, rotate=True)
+    multi_crop = trex.MultiCropAugmentation(224, 96, 8)
+    return {
+        "JPEG decode alone": (lambda im: im, None),
+        "opera.py, 2 x 224": (lambda im: two_view(im, 0),
+                              lambda s: two_view.on_device(*default_collate(s)[:2], cpu)),
+        "rotssl.py --base byol, 2 x 224 + rotations": (byol, lambda s: byol.on_device(default_collate(s), cpu)),
+        "rotssl.py (SwAV), 2 x 224 + 6 x 96 + rotations": (swav, lambda s: swav.on_device(default_collate(s), cpu)),
+        "trex.py, 1 x 224 + 8 x 96": (lambda im: multi_crop(im, 0),
+                                      lambda s: multi_crop.on_device(default_collate(s)[0], cpu)),
+        "univip.py, 2 x 224 + 2 x 4 x 96": (lambda im: scenes(im, boxes),
+                                            lambda s: scenes.on_device(*univip.collate_scene_pairs(s)[:4], cpu)),
+    }
+
+
+def cpu_name():
+    """The model name of the CPU (Linux), else what the platform module says."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def main():
+    args = get_args()
+    torch.set_num_threads(1)
+    paths = make_jpegs(args)
+    print(f"input pipeline benchmark: {len(paths)} JPEGs of 500 x 375 px, one thread, {args.seconds:g} s per "
+          f"pipeline, device half on {args.batch} images on the CPU")
+    print(f"CPU: {cpu_name()}, torch {torch.__version__}")
+    device_column = f"device half, CPU, ms per {args.batch}"
+    print(f"{'pipeline':<48}{'worker images/s per core':>26}{device_column:>30}", flush=True)
+    for name, (worker, device) in pipelines().items():
+        torch.manual_seed(0)
+        samples, start = [], time.perf_counter()
+        while time.perf_counter() - start < args.seconds:
+            for path in paths:
+                samples.append(worker(common.load_rgb(path)))
+                if len(samples) >= args.batch and time.perf_counter() - start >= args.seconds:
+                    break
+        rate = len(samples) / (time.perf_counter() - start)
+        ms = "-"
+        if device is not None:
+            batch = samples[:args.batch]
+            device(batch)  # warm-up
+            start = time.perf_counter()
+            device(batch)
+            ms = f"{1000 * (time.perf_counter() - start):.0f}"
+        print(f"{name:<48}{rate:>26.0f}{ms:>30}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
