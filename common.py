@@ -1243,7 +1243,9 @@ class LARS(torch.optim.Optimizer):
     """SGD with momentum and layer-wise trust ratios (You et al. 2017), as used by BYOL and MoCo v3.
 
     update = g + wd * w, scaled by eta * ||w|| / ||update|| (1 if either norm is 0), then
-    momentum. Groups with `lars_exclude=True` (biases, norms) skip decay and adaptation.
+    momentum: DeepMind's BYOL formula. solo-learn's LARS (EffSSL's) divides by ||g|| + wd ||w|| instead;
+    with r = wd ||w|| / ||g|| the two trust ratios differ by up to 2r / (1 - r) (0.22 at r = 0.1).
+    Groups with `lars_exclude=True` (biases, norms) skip decay and adaptation.
     `clip=True` caps the layer's rate at the global one (the LARC variant): the scale becomes
     min(eta * ||w|| / (lr * ||update||), 1), so a step moves a layer by at most eta of its norm
     whatever the lr; the CIFAR recipes tuned with eta 0.02 (solo-learn's BYOL) assume it.

@@ -63,10 +63,15 @@ reference's way, by hand from this file's modules, and checks the loss and every
 Deliberate differences: the class loss over partly labelled batches (detail 4; with every image
 labelled it is the reference's mean); on images of 64 px or less (no such recipe in the reference)
 crops at the native size, the CIFAR stem and a blur sigma scaled by crop/224; the cosine lr lands on 0
-at the last step (the reference's per-iteration formula reaches 0 one step after the end); the colour
-operations run on float images on the device (detail 11) where the reference runs them on PIL images:
-the blur is an exact Gaussian cut at 3 sigma (PIL approximates it with box filters) and solarize
-thresholds the unrounded value.
+at the last step (the reference's per-iteration formula reaches 0 one step after the end); the class
+head has one output per class of the dataset (the reference: 1,000 whatever the data); the validation
+resize is bicubic (the reference's is bilinear); the monitors run every epoch under autocast and report
+no recall@1. Precision: on GPUs with bf16 the default is bf16 autocast without a grad scaler, where the
+references train in fp16 with one. The colour operations run on float images on the device (detail 11)
+where the reference runs them on PIL images, which round to uint8 after every operation (jittered images
+come out about 1.5 levels brighter there) and compute hue in 8-bit HSV (up to 9 levels apart); the blur
+samples a Gaussian at integer taps, cut at 3 sigma, which blurs less than PIL's at small sigma (about
+nothing below 0.3 px); solarize thresholds the unrounded value.
 
 Commands
     python opera.py                                                   # CPU demo, synthetic shapes, ~2 min

@@ -57,8 +57,14 @@ empty slots never count (detail 4). (b) Logits in fp32 (the reference's are fp16
 sigma scaled by global size / 224 (at 224 px the reference's 0.1 to 2 px on every crop). (d) The CPU
 demo's values for resnet_tiny (detail 7, 512-wide hidden layers); warmup is 10 % of --epochs (the
 reference: 10 epochs, the same at 100). (e) The validation resize is bicubic (the reference: bilinear).
-(f) The colour operations run on float images on the device (detail 11), the reference's on PIL images:
-an exact Gaussian blur cut at 3 sigma instead of PIL's box approximation, solarize on the unrounded value.
+(f) The colour operations run on float images on the device (detail 11), the reference's on PIL images,
+which round to uint8 after every operation (jittered images about 1.5 levels brighter) and compute hue in
+8-bit HSV (up to 9 levels apart); the blur samples a Gaussian at integer taps cut at 3 sigma, weaker than
+PIL's at small sigma (about nothing below 0.3 px); solarize acts on the unrounded value. (g) Precision: on
+GPUs with bf16 the default is bf16 autocast without a grad scaler (the reference: fp16 with one). (h) Under
+torchrun, DDP does not broadcast buffers (the memory is identical on every rank by construction), and the
+class prototypes are l2-normalised twice (in class_prototypes, then in cosine_logits: the second changes
+them only by rounding).
 
 Commands
     python trex.py                                            # CPU demo on synthetic shapes, ~2 minutes on 2 cores

@@ -42,7 +42,6 @@ Implementation details (choices the paper leaves open, and how they are made her
     synthetic shapes, or --eval-data), as a linear probe; it is off if --eval-data has no labels or val/.
 10. resnet_tiny (the CPU demo) defaults to lr 3.2 per 512 images, not the paper's 0.4: the demo has 128
     steps, the paper 800 COCO epochs (the tables at the top of the file; the run prints a `recipe:` line).
-    Logged each epoch: loss, loss_ss, loss_si, loss_ii, fallback_rate, lr, ema (tau), the kNN top-1.
 11. The workers decode, pick the windows and boxes, crop and flip; the colour operations run batched
     on the training device, one call per view, each crop with its own parameters drawn in the worker
     (common.ColorAugmentation, torchvision's distributions, blur sigma scaled by crop size / 224).
@@ -51,9 +50,10 @@ Compared with the reference code (none is public: the paper's equations, and ORL
 Equal: the three loss terms (Eq. 1 - 5; an audit found them within 6e-8 of the equations) and the
 calls of detail 6. tests/test_univip.py checks each term on hand-computed values, and a whole step
 against one written out from this file's modules the BYOL way (loss and every gradient, fp32, 1e-5).
-Deliberate differences: the transport marginals are relu(cos) normalised to sum 1 where the paper
-writes max(o_m . (f_t1 + f_t2) / 2, 0) (a dot product, no normalisation): those masses have different
-totals on the two sides, and then no plan has both as marginals. Also details 4, 9, 10 and 11.
+Deliberate differences: the transport marginals (at their computation in univip_loss). Also details 4, 9,
+10, 11, and as in every script here: bf16 autocast without a grad scaler on GPUs with bf16 (the BYOL / ORL
+code: fp16 with one); colour operations on float images (PIL rounds to uint8 after each, about 1.5 levels
+brighter, and its hue is 8-bit HSV); a blur sampled at integer taps, weaker than PIL's below about 0.5 px.
 
 Commands
   CPU demo (synthetic scenes, about 2 minutes on 2 cores):  python univip.py
@@ -83,9 +83,8 @@ from torchvision.transforms import v2
 import common
 
 LOSSES = ("ss", "si", "ii")
-# The recipe, in one place: the paper's COCO recipe (Sec. 4.1: SGD, lr 0.4 per 512 images, wd 1e-4, 4 warmup
-# epochs, here at most a fifth of a short run), the CPU demo's lr for resnet_tiny (its 128 steps learn more with
-# 3.2; numbers: README), and the crop sizes (detail 9, UniVIP's own policy, not common.crop_sizes); flags win.
+# The recipe, in one place (flags win): the paper's COCO recipe (Sec. 4.1: SGD, lr 0.4 per 512 images, wd 1e-4,
+# 4 warmup epochs, at most a fifth of a short run), the CPU demo's lr (detail 10), the crop sizes (detail 9).
 PAPER_DEFAULTS = dict(lr=0.4, warmup_epochs=4.0)
 DEMO_DEFAULTS = dict(lr=3.2)
 SMALL_SCENES = 128  # px: scenes whose median shorter side is this or less get the small sizes (True)
@@ -354,8 +353,9 @@ def univip_loss(online_scenes, target_scenes, online_instances=None, target_inst
         o, t = online_instances.float(), target_instances.float().detach()
         with torch.no_grad():
             similarity = F.cosine_similarity(o.unsqueeze(2), t.unsqueeze(1), dim=-1)  # S_mn = cos(o_m, t_n)
-            # Masses (Eq. 4): relu(cos) normalised to sum 1. The paper's max(o_m . (f_t1 + f_t2) / 2, 0), a dot
-            # product without normalisation, sums to other totals on the two sides: then no plan has both.
+            # Masses (Eq. 4): relu(cos) normalised to sum 1, where the paper writes max(o_m . (f_t1 + f_t2) / 2, 0).
+            # Normalised, as the two sides' raw totals differ and no plan can have both as marginals; cosines,
+            # not dot products, so that a mass measures agreement, not an embedding's norm (as the cost 1 - cos).
             b = transport_marginal(o, z1 + z2)  # mass of each online instance: its agreement with g's scene
             a = transport_marginal(t, (p1 + p2).detach())  # mass of each target instance: with f's scene
             plan = sinkhorn_plan(1 - similarity, b, a, eps, iters)

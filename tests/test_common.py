@@ -122,9 +122,15 @@ def test_load_backbone_accepts_records_checkpoints_and_bare_state_dicts(tmp_path
     fields = dict(method="m", arch="resnet_tiny", small_images=True, img_size=32, feat_dim=dim,
                   args=argparse.Namespace(), epoch=1)
     common.save_backbone(tmp_path / "backbone.pt", model, **fields)
-    common.atomic_save({"model": {}, "backbone": common.backbone_record(model, **fields)}, tmp_path / "checkpoint.pt")
+    record = common.backbone_record(model, **fields)
+    common.atomic_save({"model": {}, "backbone": record}, tmp_path / "old_checkpoint.pt")  # earlier layout
+    # today's checkpoint.pt: the record without weights, which are the model's entries under the prefix
+    weights = {f"net.backbone.{k}": v for k, v in model.state_dict().items()}
+    meta = {k: v for k, v in record.items() if k != "state_dict"}
+    common.atomic_save({"model": {"net.head.weight": torch.zeros(2), **weights},
+                        "backbone": dict(meta, state_dict_prefix="net.backbone.")}, tmp_path / "checkpoint.pt")
     torch.save(model.state_dict(), tmp_path / "bare.pt")
-    for name in ("backbone.pt", "checkpoint.pt", "bare.pt"):
+    for name in ("backbone.pt", "old_checkpoint.pt", "checkpoint.pt", "bare.pt"):
         rebuilt, _ = eval_linear.backbone_from_record(eval_linear.load_backbone(tmp_path / name, arch="resnet_tiny"))
         assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), model.state_dict().values()))
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]  # atomic writes leave no temporary file
