@@ -4,73 +4,75 @@ Paper: "Towards Efficient and Effective Self-Supervised Learning of Visual Repre
 Sravanti Addepalli, Kaushal Bhogale, Priyam Dey, R. Venkatesh Babu, ECCV 2022, arXiv 2210.09866.
 Reference code: val-iisc/EffSSL (SwAV + rotation, ResNet-50, ImageNet-1K).
 
-The idea. Instance-similarity methods (SwAV, BYOL, ...) pull two random augmentations of one image
-together. Aggressive crops often land on different objects, so that target is noisy and training
-needs many iterations. Predicting which of four rotations (0, 90, 180, 270 degrees) was applied to
-an image is well posed for any crop (the label is exact) and still needs semantic features, so it
-converges fast. Added as an auxiliary loss, it makes the base method learn faster, most visibly at
-low epoch counts:
-
-    L = L_base + rot_weight * (CE(head(f(rot(x1))), k1) + CE(head(f(rot(x2))), k2))
-
-where x1, x2 are the two global views of the base method, f is the shared backbone and the
-rotation head sits on its pooled features. `--rot-weight 0` is the plain base method.
+The idea. Instance-similarity methods (SwAV, BYOL, ...) pull two random augmentations of one image together.
+Aggressive crops often land on different objects, so that target is noisy and training needs many iterations.
+Predicting which of four rotations (0, 90, 180, 270 degrees) was applied to an image is well posed for any crop (the
+label is exact) and still needs semantic features, so it converges fast. As an auxiliary loss it makes the base
+method learn faster, most visibly at low epoch counts:
+L = L_base + rot_weight * (CE(head(f(rot(x1))), k1) + CE(head(f(rot(x2))), k2)), with x1, x2 the two global views
+of the base method, f the shared backbone and the rotation head on its pooled features. `--rot-weight 0` is the
+plain base method.
 
 Implementation details (the choices that matter and that papers leave out):
- 1. Rotations are drawn per image and per view, k uniform in {0, 1, 2, 3} (k = 0 is a class too),
-    and applied after all augmentation and normalisation, as in the reference. The augmentation draws
-    them, so the labels are seeded like the rest of it: identical after a resume and for any number of processes.
- 2. Each network sees the batches the reference gives it (batch norm normalises over them): SwAV
-    calls the backbone once per crop resolution and the projector once on all crops (EffSSL); BYOL
-    calls backbone, projector, predictor and the target once per view, BN normalising over the B
-    images of one view (DeepMind's BYOL, solo-learn); each rotated view is one more backbone call.
-    Rotated images never enter the base loss nor the BYOL target; `--rot-weight 0` builds none.
+ 1. Rotations: k uniform in {0, 1, 2, 3} (k = 0 is a class too) per image and per view, applied after all
+    augmentation and normalisation (the reference's) and drawn in the augmentation, seeded like the rest of it:
+    identical after a resume and for any number of processes.
+ 2. Each network sees the batches the reference gives it (batch norm normalises over them): SwAV calls the backbone
+    once per crop resolution and the projector once on all crops (EffSSL); BYOL calls each network once per view
+    (DeepMind's BYOL, solo-learn); each rotated view is one more backbone call. Rotated images never enter the base
+    loss nor the BYOL target; `--rot-weight 0` builds none.
  3. The two cross-entropy terms are summed, not averaged (the reference's `loss_rot1 + loss_rot2`).
- 4. SwAV: prototypes are l2-normalised in place before every step; their gradients are dropped for
-    the first `--freeze-prototypes-iters` iterations; codes come from the two global crops only,
-    with Sinkhorn-Knopp (eps 0.05, 3 iterations) whose row and total sums are all-reduced, so that
-    N processes x batch B give the codes of one process with batch N*B.
- 5. The recipes are the table RECIPES at the top, filled in by resolve_recipe() (flags that are set
-    win) and printed as the `recipe:` line. SwAV's lr is not batch-scaled: warmup 0.3 -> 1.2 (`--lr`
-    is the peak), cosine to 0.0012, LARS eta 0.001. BYOL's is `--lr` x batch / 256, cosine to 0;
-    target momentum `--ema` 0.99 -> 1 on a per-iteration cosine. BYOL above 64 px: DeepMind's
-    ImageNet recipe (LARS eta 0.001, lr 0.2, wd 1.5e-6, warmup from 0, blur p 1.0 / 0.1). At 64 px or
-    less, solo-learn's CIFAR recipe in full: eta 0.02 with each layer's rate clipped at the global
-    one, lr 1.0, wd 1e-5 (unless --wd is given), no blur, and warmup from 3e-5 (solo-learn's
-    warmup_start_lr), so the clip holds from the first step (eta 0.001 moves weights 20x less).
- 6. Crop sizes follow the median shorter side of a sample of the training images: above 64 px the
-    reference's 224 and 96 px whatever the images' size; at 64 px or less (CIFAR stem) the native
-    size, local crops x 96/224 to a multiple of 8 (32 -> 16 px); `--global-size`, `--local-size`
-    override; the sizes are printed and logged. Blur sigma (0.1 to 2 px at 224) scales with the
-    global size for all crops, as SwAV blurs 96 px crops like 224 px ones. RandomResizedCrop is
-    bilinear for SwAV (EffSSL) and bicubic for BYOL (solo-learn).
- 7. Rotation prediction needs upright images (photos): on the synthetic shapes, half of which look
-    the same after a quarter turn, the demo's rotation accuracy stays near 25 %. LARS (trust 0.001)
-    moves each weight by about lr x 0.001 of its norm per step: the recipes are made for tens of
-    thousands of iterations, not the demo's 312 (what limits the demo: README, Results).
- 8. The workers decode, crop, flip and draw the rotations; the colour operations run batched on the
-    training device, each crop with its own parameters drawn in the worker (common.ColorAugmentation,
-    torchvision's distributions), and so do the rotations of the finished global views.
+ 4. SwAV: prototypes l2-normalised in place before every step, without gradient for the first
+    `--freeze-prototypes-iters` iterations; codes from the two global crops only, by Sinkhorn-Knopp (eps 0.05,
+    3 iterations) with all-reduced row and total sums: N processes x batch B give the codes of one process with
+    batch N*B. swav's queue (off by default, as in EffSSL at batch 1024) takes each step's global-crop z after its
+    codes, from epoch --epoch-queue-starts on; once full, crop s's codes come from Sinkhorn over [queue_s scored by
+    the current prototypes; batch] (B: all rows of all processes), batch rows kept; the loss is on the batch only.
+    Each process uses its own L / N rows (swav's) but holds them all (all-gathered) in a buffer: rank 0's
+    checkpoint.pt resumes every process exactly; DDP's buffer broadcast changes nothing.
+ 5. Recipes: the table RECIPES, filled in by resolve_recipe() (set flags win), printed as the `recipe:` line.
+    SwAV: lr not batch-scaled, warmup 0.3 -> 1.2 (`--lr` is the peak), cosine to 0.0012, LARS eta 0.001. BYOL:
+    `--lr` x batch / 256, cosine to 0, target momentum `--ema` -> 1 on a per-iteration cosine; above 64 px
+    DeepMind's ImageNet recipe (LARS eta 0.001, lr 0.2, wd 1.5e-6, warmup from 0, ema 0.996, blur p 1.0 / 0.1); at
+    64 px or less solo-learn's CIFAR recipe in full (eta 0.02, each layer's rate clipped at the global one, lr 1.0,
+    wd 1e-5 unless --wd is set, ema 0.99, no blur, warmup from its 3e-5: the clip holds from step 0; eta 0.001
+    would move weights 20x less).
+ 6. Crop sizes follow the median shorter side of a sample of the training images: above 64 px the reference's 224
+    and 96 px; at 64 px or less (CIFAR stem) the native size, local crops x 96/224 to a multiple of 8 (32 -> 16 px);
+    `--global-size`, `--local-size` override; printed and logged. Blur sigma (0.1 to 2 px at 224) scales with the
+    global size for all crops (SwAV blurs 96 px crops like 224 px ones). RandomResizedCrop is bilinear for SwAV
+    (EffSSL), bicubic for BYOL (solo-learn).
+ 7. Rotation prediction needs upright images (photos): on the synthetic shapes, half of which look the same after a
+    quarter turn, the demo's rotation accuracy stays near 25 %. LARS (trust 0.001) moves each weight by about
+    lr x 0.001 of its norm per step: the recipes are made for tens of thousands of iterations, not the demo's 312
+    (what limits the demo: README, Results).
+ 8. The workers decode, crop, flip and draw the rotations; the colour operations (each crop with its own parameters
+    drawn in the worker, torchvision's distributions: common.ColorAugmentation) and the rotations of the finished
+    global views run batched on the training device.
 
-Compared with the reference code. The SwAV + rotation step (crops and calls, Sinkhorn, swapped
-prediction, rotation loss, prototype normalisation and freeze) equals EffSSL's: an audit on the same
-weights and inputs found a loss difference of 0 and gradients within 3e-7, and the BYOL loss within
-1e-7 of solo-learn's. tests/test_rotssl.py recomputes one step of each base by hand from the model's
-modules, called as the reference calls them, and checks the loss and every gradient (fp32, CPU,
-1e-5 relative). Deliberate differences: the small-image recipes (native crops, CIFAR stem, blur
-scaled with the crop, fewer prototypes as there is no queue; EffSSL is ImageNet only, queue 0);
-rotations drawn by torch's seeded generator in the augmentation, not Python's `random` in the data
-set (same distribution, exact resume); LARS's trust ratio eta ||w|| / ||g + wd w|| (LARS, BYOL)
-where EffSSL's wrapper (solo-learn's) divides by ||g|| + wd ||w|| (relative gap <= wd ||w|| / ||g||);
-normalisation std 0.229 for red where SwAV's code has 0.228; the colour operations on float images on
-the device (detail 8), the references' on PIL images: an exact Gaussian blur cut at 3 sigma instead
-of PIL's box approximation, solarize on the unrounded value.
+Compared with the reference code. The SwAV + rotation step (crops and calls, Sinkhorn, swapped prediction, rotation
+loss, prototype normalisation and freeze) equals EffSSL's: an audit on the same weights and inputs found a loss
+difference of 0 and gradients within 3e-7, and the BYOL loss within 1e-7 of solo-learn's; tests/test_rotssl.py
+recomputes a step of each base (and of SwAV with swav's queue) from the model's modules, called as the reference
+calls them, and checks the loss and every gradient (fp32, CPU, 1e-5 relative). Deliberate differences: the
+small-image recipes (native crops, CIFAR stem, blur scaled with the crop, fewer prototypes; EffSSL is ImageNet
+only); rotations drawn by torch's seeded generator in the augmentation, not Python's `random` in the data set (same
+distribution, exact resume); LARS's trust ratio eta ||w|| / ||g + wd w|| (DeepMind's BYOL's), where EffSSL's wrapper
+(solo-learn's) divides by ||g|| + wd ||w||: up to 2r / (1 - r) apart, r = wd ||w|| / ||g|| (0.22 at r = 0.1);
+normalisation std 0.229 for red where SwAV's has 0.228. Left out today: the references' fp16 with a grad scaler
+(here bf16 autocast without one where the GPU has it: Sinkhorn codes differ from fp32's by about 2.5e-3, in fp16
+by 2.0e-4); PIL's colour arithmetic: the colour operations run on float images (detail 8), where PIL rounds to
+uint8 after every operation (jittered images come out about 1.5 levels brighter), computes hue in 8-bit HSV (up
+to 9 levels off), and blurs more at small sigma (here a Gaussian sampled at integer taps, cut at 3 sigma).
 
 Commands:
     python rotssl.py                                   # CPU demo: SwAV + rotation on synthetic shapes
     python rotssl.py --base byol                       # CPU demo: BYOL + rotation
     python rotssl.py --rot-weight 0                    # the plain SwAV baseline
     python rotssl.py --data cifar10 --download --arch resnet18 --epochs 200 --batch-size 256   # one GPU
+    python rotssl.py --data /path/to/imagenet --arch resnet50 --epochs 200 --batch-size 256 --lr 0.6 \\
+        --final-lr 0.0006 --warmup-epochs 0 --freeze-prototypes-iters 5005 --queue-length 3840 \\
+        --epoch-queue-starts 15                        # one GPU: swav's batch-256 recipe, with its queue
     torchrun --nproc_per_node=4 rotssl.py --data /path/to/imagenet100 --arch resnet50 --epochs 100 \\
         --batch-size 256                               # several GPUs
     # the reference recipe (ImageNet-1K, ResNet-50, 50 epochs, batch 1024), then a linear probe:
@@ -82,26 +84,26 @@ import argparse
 import copy
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
 import common
 
-# The recipe, in one place (detail 5): the base method's row, and for BYOL on images of SMALL_IMAGES px or
-# less solo-learn's CIFAR row. A flag that is set wins (so BYOL's small-image wd 1e-5 applies only without
-# --wd); the LARS trust coefficient and clip are no flags: each recipe was tuned with its own. Warmup: 10
-# epochs in both papers, at most a fifth of a short run.
+# The recipe, in one place (detail 5): the base method's row, and for BYOL on images of SMALL_IMAGES px or less
+# solo-learn's CIFAR row; a flag that is set wins. The LARS trust coefficient and clip are no flags: each recipe
+# was tuned with its own. Warmup: 10 epochs in both papers, at most a fifth of a short run.
 RECIPES = {
     # EffSSL's SwAV: warmup 0.3 -> 1.2 (not batch-scaled), cosine to 0.0012
     "swav": dict(lr=1.2, wd=1e-6, warmup_epochs=10.0, warmup_start_lr=0.3, final_lr=0.0012, lars_eta=0.001,
                  lars_clip=False),
-    # DeepMind's ImageNet BYOL: lr 0.2 x batch / 256, warmup from 0, cosine to 0
+    # DeepMind's ImageNet BYOL: lr 0.2 x batch / 256, warmup from 0, cosine to 0, target momentum 0.996
     "byol": dict(lr=0.2, wd=1.5e-6, warmup_epochs=10.0, warmup_start_lr=0.0, final_lr=0.0, lars_eta=0.001,
-                 lars_clip=False),
-    # solo-learn's CIFAR BYOL: each layer's rate clipped at the global one, from a warmup start above 0
+                 lars_clip=False, ema=0.996),
+    # solo-learn's CIFAR BYOL: each layer's rate clipped at the global one, from a warmup start above 0; tau 0.99
     "byol_small": dict(lr=1.0, wd=1e-5, warmup_epochs=10.0, warmup_start_lr=3e-5, final_lr=0.0, lars_eta=0.02,
-                       lars_clip=True),
+                       lars_clip=True, ema=0.99),
 }
 
 
@@ -111,10 +113,10 @@ RECIPES = {
 def get_args_parser():
     p = argparse.ArgumentParser("rotssl", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                epilog="--lr, --wd, --warmup-epochs, --warmup-start-lr and --final-lr default to the "
-                                       f"recipe of --base (byol_small: BYOL on images of {common.SMALL_IMAGES} px or "
-                                       f"less; warmup at most a fifth of the run): {RECIPES}")
-    # lr, wd, warmup: None = the recipe's value, resolved in resolve_recipe()
+                                epilog="--lr, --wd, --warmup-epochs, --warmup-start-lr, --final-lr and --ema default "
+                                       f"to the recipe of --base (byol_small: BYOL on images of {common.SMALL_IMAGES} "
+                                       f"px or less; warmup at most a fifth of the run): {RECIPES}")
+    # lr, wd, warmup, ema: None = the recipe's value, resolved in resolve_recipe()
     # demo defaults: one epoch of the 10,000 synthetic images (312 steps of 32) fits the 3-minute CPU budget
     common.add_common_args(p, "rotssl", epochs=1, batch_size=32, lr=None, wd=None, warmup_epochs=None)
     g = p.add_argument_group("rotation task")
@@ -133,8 +135,8 @@ def get_args_parser():
                    help="learning rate at the end of the cosine (default: SwAV 0.0012, BYOL 0)")
     g = p.add_argument_group("SwAV base")
     g.add_argument("--n-prototypes", type=int, default=None,
-                   help="number of prototypes; default 3000 (the paper) for images above 64 px, min(300, batch size) "
-                        "for small images, whose batches cannot fill 3000 clusters without SwAV's queue")
+                   help="number of prototypes; default 3000 (the paper) for images above 64 px, min(300, batch size + "
+                        "queue length) for small images, whose batches cannot fill 3000 clusters without SwAV's queue")
     g.add_argument("--temperature", type=float, default=0.1, help="softmax temperature of the swapped prediction")
     g.add_argument("--epsilon", type=float, default=0.05,
                    help="entropic regularisation of Sinkhorn-Knopp; lower = sharper codes, but may overflow")
@@ -142,9 +144,15 @@ def get_args_parser():
     g.add_argument("--freeze-prototypes-iters", type=int, default=313,
                    help="iterations at the start during which the prototypes receive no update")
     g.add_argument("--n-local", type=int, default=6, help="number of small local crops (multi-crop)")
+    g.add_argument("--queue-length", type=int, default=0, help="SwAV's queue of past projections for the codes, "
+                   "all processes together (each uses length / processes), a multiple of --batch-size; 0 = off "
+                   "(EffSSL at batch 1024); swav: 3840 at batch 256")
+    g.add_argument("--epoch-queue-starts", type=int, default=15, help="epoch from which the queue fills (used "
+                   "once full); if the loss then rises and stays up, start it later or shorten it (swav)")
     g = p.add_argument_group("BYOL base")
-    g.add_argument("--ema", type=float, default=0.99,
-                   help="initial momentum of the target network (rises to 1 on a cosine); try 0.996 for long runs")
+    g.add_argument("--ema", type=float, default=None,
+                   help="initial momentum of the target network, rising to 1 on a cosine (default: DeepMind's 0.996; "
+                        f"solo-learn's 0.99 on {small})")
     return p
 
 
@@ -159,10 +167,10 @@ def resolve_recipe(args, native):
     for name, value in defaults.items():
         if getattr(args, name, None) is None:  # lars_eta and lars_clip: always the row's
             setattr(args, name, value)
-    if args.n_prototypes is None:  # 3000 (the paper) needs batches of 1024 or SwAV's queue: a batch spread
-        # over far more clusters than it has images gets near-uniform codes and a loss stuck at ln K.
-        # Small data get at most one prototype per image of the batch (the demo's loss stays near ln K even so: README)
-        args.n_prototypes = min(300, args.batch_size) if small else 3000
+    if args.n_prototypes is None:  # 3000 (the paper) needs batches of 1024 or SwAV's queue: a batch spread over far
+        # more clusters than it has images gets near-uniform codes and a loss stuck at ln K. Small data: at most one
+        # prototype per row of Sinkhorn, batch + queue (the demo's loss stays near ln K without a queue: README)
+        args.n_prototypes = min(300, args.batch_size + args.queue_length) if small else 3000
     how = "not batch-scaled" if swav else f"{args.lr} x {args.batch_size}/256"
     clip = ", each layer's rate clipped at the global one" if args.lars_clip else ""
     recipe = dict(defaults=row, lr=f"{args.lr if swav else args.lr * args.batch_size / 256:.4g} ({how}, "
@@ -172,6 +180,8 @@ def resolve_recipe(args, native):
     if swav:
         recipe.update(prototypes=f"{args.n_prototypes} (frozen for {args.freeze_prototypes_iters} iterations)",
                       crops=f"2 x {args.global_size} px + {args.n_local} x {args.local_size} px")
+        if args.queue_length:
+            recipe.update(queue=f"{args.queue_length} from epoch {args.epoch_queue_starts}")
     else:
         recipe.update(ema=f"{args.ema} -> 1 (cosine)", crops=f"2 x {args.global_size} px")
     return small, recipe
@@ -182,17 +192,19 @@ def check_args(args):
     if args.rot_weight < 0:
         raise common.UserError(f"--rot-weight must not be negative (got {args.rot_weight}); 0 turns the "
                                "rotation task off")
-    if args.n_prototypes is not None and args.n_prototypes < 2:
-        raise common.UserError("--n-prototypes must be at least 2")
-    if args.temperature <= 0 or args.epsilon <= 0 or args.sinkhorn_iters < 1:
-        raise common.UserError("--temperature and --epsilon must be positive and --sinkhorn-iters at least 1")
+    if args.temperature <= 0 or args.epsilon <= 0 or args.sinkhorn_iters < 1 or (args.n_prototypes or 2) < 2:
+        raise common.UserError("--temperature and --epsilon must be positive, --sinkhorn-iters at least 1 and "
+                               "--n-prototypes at least 2")
     if (args.n_local < 0 or args.freeze_prototypes_iters < 0 or (args.warmup_start_lr or 0) < 0
-            or (args.final_lr or 0) < 0):
-        raise common.UserError("--n-local, --freeze-prototypes-iters, --warmup-start-lr and --final-lr "
-                               "must not be negative")
+            or (args.final_lr or 0) < 0 or args.epoch_queue_starts < 0):
+        raise common.UserError("--n-local, --freeze-prototypes-iters, --warmup-start-lr, --final-lr and "
+                               "--epoch-queue-starts must not be negative")
+    if args.queue_length < 0 or args.queue_length % args.batch_size or (args.queue_length and args.base != "swav"):
+        raise common.UserError(f"--queue-length must be 0 (no queue) or a positive multiple of --batch-size "
+                               f"{args.batch_size}, with --base swav")
     if min(args.global_size or 8, args.local_size or 8) < 8:
         raise common.UserError("--global-size and --local-size must be at least 8 pixels")
-    if not 0 <= args.ema < 1:
+    if args.ema is not None and not 0 <= args.ema < 1:
         raise common.UserError(f"--ema must be in [0, 1) (got {args.ema})")
 
 
@@ -200,9 +212,8 @@ def check_args(args):
 # Augmentation: the base method's views, plus rotated copies of the two global views
 # ----------------------------------------------------------------------------------------------
 def rotate_views(x, k):
-    """Rotate image i of a batch (n, c, h, w) by k[i] * 90 degrees counter-clockwise (as torch.rot90), so
-    that `torch.rot90(rotated[i], -k[i], (1, 2))` gives back x[i] exactly. Works on any device without a
-    host sync; needs square images."""
+    """Rotate image i of a batch (n, c, h, w) by k[i] * 90 degrees counter-clockwise (as torch.rot90), so that
+    `torch.rot90(rotated[i], -k[i], (1, 2))` gives back x[i] exactly. Any device, no host sync; square images."""
     if x.shape[-1] != x.shape[-2]:
         raise ValueError(f"rotate_views needs square images, got {tuple(x.shape[-2:])}")
     rotated = x
@@ -212,15 +223,14 @@ def rotate_views(x, k):
 
 
 class Augmentation:
-    """One image -> {"global": [2 views], "local": [n views], "rotation": k (2,)} in the worker, where a
-    view is a cropped and flipped uint8 image with its colour parameters; `on_device` finishes a batch
-    on the training device: the colour operations, then the rotated copies of the two global views.
+    """One image -> {"global": [2 views], "local": [n views], "rotation": k (2,)} in the worker, where a view is a
+    cropped and flipped uint8 image with its colour parameters; `on_device` finishes a batch on the training
+    device: the colour operations, then the rotated copies of the two global views.
 
-    swav: multi-crop, one pipeline for all crops: RandomResizedCrop bilinear (scale (0.14, 1) global,
-    (0.05, 0.14) local), flip, ColorJitter(0.8, 0.8, 0.8, 0.2) p 0.8, grayscale 0.2, blur p 0.5.
-    byol: two views, RandomResizedCrop bicubic (0.08, 1), ColorJitter(0.4, 0.4, 0.2, 0.1) p 0.8, blur
-    1.0 / 0.1 (none if `small`) and solarize 0.0 / 0.2. Blur sigmas scale with global_size (detail 6).
-    """
+    swav: multi-crop, one pipeline for all crops: RandomResizedCrop bilinear (scale (0.14, 1) global, (0.05, 0.14)
+    local), flip, ColorJitter(0.8, 0.8, 0.8, 0.2) p 0.8, grayscale 0.2, blur p 0.5. byol: two views,
+    RandomResizedCrop bicubic (0.08, 1), ColorJitter(0.4, 0.4, 0.2, 0.1) p 0.8, blur 1.0 / 0.1 (none if `small`)
+    and solarize 0.0 / 0.2. Blur sigmas scale with global_size (detail 6)."""
 
     def __init__(self, base, global_size, local_size, n_local, rotate, small=False):
         swav = base == "swav"
@@ -279,13 +289,11 @@ class RotationHead(nn.Sequential):
 
 @torch.no_grad()
 def sinkhorn_codes(scores, eps=0.05, iters=3):
-    """SwAV's codes (Caron et al. 2020, eq. 3 and appendix A.1): soft assignments of the batch to the
-    prototypes, rows summing to 1, each prototype used by about B / K samples of the global batch.
-
-    scores: (b, K) prototype scores of this process's samples. Under torch.distributed the row and
-    total sums are all-reduced, so the codes equal those of one process holding the whole batch.
-    """
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    """SwAV's codes (Caron et al. 2020, eq. 3 and appendix A.1): soft assignments of the samples to the prototypes,
+    rows summing to 1, each prototype used by about B / K samples. scores: (b, K) prototype scores of this
+    process's samples (with the queue: its queue's, then its batch's); under torch.distributed the row and total
+    sums are all-reduced, so the codes equal those of one process holding all B = b x N samples."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
     Q = torch.exp(scores.float() / eps).t()  # (K, b): cosine scores / 0.05 stay below e^20, fine in fp32
     K, B = Q.shape[0], Q.shape[1] * world
     Q /= common.all_reduce_sum(Q.sum())
@@ -298,12 +306,9 @@ def sinkhorn_codes(scores, eps=0.05, iters=3):
 
 
 def swav_loss(scores, codes, temperature=0.1):
-    """Swapped prediction (SwAV eq. 1): predict the code of global crop s from every other crop v.
-
-    scores: (V, b, K) prototype scores of all V crops (crops 0 and 1 are the global ones);
-    codes: list of the codes of the global crops. Returns
-    1/|codes| * sum_s 1/(V-1) * sum_{v != s} mean_b[-sum_k q_s log softmax(scores_v / T)].
-    """
+    """Swapped prediction (SwAV eq. 1): predict the code of global crop s from every other crop v. scores:
+    (V, b, K) prototype scores of all V crops (crops 0 and 1 are the global ones); codes: list of the codes of the
+    global crops. Returns 1/|codes| * sum_s 1/(V-1) * sum_{v != s} mean_b[-sum_k q_s log softmax(scores_v / T)]."""
     log_p = F.log_softmax(scores.float() / temperature, dim=-1)
     n_crops, loss = scores.shape[0], 0.0
     for s, q in enumerate(codes):
@@ -320,14 +325,12 @@ def byol_loss(p1, p2, z1, z2):
 
 
 class RotSSL(nn.Module):
-    """The online networks, the base method's heads, the rotation head and (BYOL) the momentum target.
-
-    `forward` is the training step: it takes a batch of the Augmentation's samples and returns the
-    losses. `backbone` is the network that is kept (backbone.pt).
-    """
+    """The online networks, the base method's heads, the rotation head, (BYOL) the momentum target and (SwAV) the
+    queue. `forward` is the training step: a batch of the Augmentation's samples -> the losses. `backbone` is the
+    network that is kept (backbone.pt)."""
 
     def __init__(self, backbone, feat_dim, base="swav", rot_weight=0.1, n_prototypes=3000,
-                 temperature=0.1, epsilon=0.05, sinkhorn_iters=3):
+                 temperature=0.1, epsilon=0.05, sinkhorn_iters=3, queue_length=0):
         super().__init__()
         self.base, self.rot_weight = base, rot_weight
         self.temperature, self.epsilon, self.sinkhorn_iters = temperature, epsilon, sinkhorn_iters
@@ -335,6 +338,8 @@ class RotSSL(nn.Module):
         if base == "swav":
             self.projector = mlp(feat_dim, 2048, 128)
             self.prototypes = nn.Linear(128, n_prototypes, bias=False)
+            # SwAV's queue of the global crops' past z (detail 4): a buffer, so that checkpoint.pt holds it
+            self.register_buffer("queue", torch.zeros(2, queue_length, 128) if queue_length else None)
         else:
             self.projector = mlp(feat_dim, 4096, 256)
             self.predictor = mlp(256, 4096, 256)
@@ -342,10 +347,11 @@ class RotSSL(nn.Module):
             self.momentum_projector = copy.deepcopy(self.projector).requires_grad_(False)
         self.rotation_head = RotationHead(feat_dim) if rot_weight > 0 else None
 
-    def forward(self, batch):
+    def forward(self, batch, fill_queue=False, use_queue=False):
         x1, x2 = batch["global"]
         swav = self.base == "swav"
-        loss_base = self.swav_step(torch.cat([x1, x2]), batch["local"]) if swav else self.byol_step(x1, x2)
+        loss_base = (self.swav_step(torch.cat([x1, x2]), batch["local"], fill_queue, use_queue) if swav else
+                     self.byol_step(x1, x2))
         out = {"loss_base": loss_base}
         if self.rotation_head is None:  # the plain base method: no rotated forward at all
             out["loss"] = loss_base
@@ -358,14 +364,23 @@ class RotSSL(nn.Module):
         out.update(loss=loss_base + self.rot_weight * loss_rot, loss_rot=loss_rot, rot_acc=100 * correct)
         return out
 
-    def swav_step(self, global_views, local_views):
+    def swav_step(self, global_views, local_views, fill_queue=False, use_queue=False):
         b = global_views.shape[0] // 2
         features = [self.backbone(global_views)]  # one backbone call per crop resolution
         if local_views:
             features.append(self.backbone(torch.cat(local_views)))
         z = F.normalize(self.projector(torch.cat(features)), dim=1)
         scores = self.prototypes(z).float().view(-1, b, self.prototypes.out_features)  # (V, b, K)
-        codes = [sinkhorn_codes(scores[s].detach(), self.epsilon, self.sinkhorn_iters) for s in (0, 1)]
+        # the queue (2, L, 128) as one slice (2, L / N, 128) per process: each uses its own, all hold all (detail 4)
+        world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+        slices, codes = None if self.queue is None else self.queue.view(2, world, -1, z.shape[1]), []
+        for s in (0, 1):  # the codes of global crop s; with the queue: over [queue_s; batch], the batch's rows kept
+            with torch.no_grad():  # the queue scored by the current prototypes (swav)
+                out = torch.cat([self.prototypes(slices[s, rank]).float(), scores[s]]) if use_queue else scores[s]
+            codes.append(sinkhorn_codes(out.detach(), self.epsilon, self.sinkhorn_iters)[-b:])
+        if fill_queue:  # after the codes, swav's `queue[i, bs:] = queue[i, :-bs]; queue[i, :bs] = z of crop i` on
+            slices[:, :, b:] = slices[:, :, :-b].clone()  # every slice, z all-gathered: all hold the same queue
+            slices[:, :, :b] = common.all_gather_nograd(z[:2 * b].detach().view(1, 2, b, -1)).transpose(0, 1)
         return swav_loss(scores, codes, self.temperature)
 
     def byol_step(self, x1, x2):
@@ -414,19 +429,21 @@ def main():
     # ---------------------------------------------------------------- model (SwAV or BYOL, + rotation head)
     backbone, feat_dim = common.build_backbone(args.arch, small, args.global_size)
     model = RotSSL(backbone, feat_dim, args.base, args.rot_weight, args.n_prototypes, args.temperature,
-                   args.epsilon, args.sinkhorn_iters)
+                   args.epsilon, args.sinkhorn_iters, args.queue_length)
     model = common.to_device(model, ddp.device)
     momentum_params, online_params = ([], []) if swav else model.momentum_pairs()
 
     # ---------------------------------------------------------------- optimizer, schedules, precision
     optimizer = common.LARS(common.param_groups(model, args.wd), momentum=0.9, trust_coefficient=args.lars_eta,
                             clip=args.lars_clip)
-    # SwAV: warmup 0.3 -> 1.2, cosine to 0.0012, not batch-scaled (the reference's); BYOL: lr x batch/256,
-    # cosine to 0 (detail 5)
+    # SwAV: warmup 0.3 -> 1.2, cosine to 0.0012, not batch-scaled (the reference's); BYOL: lr x batch/256 (detail 5)
     lr_schedule = common.cosine_schedule(args.lr if swav else args.lr * args.batch_size / 256, args.final_lr,
                                          args.epochs, len(loader), args.warmup_epochs, args.warmup_start_lr)
-    # BYOL: tau from --ema (0.99) to 1 on a per-iteration cosine
+    # BYOL: tau from --ema (0.996; 0.99 on small images) to 1 on a per-iteration cosine
     ema_schedule = None if swav else common.cosine_schedule(args.ema, 1.0, args.epochs, len(loader))
+    # SwAV's queue (detail 4): filled from epoch --epoch-queue-starts on, in the codes once full (swav's test)
+    queue_from = args.epoch_queue_starts * len(loader) if args.queue_length else float("inf")
+    queue_full = queue_from + args.queue_length // args.batch_size
     autocast, scaler = common.mixed_precision(args.precision, ddp.device)
 
     # ---------------------------------------------------------------- plumbing: resume, compile + DDP, output
@@ -434,7 +451,7 @@ def main():
         args, ddp, model, optimizer, loader, autocast=autocast, scaler=scaler, backbone=model.backbone,
         record=dict(method=f"rotssl-{args.base}", small_images=small, img_size=args.global_size, feat_dim=feat_dim),
         knn=knn, recipe=recipe, note=common.SELF_SUPERVISED_DEMO if args.data == "synthetic" else None,
-        must_match=("base", "rot_weight", "n_prototypes"))
+        must_match=("base", "rot_weight", "n_prototypes", "queue_length"))
 
     # ---------------------------------------------------------------- the training step (SwAV or BYOL + rotation)
     for step, batch in run.batches():
@@ -442,8 +459,8 @@ def main():
         common.set_lr(optimizer, lr_schedule[step])
         if swav:  # every prototype a unit vector before the step, in place (detail 4)
             model.normalize_prototypes()
-        with autocast():
-            losses = run.model(batch)  # run.model: model, compiled and in DDP
+        with autocast():  # run.model: model, compiled and in DDP
+            losses = run.model(batch, fill_queue=step >= queue_from, use_queue=step >= queue_full)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(losses["loss"]).backward()
         if swav and step < args.freeze_prototypes_iters:  # prototypes frozen at the start (detail 4)

@@ -176,33 +176,61 @@ def reference_sinkhorn(out, eps=0.05, iters=3):
     return (Q * B).t()
 
 
-def test_swav_step_equals_the_reference_computed_one_call_per_resolution():
-    """EffSSL (SwAV's multi-resolution forward): the backbone once per crop size, the heads on all crops."""
+def swav_reference(m, batch, groups=((0, 2), (2, 4)), queue=None):
+    """EffSSL's step (swav's main_swav.py with its queue if `queue` is given: filled in place, as swav's)."""
+    crops, bs = batch["global"] + batch["local"], batch["global"][0].shape[0]
+    features = torch.cat([m.backbone(torch.cat(crops[a:b])) for a, b in groups])
+    embedding = F.normalize(m.projector(features), dim=1)
+    output, embedding = m.prototypes(embedding), embedding.detach()
+    loss = 0
+    for i, crop_id in enumerate((0, 1)):
+        with torch.no_grad():
+            out = output[bs * crop_id: bs * (crop_id + 1)].detach()
+            if queue is not None:
+                out = torch.cat((torch.mm(queue[i], m.prototypes.weight.t()), out))
+                queue[i, bs:] = queue[i, :-bs].clone()
+                queue[i, :bs] = embedding[crop_id * bs: (crop_id + 1) * bs]
+            q = reference_sinkhorn(out)[-bs:]
+        subloss = 0
+        for v in [v for v in range(len(crops)) if v != crop_id]:
+            subloss -= torch.mean(torch.sum(q * F.log_softmax(output[bs * v: bs * (v + 1)] / 0.1, dim=1), dim=1))
+        loss += subloss / (len(crops) - 1)
+    return loss / 2 + 0.1 * rotation_loss_by_hand(m, batch)
+
+
+def swav_model(**kwargs):
     torch.manual_seed(0)
     backbone, feat_dim = common.build_backbone("resnet_tiny", True, 16)
-    model = rotssl.RotSSL(backbone, feat_dim, "swav", 0.1, n_prototypes=10)
+    model = rotssl.RotSSL(backbone, feat_dim, "swav", 0.1, n_prototypes=10, **kwargs)
     model.normalize_prototypes()
-    batch = random_batch()
-    crops, bs = batch["global"] + batch["local"], 8
+    return model
 
-    def reference(m, groups=((0, 2), (2, 4))):
-        features = torch.cat([m.backbone(torch.cat(crops[a:b])) for a, b in groups])
-        output = m.prototypes(F.normalize(m.projector(features), dim=1))
-        loss = 0
-        for crop_id in (0, 1):
-            with torch.no_grad():
-                q = reference_sinkhorn(output[bs * crop_id: bs * (crop_id + 1)].detach())
-            subloss = 0
-            for v in [v for v in range(len(crops)) if v != crop_id]:
-                subloss -= torch.mean(torch.sum(q * F.log_softmax(output[bs * v: bs * (v + 1)] / 0.1, dim=1), dim=1))
-            loss += subloss / (len(crops) - 1)
-        return loss / 2 + 0.1 * rotation_loss_by_hand(m, batch)
 
+def test_swav_step_equals_the_reference_computed_one_call_per_resolution():
+    """EffSSL (SwAV's multi-resolution forward): the backbone once per crop size, the heads on all crops."""
+    model, batch = swav_model(), random_batch()
     step = one_step(model, lambda m: m(batch)["loss"])
-    assert_same_step(step, one_step(model, reference))
+    assert_same_step(step, one_step(model, lambda m: swav_reference(m, batch)))
     # the test can tell: one call per crop gives another gradient
-    per_crop = one_step(model, lambda m: reference(m, groups=((0, 1), (1, 2), (2, 3), (3, 4))))[1]
+    per_crop = one_step(model, lambda m: swav_reference(m, batch, groups=((0, 1), (1, 2), (2, 3), (3, 4))))[1]
     assert relative_gap(per_crop, step[1], [n for n in step[1] if n.startswith("backbone.")]) > 1e-2
+
+
+def test_swav_step_with_the_queue_equals_swavs():
+    """swav's queue: the codes of crop s from Sinkhorn over [queue_s scored by the current prototypes; the batch's
+    crop s], the batch's rows kept, the loss on the batch only; then the queue shifts by the batch, newest first."""
+    model, batch = swav_model(queue_length=24), random_batch()  # a queue of 3 batches of 8, full
+    model.queue.copy_(F.normalize(torch.randn(2, 24, 128), dim=-1))
+    queue = model.queue.clone()
+    step = one_step(model, lambda m: m(batch, fill_queue=True, use_queue=True)["loss"])
+    assert_same_step(step, one_step(model, lambda m: swav_reference(m, batch, queue=queue.clone())))
+    after, expected = copy.deepcopy(model), queue.clone()
+    after(batch, fill_queue=True, use_queue=True)
+    swav_reference(copy.deepcopy(model), batch, queue=expected)
+    assert torch.equal(after.queue[:, 8:], queue[:, :16]) and torch.allclose(after.queue, expected, atol=1e-6)
+    # the test can tell: the queue changes the loss; while it fills (not yet in use) the step is the plain one
+    assert abs(step[0] - one_step(model, lambda m: m(batch)["loss"])[0]) > 1e-3
+    assert torch.equal(copy.deepcopy(model)(batch, fill_queue=True)["loss"], copy.deepcopy(model)(batch)["loss"])
 
 
 # ---------------------------------------------------------------------------- crop sizes and recipes
@@ -235,9 +263,21 @@ def test_image_size_sets_the_crop_sizes_and_the_byol_recipe():
     assert (args.global_size, args.local_size, args.wd, args.warmup_start_lr, args.lr) == (24, 12, 1e-4, 0.0, 0.5)
     assert args.warmup_epochs == 2 and (args.lars_eta, args.lars_clip) == (0.02, True)
     assert resolved(32, "--base", "byol", "--wd", "1.5e-6")[1].wd == 1.5e-6  # even when it is the ImageNet value
-    # SwAV's recipe does not depend on the image size, only its prototypes do: min(300, batch)
+    # SwAV's recipe does not depend on the image size, only its prototypes do: min(300, batch + queue)
     small, args, recipe = resolved(32, "--batch-size", "64")
     assert (args.lr, args.wd, args.warmup_start_lr, args.lars_eta, args.n_prototypes) == (1.2, 1e-6, 0.3, 0.001, 64)
+    assert resolved(32, "--queue-length", "64")[1].n_prototypes == 96 and "queue" not in recipe
+    _, args, recipe = resolved(32, "--queue-length", "3840", "--epoch-queue-starts", "0")
+    assert args.n_prototypes == 300 and recipe["queue"] == "3840 from epoch 0"
+
+
+def test_byol_target_momentum_follows_the_recipe_and_the_flag_overrides():
+    # DeepMind's ImageNet BYOL starts tau at 0.996, solo-learn's CIFAR BYOL at 0.99; --ema wins; SwAV has none
+    _, args, recipe = resolved(224, "--base", "byol")
+    assert args.ema == 0.996 and recipe["ema"] == "0.996 -> 1 (cosine)" and recipe["defaults"] == "byol"
+    assert resolved(32, "--base", "byol")[1].ema == 0.99
+    assert resolved(224, "--base", "byol", "--ema", "0.99")[1].ema == 0.99
+    assert resolved(32, "--base", "byol", "--ema", "0.9")[1].ema == 0.9 and resolved(224)[1].ema is None
 
 
 def test_main_warms_up_from_the_recipes_start_lr_and_updates_the_target_after_the_step(tmp_path, monkeypatch):
@@ -309,29 +349,50 @@ def test_swav_loss_equals_a_hand_computed_value():
     assert rotssl.swav_loss(scores, codes, temperature=0.1).item() == pytest.approx(expected, rel=1e-5)
 
 
-def _sinkhorn_worker(rank, world, port, scores, out):
+def _sinkhorn_worker(rank, world, port, scores, queue_scores, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        mine = scores.chunk(world)[rank]
-        torch.save(rotssl.sinkhorn_codes(mine, 0.05, 3), os.path.join(out, f"codes{rank}.pt"))
+        mine, b = scores.chunk(world)[rank], len(scores) // world
+        with_queue = torch.cat([queue_scores.chunk(world)[rank], mine])  # this process's queue, then its batch
+        # a step that fills a model's queue (2 x 16 rows, 8 per process) with its z, caught at the projector
+        torch.manual_seed(0)  # the same model on both processes, its own batch (4 feature vectors) on each
+        model, z = rotssl.RotSSL(torch.nn.Identity(), 4, "swav", 0.0, n_prototypes=3, queue_length=16), []
+        model.projector.register_forward_hook(lambda module, inputs, output: z.append(F.normalize(output, dim=1)))
+        model.queue.copy_(torch.arange(2 * 16 * 128.0).view(2, 16, 128))
+        model({"global": list(torch.randn(2, 2, 4, 4)[rank]), "local": []}, fill_queue=True)
+        torch.save({"codes": rotssl.sinkhorn_codes(mine, 0.05, 3), "queue": model.queue,
+                    "queued": rotssl.sinkhorn_codes(with_queue, 0.05, 3)[-b:], "z": z[0].detach().view(2, 4, 128)},
+                   os.path.join(out, f"codes{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
 
 
 def test_sinkhorn_two_processes_equal_one_process_with_the_whole_batch(tmp_path):
+    """Also with swav's queue: each process's codes over [its queue; its batch] are those of one process holding
+    both queues and the whole batch (Sinkhorn's sums run over B = rows x processes)."""
     torch.manual_seed(0)
-    scores = F.normalize(torch.randn(32, 16), dim=1) @ F.normalize(torch.randn(12, 16), dim=1).t()
+    prototypes = F.normalize(torch.randn(12, 16), dim=1).t()
+    scores, queue_scores = [F.normalize(torch.randn(n, 16), dim=1) @ prototypes for n in (32, 48)]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_sinkhorn_worker, args=(2, port, scores, str(tmp_path)), nprocs=2)
-    gathered = torch.cat([torch.load(tmp_path / f"codes{r}.pt") for r in range(2)])
+    mp.spawn(_sinkhorn_worker, args=(2, port, scores, queue_scores, str(tmp_path)), nprocs=2)
+    results = [torch.load(tmp_path / f"codes{r}.pt") for r in range(2)]
     single = rotssl.sinkhorn_codes(scores, 0.05, 3)
-    assert torch.allclose(gathered, single, rtol=1e-5, atol=1e-7)
-    # and the halves alone (no all-reduce) would give other codes: the test can tell
+    assert torch.allclose(torch.cat([r["codes"] for r in results]), single, rtol=1e-5, atol=1e-7)
+    queued = rotssl.sinkhorn_codes(torch.cat([queue_scores, scores]), 0.05, 3)[-32:]
+    assert torch.allclose(torch.cat([r["queued"] for r in results]), queued, rtol=1e-5, atol=1e-7)
+    # the halves alone (no all-reduce) would give other codes, as would the batch without the queue: the test can tell
     assert not torch.allclose(torch.cat([rotssl.sinkhorn_codes(h, 0.05, 3) for h in scores.chunk(2)]), single,
                               rtol=1e-3, atol=1e-4)
+    assert not torch.allclose(queued, single, rtol=1e-3, atol=1e-4)
+    # the queue: the same on both processes; process r's slice (8 rows) shifted by its batch, newest (its z) first
+    assert torch.equal(results[0]["queue"], results[1]["queue"])
+    old, new = torch.arange(2 * 16 * 128.0).view(2, 2, 8, 128), results[0]["queue"].view(2, 2, 8, 128)
+    for r in range(2):
+        assert torch.equal(new[:, r, :4], results[r]["z"]) and torch.equal(new[:, r, 4:], old[:, r, :4])
+    assert not torch.equal(results[0]["z"], results[1]["z"])
 
 
 # ---------------------------------------------------------------------------- BYOL
@@ -409,11 +470,15 @@ def test_byol_base_trains_a_momentum_target(tmp_path):
     assert lars["weight_decay"] == 1e-5
 
 
-@pytest.mark.parametrize("base", ["swav", "byol"])
-def test_two_processes_complete(tmp_path, base):
+@pytest.mark.parametrize("base, queue", [("swav", 0), ("byol", 0), ("swav", 64)])
+def test_two_processes_complete(tmp_path, base, queue):
     out = tmp_path / base
-    run_script("rotssl.py", "--base", base, *TINY, "--epochs", "1", "--out", out, nproc=2)
+    run_script("rotssl.py", "--base", base, *TINY, "--epochs", "1", "--queue-length", queue, "--epoch-queue-starts", 0,
+               "--out", out, nproc=2)
     assert read_log(out)[-1]["epoch"] == 1 and (out / "backbone.pt").exists()
+    if queue:  # 2 processes x 32 rows, full after 2 of the 8 steps: each process filled its own slice
+        slices = torch.load(out / "checkpoint.pt", weights_only=True)["model"]["queue"].view(2, 2, 32, 128)
+        assert slices.norm(dim=-1).allclose(torch.ones(2, 2, 32)) and not slices[:, 0].allclose(slices[:, 1])
 
 
 def test_exact_resume_after_a_crash(tmp_path):
@@ -441,6 +506,22 @@ def test_exact_resume_after_a_crash(tmp_path):
     assert 0 <= result["knn"]["top1"] <= 100 and 0 <= result["linear"]["top1"] <= 100
 
 
+def test_swav_queue_survives_a_sigterm_resume_bit_equal(tmp_path):
+    """The queue is part of checkpoint.pt: stopped mid-epoch while in use, the resumed run ends bit-equal."""
+    args = [*TINY, "--epochs", "1", "--batch-size", "16", "--queue-length", "32", "--epoch-queue-starts", "0"]
+    run_script("rotssl.py", *args, "--out", tmp_path / "straight")
+    code, stderr = run_signalled_mid_epoch("rotssl.py", *args, out=tmp_path / "stopped")
+    assert code == common.EXIT_STOPPED, stderr[-2000:]
+    saved = torch.load(tmp_path / "stopped" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert 3 <= saved["step"] < 16 and saved["model"]["queue"].norm(dim=-1).allclose(torch.ones(2, 32))  # full
+    run_script("rotssl.py", *args, "--out", tmp_path / "stopped")
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    b = torch.load(tmp_path / "stopped" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert a["step"] == b["step"] == 16 and not torch.equal(a["model"]["queue"], saved["model"]["queue"])
+    assert_same_state(a["model"], b["model"])
+    assert_same_state(a["optimizer"]["state"], b["optimizer"]["state"])
+
+
 def test_byol_sigterm_mid_epoch_saves_and_the_resumed_run_is_bit_equal(tmp_path):
     """SIGTERM inside an epoch: the step finishes, a checkpoint holds the position, and the resumed run
     ends bit-equal to an uninterrupted one (target network, tau schedule position, optimizer state)."""
@@ -462,7 +543,7 @@ def test_byol_sigterm_mid_epoch_saves_and_the_resumed_run_is_bit_equal(tmp_path)
         assert [r[key] for r in log_a[1:]] == pytest.approx([r[key] for r in log_b[1:]], rel=1e-6)
 
 
-@pytest.mark.parametrize("flag, value", [("--rot-weight", "-0.1")])
+@pytest.mark.parametrize("flag, value", [("--rot-weight", "-0.1"), ("--queue-length", "100")])
 def test_bad_flag_exits_with_one_sentence_and_no_output(tmp_path, flag, value):
     out = tmp_path / "bad"
     result = run_script("rotssl.py", flag, value, "--out", out, check=False)
