@@ -9,6 +9,7 @@ Then, under a banner, the plumbing: flags, processes, mixed precision, checkpoin
 preemption, LARS and the schedules, progress, and `TrainingRun`, the helper that owns the glue around
 each method's training step. Everything specific to one method lives in that method's file.
 """
+import inspect
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import re
 import signal
 import sys
 import time
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -900,8 +902,17 @@ def run_main(main):
         print(f"error: {msg.strip()}", file=sys.stderr)
         sys.exit(2)
     finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        destroy_process_group()
+
+
+def destroy_process_group():
+    """dist.destroy_process_group(), if a group is up. Older torch (seen on 2.1, not on 2.14) destroys a gloo group
+    holding the GIL while one of its threads may still need the GIL to free the last collective's tensors: a
+    deadlock, rare but seen on a busy 2-core machine. A short sleep, the GIL released, lets that thread finish."""
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_backend() == "gloo":
+            time.sleep(0.2)
+        dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -964,6 +975,19 @@ def check_common_args(args, world_size):
         raise UserError("--log-every must be at least 1; --eval-every, --eval-subset, --workers and --save-every "
                         "must not be negative")
     check_out_folder(args.out)
+    if args.compile and (why := compile_unsupported()):
+        raise UserError(f"--compile is not available here: {why}; run without --compile or with a newer torch")
+
+
+def compile_unsupported():
+    """Why torch.compile cannot run here, or None. A torch older than this Python (3.12 needs torch >= 2.4) raises
+    it from inside torch.compile as a traceback; the scripts ask first and say it in one sentence."""
+    try:
+        import torch._dynamo  # on demand: only --compile and the compile tests need it
+        getattr(torch._dynamo.eval_frame, "check_if_dynamo_supported", lambda: None)()
+    except (ImportError, RuntimeError) as e:
+        return f"{e} (torch {torch.__version__}, Python {platform.python_version()})"
+    return None
 
 
 def check_out_folder(out, flag="--out"):
@@ -997,8 +1021,9 @@ def init_distributed():
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device
-                                if device.type == "cuda" else None)
+        # device_id (bind NCCL to this GPU at once) is torch >= 2.3; before, set_device above is what picks it
+        bind = device.type == "cuda" and "device_id" in inspect.signature(dist.init_process_group).parameters
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **({"device_id": device} if bind else {}))
     return SimpleNamespace(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
                            is_main=rank == 0, distributed=world_size > 1)
 
@@ -1018,8 +1043,15 @@ def mixed_precision(precision, device):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     def autocast():
         return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    return autocast, scaler
+    return autocast, _grad_scaler(device.type, enabled=precision == "fp16")
+
+
+def _grad_scaler(device_type, enabled):
+    """torch.amp.GradScaler(device_type) is torch >= 2.3; torch 2.1 and 2.2 have torch.cuda.amp's, the same scaler
+    for CUDA and, disabled (always so on the CPU, where fp16 is refused), a pass-through on any device."""
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler(device_type, enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled)
 
 
 def all_gather_nograd(x):
@@ -1080,6 +1112,14 @@ def save_backbone(path, backbone, **fields):
     atomic_save(backbone_record(backbone, **fields), path)
 
 
+def load_weights_only(path):
+    """torch.load(weights_only=True) onto the CPU. torch 2.1's weights-only loader warns "TypedStorage is deprecated"
+    about its own internals: silenced, so that an error stays one line and a resume prints nothing spurious."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def rng_states():
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
@@ -1126,7 +1166,7 @@ def load_checkpoint(out, args, keys_that_must_match=()):
             os.remove(log)
         return None
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = load_weights_only(path)
     except Exception as e:
         raise UserError(f"{path} cannot be read ({type(e).__name__}); delete it or use another --out") from None
     old = ckpt.get("args", {})

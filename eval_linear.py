@@ -101,7 +101,7 @@ def read_checkpoint(path):
     if not os.path.isfile(path):
         raise common.UserError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return common.load_weights_only(path)
     except Exception as e:
         raise common.UserError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__})") from None
 
@@ -195,9 +195,11 @@ def check_data(root, workers):
 def train_linear(features, labels, num_classes, lr, wd, epochs, batch_size, seed):
     """SGD (momentum 0.9) with a per-iteration cosine schedule on fixed features; returns the layer."""
     g = torch.Generator(device="cpu").manual_seed(seed)
-    layer = nn.Linear(features.shape[1], num_classes).to(features.device)
-    nn.init.normal_(layer.weight, std=0.01, generator=g)
-    nn.init.zeros_(layer.bias)
+    layer = nn.Linear(features.shape[1], num_classes)
+    with torch.no_grad():  # nn.init.normal_ takes a generator only from torch 2.2 on; Tensor.normal_ always has
+        layer.weight.normal_(0.0, 0.01, generator=g)  # drawn on the CPU, where g is, then moved
+        layer.bias.zero_()
+    layer = layer.to(features.device)
     opt = torch.optim.SGD(layer.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
     steps_per_epoch = max(1, len(features) // batch_size)
     schedule = common.cosine_schedule(lr, 0.0, epochs, steps_per_epoch)

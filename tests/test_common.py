@@ -294,7 +294,7 @@ def _extract_worker(rank, world, port, out):
     f, y = common.extract_features(model, ds, 2, 0, torch.device("cpu"))
     if rank == 0:
         torch.save((f, y), out)
-    dist.destroy_process_group()
+    common.destroy_process_group()
 
 
 def test_feature_extraction_over_two_processes_equals_one(tmp_path):
@@ -342,6 +342,18 @@ def test_subset_defaults_to_the_demo_size_on_synthetic_data_only():
         common.check_common_args(args, world_size=1)
         resolved.append(args.subset)
     assert resolved == [300, 0, 0, 50]  # an explicit --subset always wins; 0 = every image
+
+
+def test_compile_on_a_torch_that_cannot_compile_here_is_refused_in_one_sentence(monkeypatch):
+    import torch._dynamo
+    parser = argparse.ArgumentParser()
+    common.add_common_args(parser, "m", epochs=1, batch_size=8, lr=0.1, wd=0.0, warmup_epochs=0)
+    args = parser.parse_args(["--compile"])
+    def unsupported():  # what torch 2.2 says on Python 3.12
+        raise RuntimeError("Python 3.12+ not yet supported for torch.compile")
+    monkeypatch.setattr(torch._dynamo.eval_frame, "check_if_dynamo_supported", unsupported)
+    with pytest.raises(common.UserError, match=r"^--compile is not available here: Python 3\.12\+ not yet supported"):
+        common.check_common_args(args, world_size=1)
 
 
 def test_resume_refuses_a_checkpoint_of_other_options(tmp_path):

@@ -365,7 +365,7 @@ def _sinkhorn_worker(rank, world, port, scores, queue_scores, out):
                     "queued": rotssl.sinkhorn_codes(with_queue, 0.05, 3)[-b:], "z": z[0].detach().view(2, 4, 128)},
                    os.path.join(out, f"codes{rank}.pt"))
     finally:
-        torch.distributed.destroy_process_group()
+        common.destroy_process_group()
 
 
 def test_sinkhorn_two_processes_equal_one_process_with_the_whole_batch(tmp_path):

@@ -269,7 +269,7 @@ def _two_process_worker(rank, world_size, port, out_dir):
     torch.save({"memory": memory.state_dict(), "params": dict(model.named_parameters()),
                 "model_memory": model.memory.state_dict(), "step_labels": torch.cat(step_labels)},
                os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    common.destroy_process_group()
 
 
 def test_two_processes_hold_identical_memories_and_parameters(tmp_path):
