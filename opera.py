@@ -48,7 +48,7 @@ Implementation details (choices the paper leaves to its code)
    biases and BN from weight decay and adaptation; AdamW (ViTs) decays every parameter, as MoCo v3.
 9. `--labeled-fraction F` keeps the label of round(F n) of the n training images in use, chosen by a
    permutation seeded by --seed: the same images on every process, whatever the data order.
-10. Reported each epoch: both loss terms, lr, momentum, images/s, the class head's top-1 on the
+10. Reported each epoch: both loss terms, lr, the momentum (`ema`), images/s, the class head's top-1 on the
    validation split (online network in eval mode, evaluation transform), and every --eval-every
    epochs the kNN monitor on backbone features (--eval-every 0 turns both evaluations off).
 11. The workers decode, crop and flip; the colour operations run batched on the training device, each
