@@ -137,12 +137,13 @@ def vit_patch_size(img_size):
     return 16 if img_size >= 128 else max(2, img_size // 8)
 
 
-def build_backbone(arch, small_images=False, img_size=224, zero_init_residual=False):
+def build_backbone(arch, small_images=False, img_size=224, zero_init_residual=False, stem_padding=1):
     """Returns (module, feat_dim): the module maps images (n, 3, h, w) to pooled features (n, feat_dim).
 
     ResNets are torchvision's with `fc = Identity`; with `small_images` (64 px or less) the stem is a
-    3x3 stride-1 convolution without max-pool (the CIFAR variant). ViTs are torchvision's with
-    `heads = Identity`. Parameter names are torchvision's, so the weights load into torchvision models.
+    3x3 stride-1 convolution without max-pool (the CIFAR variant; solo-learn's pads by 2: `stem_padding`).
+    ViTs are torchvision's with `heads = Identity`. Parameter names are torchvision's, so the weights load into
+    torchvision models.
     """
     if arch == "resnet_tiny":
         model, feat_dim = _resnet_tiny()
@@ -158,7 +159,7 @@ def build_backbone(arch, small_images=False, img_size=224, zero_init_residual=Fa
     else:
         raise UserError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}")
     if small_images:
-        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, 1, 1, bias=False)
+        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, 1, stem_padding, bias=False)
         nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
         model.maxpool = nn.Identity()
     if zero_init_residual:  # each residual branch starts as identity (Goyal et al. 2017)
@@ -591,19 +592,43 @@ def grayscale(x):
     return _gray(x).expand_as(x)
 
 
+def gaussian_taps(sigma, kernel_size):
+    """Blur weights (n, kernel_size) for sigmas (n,): Lindeberg's discrete Gaussian, e^-t I_k(t) at taps k with
+    t = sigma^2, whose variance is exactly sigma^2 at every sigma (before the cut at kernel_size // 2).
+
+    Sampling the Gaussian density at integer taps (torchvision's kernel) is nearly a delta below 0.5 px:
+    effective std 0.003 at sigma 0.2, while PIL's GaussianBlur(radius=sigma), the references' blur, has ~sigma.
+    I_k(t) is summed as its series sum_j (t/2)^(2j+k) / (j! (j+k)!) in float64, in the log domain."""
+    half = kernel_size // 2
+    k = torch.arange(-half, half + 1, dtype=torch.float64, device=sigma.device).abs().view(1, -1, 1)
+    j = torch.arange(20 + half * half, dtype=torch.float64, device=sigma.device)  # enough terms up to 3 sigma = half
+    t = sigma.double().pow(2).clamp_min(1e-12).view(-1, 1, 1)
+    log_terms = (2 * j + k) * torch.log(t / 2) - torch.lgamma(j + 1) - torch.lgamma(j + k + 1)
+    w = torch.exp(torch.logsumexp(log_terms, -1) - t.view(-1, 1))
+    w = torch.where(sigma.view(-1, 1) > 0, w / w.sum(1, keepdim=True), (k.view(1, -1) == 0).double())  # 0: identity
+    return w
+
+
+def _mirrored_index(n, half, device):
+    """Indices of a line of n pixels extended by `half` each side: ..., 1, 0 | 0, 1, ..., n - 1 | n - 1, ..."""
+    i = torch.arange(-half, n + half, device=device).remainder(2 * n)
+    return torch.where(i < n, i, 2 * n - 1 - i)
+
+
 def gaussian_blur(x, sigma, kernel_size):
-    """Separable Gaussian blur, sigma per image (0: unchanged), odd kernel_size, reflect padding.
+    """Separable Gaussian blur of variance sigma^2 (gaussian_taps), sigma per image (0: unchanged), odd
+    kernel_size. The borders are mirrored with the edge pixel repeated (x[-1] = x[0]), which is how PIL's
+    GaussianBlur (box blurs that repeat the edge pixel in each pass) comes out: within a level or two of it
+    at the borders, where reflecting without the edge pixel, or repeating it, is up to 10 to 26 levels off.
 
     One grouped conv2d per direction blurs the whole batch: the batch's channels become the groups, each
-    with its image's kernel. kernel_size // 2 must be smaller than H and W (reflect padding).
+    with its image's kernel.
     """
     B, C, H, W = x.shape
     half = kernel_size // 2
-    pos = torch.arange(kernel_size, dtype=x.dtype, device=x.device) - half
-    sigma = _per_image(sigma, x).view(-1, 1).clamp_min(1e-6)  # a tiny sigma makes an exact delta kernel
-    w = torch.exp(-0.5 * (pos / sigma) ** 2)
-    w = (w / w.sum(1, keepdim=True)).expand(B, -1).repeat_interleave(C, 0)
-    y = F.pad(x, (half, half, half, half), mode="reflect").reshape(1, B * C, H + 2 * half, W + 2 * half)
+    w = gaussian_taps(_per_image(sigma, x).view(-1), kernel_size).to(x.dtype).repeat_interleave(C, 0)
+    rows, cols = _mirrored_index(H, half, x.device), _mirrored_index(W, half, x.device)
+    y = x[:, :, rows][:, :, :, cols].reshape(1, B * C, H + 2 * half, W + 2 * half)
     y = F.conv2d(y, w.view(B * C, 1, 1, kernel_size), groups=B * C)
     return F.conv2d(y, w.view(B * C, 1, kernel_size, 1), groups=B * C).view(B, C, H, W)
 
@@ -633,8 +658,10 @@ class ColorAugmentation:
         0 brightness, 1 contrast, 2 saturation (factors, 1 = identity), 3 hue (shift, 0 = identity),
         4-7 the jitter order: the op (0 brightness, 1 contrast, 2 saturation, 3 hue) at each position,
         8 grayscale flag, 9 blur sigma (0 = no blur), 10 solarize flag.
-    `blur_scale` (the methods pass crop_size / 224) blurs small crops by the same fraction of their size;
-    the kernel spans 3 sigma of the largest sigma each side. Ops with probability 0 are skipped.
+    `blur_scale` (the methods pass crop_size / 224) blurs a crop size other than 224 by the same fraction of
+    its size; the kernel spans 3 sigma of the largest sigma each side. On images of 64 px or less every method
+    turns the blur off (blur_p 0), as solo-learn's CIFAR recipes do: there the references' sigma scaled by 32/224
+    changed pixels by 0.04 levels on average, a blur in name only. Ops with probability 0 are skipped.
     """
 
     NUM_PARAMS = 11
@@ -859,7 +886,7 @@ class KNNMonitor:
     """
 
     def __init__(self, data, data_dir, img_size, small_images, workers, device, subset=0, seed=0, download=False,
-                 bank=KNN_BANK, train=None, batch_size=256):
+                 bank=KNN_BANK, train=None, batch_size=256, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         # `train`: the training set the script already built (not built twice), unless it holds unlabelled
         # images as well (STL-10's unlabeled split): the bank is the labelled train split
         if train is None or getattr(train, "split", None) == "train+unlabeled":
@@ -870,7 +897,7 @@ class KNNMonitor:
         self.enabled = val is not None and self.num_classes > 0
         if not self.enabled:
             return
-        tf = eval_transform(img_size, small_images)
+        tf = eval_transform(img_size, small_images, mean, std)
         indices = EpochSampler(len(train), subset=subset, seed=seed).indices
         if 0 < bank < len(indices):  # the same bank at every monitor and after a resume
             indices = np.sort(np.random.default_rng([seed, bank]).choice(indices, bank, replace=False))
@@ -1100,9 +1127,9 @@ def plain_args(args):
 
 
 def backbone_record(backbone, *, method, arch, small_images, img_size, feat_dim, args, epoch,
-                    mean=IMAGENET_MEAN, std=IMAGENET_STD):
+                    mean=IMAGENET_MEAN, std=IMAGENET_STD, stem_padding=1):
     return {"method": method, "arch": arch, "small_images": bool(small_images), "img_size": int(img_size),
-            "mean": list(mean), "std": list(std), "feat_dim": int(feat_dim),
+            "mean": list(mean), "std": list(std), "feat_dim": int(feat_dim), "stem_padding": int(stem_padding),
             "state_dict": clean_state_dict(backbone.state_dict()), "args": plain_args(args),
             "epoch": int(epoch)}
 

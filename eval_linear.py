@@ -141,7 +141,8 @@ def load_backbone(path, arch=None):
 def backbone_from_record(record, img_size=None):
     """Build the backbone described by a record and load its weights (strict)."""
     img_size = record.get("img_size") or img_size or 224
-    model, feat_dim = common.build_backbone(record["arch"], record["small_images"], img_size)
+    model, feat_dim = common.build_backbone(record["arch"], record["small_images"], img_size,
+                                            stem_padding=record.get("stem_padding", 1))  # 2: solo-learn's CIFAR BYOL
     try:
         model.load_state_dict(record["state_dict"], strict=True)
     except RuntimeError as e:

@@ -62,7 +62,7 @@ the momentum update before the keys, the schedules. tests/test_opera.py computes
 reference's way, by hand from this file's modules, and checks the loss and every gradient (fp32, 1e-5).
 Deliberate differences: the class loss over partly labelled batches (detail 4; with every image
 labelled it is the reference's mean); on images of 64 px or less (no such recipe in the reference)
-crops at the native size, the CIFAR stem and a blur sigma scaled by crop/224; the cosine lr lands on 0
+crops at the native size, the CIFAR stem and no blur (common.ColorAugmentation); the cosine lr lands on 0
 at the last step (the reference's per-iteration formula reaches 0 one step after the end); the class
 head has one output per class of the dataset (the reference: 1,000 whatever the data); the validation
 resize is bicubic (the reference's is bilinear); the monitors run every epoch under autocast and report
@@ -70,8 +70,8 @@ no recall@1. Precision: on GPUs with bf16 the default is bf16 autocast without a
 references train in fp16 with one. The colour operations run on float images on the device (detail 11)
 where the reference runs them on PIL images, which round to uint8 after every operation (jittered images
 come out about 1.5 levels brighter there) and compute hue in 8-bit HSV (up to 9 levels apart); the blur
-samples a Gaussian at integer taps, cut at 3 sigma, which blurs less than PIL's at small sigma (about
-nothing below 0.3 px); solarize thresholds the unrounded value.
+is a discrete Gaussian of variance sigma^2 (PIL's is three box blurs of that variance, within ~4 levels);
+solarize thresholds the unrounded value.
 
 Commands
     python opera.py                                                   # CPU demo, synthetic shapes, ~2 min
@@ -177,14 +177,16 @@ def check_args(args):
 class TwoViewAugmentation:
     """(image, label) -> (view1, view2, label). Both views: RandomResizedCrop(scale=(crop_min, 1)), flip,
     colour jitter p 0.8, grayscale p 0.2; view 1 always blurred, view 2 blurred with p 0.1 and solarized
-    with p 0.2 (BYOL's asymmetric pair). The worker crops and flips (a view is a uint8 image and its
-    colour parameters); `on_device` applies the colour operations to the batch on the training device."""
+    with p 0.2 (BYOL's asymmetric pair); `small` images (64 px or less) are not blurred. The worker crops
+    and flips (a view is a uint8 image and its colour parameters); `on_device` applies the colour
+    operations to the batch on the training device."""
 
-    def __init__(self, crop_size, crop_min, mean=common.IMAGENET_MEAN, std=common.IMAGENET_STD):
+    def __init__(self, crop_size, crop_min, small=False, mean=common.IMAGENET_MEAN, std=common.IMAGENET_STD):
         self.geometric = v2.Compose([v2.RandomResizedCrop(crop_size, scale=(crop_min, 1.0)), v2.RandomHorizontalFlip()])
         colour = dict(blur_scale=crop_size / 224, mean=mean, std=std)
-        self.colour1 = common.ColorAugmentation(blur_p=1.0, **colour)
-        self.colour2 = common.ColorAugmentation(blur_p=0.1, solarize_p=0.2, **colour)
+        blur = 0.0 if small else 1.0  # the blur probability of view 1; view 2's is a tenth of it
+        self.colour1 = common.ColorAugmentation(blur_p=blur, **colour)
+        self.colour2 = common.ColorAugmentation(blur_p=0.1 * blur, solarize_p=0.2, **colour)
 
     def __call__(self, image, label):
         return self.colour1.view(self.geometric, image), self.colour2.view(self.geometric, image), label
@@ -340,7 +342,7 @@ def main():
     if args.labeled_fraction < 1:  # the omni-supervised setting: a seeded part of the images keeps its label
         in_use = common.EpochSampler(len(train_set), subset=args.subset, seed=args.seed).indices
         train_set = PartiallyLabeled(train_set, labeled_indices(in_use, args.labeled_fraction, args.seed))
-    augmentation = TwoViewAugmentation(args.crop_size, args.crop_min)
+    augmentation = TwoViewAugmentation(args.crop_size, args.crop_min, small)
     loader = common.train_loader(train_set, augmentation, args.batch_size // ddp.world_size, ddp, args.workers,
                                  args.seed, args.subset)
 

@@ -35,13 +35,13 @@ Implementation details (the choices that matter and that papers leave out):
     `--lr` x batch / 256, cosine to 0, target momentum `--ema` -> 1 on a per-iteration cosine; above 64 px
     DeepMind's ImageNet recipe (LARS eta 0.001, lr 0.2, wd 1.5e-6, warmup from 0, ema 0.996, blur p 1.0 / 0.1); at
     64 px or less solo-learn's CIFAR recipe in full (eta 0.02, each layer's rate clipped at the global one, lr 1.0,
-    wd 1e-5 unless --wd is set, ema 0.99, no blur, warmup from its 3e-5: the clip holds from step 0; eta 0.001
-    would move weights 20x less).
+    wd 1e-5 unless --wd is set, ema 0.99, no blur, CIFAR-10's mean and std, the stem padded by 2, warmup from its
+    3e-5: the clip holds from step 0; eta 0.001 would move weights 20x less).
  6. Crop sizes follow the median shorter side of a sample of the training images: above 64 px the reference's 224
     and 96 px; at 64 px or less (CIFAR stem) the native size, local crops x 96/224 to a multiple of 8 (32 -> 16 px);
     `--global-size`, `--local-size` override; printed and logged. Blur sigma (0.1 to 2 px at 224) scales with the
-    global size for all crops (SwAV blurs 96 px crops like 224 px ones). RandomResizedCrop is bilinear for SwAV
-    (EffSSL), bicubic for BYOL (solo-learn).
+    global size for all crops (SwAV blurs 96 px crops like 224 px ones); no blur at 64 px or less (as solo-learn's
+    CIFAR recipes). RandomResizedCrop is bilinear for SwAV (EffSSL), bicubic for BYOL (solo-learn).
  7. Rotation prediction needs upright images (photos): on the synthetic shapes, half of which look the same after a
     quarter turn, the demo's rotation accuracy stays near 25 %. LARS (trust 0.001) moves each weight by about
     lr x 0.001 of its norm per step: the recipes are made for tens of thousands of iterations, not the demo's 312
@@ -55,7 +55,7 @@ loss, prototype normalisation and freeze) equals EffSSL's: an audit on the same 
 difference of 0 and gradients within 3e-7, and the BYOL loss within 1e-7 of solo-learn's; tests/test_rotssl.py
 recomputes a step of each base (and of SwAV with swav's queue) from the model's modules, called as the reference
 calls them, and checks the loss and every gradient (fp32, CPU, 1e-5 relative). Deliberate differences: the
-small-image recipes (native crops, CIFAR stem, blur scaled with the crop, fewer prototypes; EffSSL is ImageNet
+small-image recipes (native crops, CIFAR stem, no blur, fewer prototypes; EffSSL is ImageNet
 only); rotations drawn by torch's seeded generator in the augmentation, not Python's `random` in the data set (same
 distribution, exact resume); LARS's trust ratio eta ||w|| / ||g + wd w|| (DeepMind's BYOL's), where EffSSL's wrapper
 (solo-learn's) divides by ||g|| + wd ||w||: up to 2r / (1 - r) apart, r = wd ||w|| / ||g|| (0.22 at r = 0.1);
@@ -63,7 +63,7 @@ normalisation std 0.229 for red where SwAV's has 0.228. Left out today: the refe
 (here bf16 autocast without one where the GPU has it: Sinkhorn codes differ from fp32's by about 2.5e-3, in fp16
 by 2.0e-4); PIL's colour arithmetic: the colour operations run on float images (detail 8), where PIL rounds to
 uint8 after every operation (jittered images come out about 1.5 levels brighter), computes hue in 8-bit HSV (up
-to 9 levels off), and blurs more at small sigma (here a Gaussian sampled at integer taps, cut at 3 sigma).
+to 9 levels off), and blurs with three box blurs (here a discrete Gaussian of the same variance: within ~4 levels).
 
 Commands:
     python rotssl.py                                   # CPU demo: SwAV + rotation on synthetic shapes
@@ -93,17 +93,20 @@ import common
 
 # The recipe, in one place (detail 5): the base method's row, and for BYOL on images of SMALL_IMAGES px or less
 # solo-learn's CIFAR row; a flag that is set wins. The LARS trust coefficient and clip are no flags: each recipe
-# was tuned with its own. Warmup: 10 epochs in both papers, at most a fifth of a short run.
+# was tuned with its own, as its normalisation and stem. Warmup: 10 epochs in both papers, at most a fifth of a run.
+IMAGENET = dict(mean=common.IMAGENET_MEAN, std=common.IMAGENET_STD, stem_padding=1)
 RECIPES = {
     # EffSSL's SwAV: warmup 0.3 -> 1.2 (not batch-scaled), cosine to 0.0012
     "swav": dict(lr=1.2, wd=1e-6, warmup_epochs=10.0, warmup_start_lr=0.3, final_lr=0.0012, lars_eta=0.001,
-                 lars_clip=False),
+                 lars_clip=False, **IMAGENET),
     # DeepMind's ImageNet BYOL: lr 0.2 x batch / 256, warmup from 0, cosine to 0, target momentum 0.996
     "byol": dict(lr=0.2, wd=1.5e-6, warmup_epochs=10.0, warmup_start_lr=0.0, final_lr=0.0, lars_eta=0.001,
-                 lars_clip=False, ema=0.996),
-    # solo-learn's CIFAR BYOL: each layer's rate clipped at the global one, from a warmup start above 0; tau 0.99
+                 lars_clip=False, ema=0.996, **IMAGENET),
+    # solo-learn's CIFAR BYOL: each layer's rate clipped at the global one, from a warmup start above 0; tau 0.99;
+    # CIFAR-10's mean and std; its CIFAR stem's 3x3 convolution pads by 2 (34 x 34 feature maps from 32 px)
     "byol_small": dict(lr=1.0, wd=1e-5, warmup_epochs=10.0, warmup_start_lr=3e-5, final_lr=0.0, lars_eta=0.02,
-                       lars_clip=True, ema=0.99),
+                       lars_clip=True, ema=0.99, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
+                       stem_padding=2),
 }
 
 
@@ -165,7 +168,7 @@ def resolve_recipe(args, native):
     defaults = dict(RECIPES[row])
     defaults["warmup_epochs"] = min(defaults["warmup_epochs"], args.epochs / 5)
     for name, value in defaults.items():
-        if getattr(args, name, None) is None:  # lars_eta and lars_clip: always the row's
+        if getattr(args, name, None) is None:  # lars_eta, lars_clip, mean, std, stem_padding: always the row's
             setattr(args, name, value)
     if args.n_prototypes is None:  # 3000 (the paper) needs batches of 1024 or SwAV's queue: a batch spread over far
         # more clusters than it has images gets near-uniform codes and a loss stuck at ln K. Small data: at most one
@@ -184,6 +187,8 @@ def resolve_recipe(args, native):
             recipe.update(queue=f"{args.queue_length} from epoch {args.epoch_queue_starts}")
     else:
         recipe.update(ema=f"{args.ema} -> 1 (cosine)", crops=f"2 x {args.global_size} px")
+    if row == "byol_small":
+        recipe.update(normalisation=f"CIFAR-10's mean {args.mean} and std {args.std}", stem="3x3 conv, padding 2")
     return small, recipe
 
 
@@ -228,11 +233,12 @@ class Augmentation:
     device: the colour operations, then the rotated copies of the two global views.
 
     swav: multi-crop, one pipeline for all crops: RandomResizedCrop bilinear (scale (0.14, 1) global, (0.05, 0.14)
-    local), flip, ColorJitter(0.8, 0.8, 0.8, 0.2) p 0.8, grayscale 0.2, blur p 0.5. byol: two views,
+    local), flip, ColorJitter(0.8, 0.8, 0.8, 0.2) p 0.8, grayscale 0.2, blur p 0.5 (none if `small`). byol: two views,
     RandomResizedCrop bicubic (0.08, 1), ColorJitter(0.4, 0.4, 0.2, 0.1) p 0.8, blur 1.0 / 0.1 (none if `small`)
     and solarize 0.0 / 0.2. Blur sigmas scale with global_size (detail 6)."""
 
-    def __init__(self, base, global_size, local_size, n_local, rotate, small=False):
+    def __init__(self, base, global_size, local_size, n_local, rotate, small=False, mean=common.IMAGENET_MEAN,
+                 std=common.IMAGENET_STD):
         swav = base == "swav"
         interpolation = v2.InterpolationMode.BILINEAR if swav else v2.InterpolationMode.BICUBIC
 
@@ -242,10 +248,10 @@ class Augmentation:
 
         def colour(jitter, blur_p, solarize_p):
             return common.ColorAugmentation(jitter=jitter, blur_p=blur_p, solarize_p=solarize_p,
-                                            blur_scale=global_size / 224)
+                                            blur_scale=global_size / 224, mean=mean, std=std)
         if swav:
             self.global_crop, self.local_crop = crop(global_size, (0.14, 1.0)), crop(local_size, (0.05, 0.14))
-            self.local_colour = colour((0.8, 0.8, 0.8, 0.2), 0.5, 0.0)
+            self.local_colour = colour((0.8, 0.8, 0.8, 0.2), 0.0 if small else 0.5, 0.0)
             self.global_colours = (self.local_colour,) * 2
         else:
             blur = (0.0, 0.0) if small else (1.0, 0.1)
@@ -419,15 +425,17 @@ def main():
     if ddp.is_main:
         sizes = {"global": args.global_size, **({"local": args.local_size} if swav and args.n_local else {})}
         print(common.describe_sizes(native, small, **sizes))
-    knn = (common.KNNMonitor(args.data, args.data_dir, args.global_size, small, args.workers, ddp.device, args.subset,
-                             args.seed, args.download, args.eval_subset, train=train_set) if args.eval_every else None)
-    augmentation = Augmentation(args.base, args.global_size, args.local_size, args.n_local,
-                                rotate=args.rot_weight > 0, small=small)
+    norm = dict(mean=args.mean, std=args.std)  # ImageNet's; CIFAR-10's in solo-learn's BYOL recipe (detail 5)
+    knn = (common.KNNMonitor(args.data, args.data_dir, args.global_size, small, args.workers, ddp.device,
+                             args.subset, args.seed, args.download, args.eval_subset, train=train_set, **norm)
+           if args.eval_every else None)
+    augmentation = Augmentation(args.base, args.global_size, args.local_size, args.n_local, args.rot_weight > 0, small,
+                                **norm)
     loader = common.train_loader(train_set, augmentation, args.batch_size // ddp.world_size, ddp, args.workers,
                                  args.seed, args.subset)
 
     # ---------------------------------------------------------------- model (SwAV or BYOL, + rotation head)
-    backbone, feat_dim = common.build_backbone(args.arch, small, args.global_size)
+    backbone, feat_dim = common.build_backbone(args.arch, small, args.global_size, stem_padding=args.stem_padding)
     model = RotSSL(backbone, feat_dim, args.base, args.rot_weight, args.n_prototypes, args.temperature,
                    args.epsilon, args.sinkhorn_iters, args.queue_length)
     model = common.to_device(model, ddp.device)
@@ -449,7 +457,8 @@ def main():
     # ---------------------------------------------------------------- plumbing: resume, compile + DDP, output
     run = common.TrainingRun(
         args, ddp, model, optimizer, loader, autocast=autocast, scaler=scaler, backbone=model.backbone,
-        record=dict(method=f"rotssl-{args.base}", small_images=small, img_size=args.global_size, feat_dim=feat_dim),
+        record=dict(method=f"rotssl-{args.base}", small_images=small, img_size=args.global_size, feat_dim=feat_dim,
+                    stem_padding=args.stem_padding, **norm),
         knn=knn, recipe=recipe, note=common.SELF_SUPERVISED_DEMO if args.data == "synthetic" else None,
         must_match=("base", "rot_weight", "n_prototypes", "queue_length"))
 

@@ -53,14 +53,14 @@ gradient) agrees with naver/trex within 8e-7 relative (an independent audit); th
 module's parts and checks it within 1e-5. Deliberate differences: (a) the reference starts from a
 memory of random features with random labels, noise in the prototypes for the first K/B steps; here
 empty slots never count (detail 4). (b) Logits in fp32 (the reference's are fp16 under autocast).
-(c) Small images (the reference trains on ImageNet only): native-size crops, the CIFAR stem, and a blur
-sigma scaled by global size / 224 (at 224 px the reference's 0.1 to 2 px on every crop). (d) The CPU
+(c) Small images (the reference trains on ImageNet only): native-size crops, the CIFAR stem, no blur
+(common.ColorAugmentation); a --global-size other than 224 scales the blur sigma by global size / 224. (d) The CPU
 demo's values for resnet_tiny (detail 7, 512-wide hidden layers); warmup is 10 % of --epochs (the
 reference: 10 epochs, the same at 100). (e) The validation resize is bicubic (the reference: bilinear).
 (f) The colour operations run on float images on the device (detail 11), the reference's on PIL images,
 which round to uint8 after every operation (jittered images about 1.5 levels brighter) and compute hue in
-8-bit HSV (up to 9 levels apart); the blur samples a Gaussian at integer taps cut at 3 sigma, weaker than
-PIL's at small sigma (about nothing below 0.3 px); solarize acts on the unrounded value. (g) Precision: on
+8-bit HSV (up to 9 levels apart); the blur is a discrete Gaussian of variance sigma^2 (PIL's: three box
+blurs of that variance, within ~4 levels); solarize acts on the unrounded value. (g) Precision: on
 GPUs with bf16 the default is bf16 autocast without a grad scaler (the reference: fp16 with one). (h) Under
 torchrun, DDP does not broadcast buffers (the memory is identical on every rank by construction), and the
 class prototypes are l2-normalised twice (in class_prototypes, then in cosine_logits: the second changes
@@ -191,17 +191,18 @@ class MultiCropAugmentation:
     scale (s, 1), bicubic), flip, colour jitter (0.4, 0.4, 0.2, 0.1) with p 0.8, grayscale 0.2, Gaussian blur
     p 0.2, solarize p 0.2. Local: RandomResizedCrop(local_size, scale (0.05, s)), the same but blur p 0.5 and
     no solarize. Blur sigma is 0.1 to 2 px at 224 px global crops (on the 96 px local crops too, as in the
-    reference) and scales with the global size."""
+    reference) and scales with the global size; `small` images (64 px or less) are not blurred."""
 
-    def __init__(self, global_size=224, local_size=96, n_local=8, scale_split=0.25,
+    def __init__(self, global_size=224, local_size=96, n_local=8, scale_split=0.25, small=False,
                  mean=common.IMAGENET_MEAN, std=common.IMAGENET_STD):
         def crop(size, scale):  # in the worker; the colour operations run on the device (on_device)
             return v2.Compose([v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC),
                                v2.RandomHorizontalFlip()])
         self.global_crop, self.local_crop = crop(global_size, (scale_split, 1.0)), crop(local_size, (0.05, scale_split))
         colour = dict(blur_scale=global_size / 224, mean=mean, std=std)  # the blur sigma follows the global size
-        self.global_colour = common.ColorAugmentation(blur_p=0.2, solarize_p=0.2, **colour)
-        self.local_colour = common.ColorAugmentation(blur_p=0.5, **colour)
+        blur = 0.0 if small else 1.0
+        self.global_colour = common.ColorAugmentation(blur_p=0.2 * blur, solarize_p=0.2, **colour)
+        self.local_colour = common.ColorAugmentation(blur_p=0.5 * blur, **colour)
         self.n_local = n_local
 
     def __call__(self, image, target):
@@ -400,7 +401,7 @@ def main():
                              args.seed, args.download, args.eval_subset, train=train_set) if args.eval_every else None)
     # the own classifier's top-1 / top-5 on the validation split, every epoch (off with --eval-every 0)
     val_set = knn.val if knn is not None and knn.enabled else None
-    augmentation = MultiCropAugmentation(args.global_size, args.local_size, args.n_local, args.scale_split)
+    augmentation = MultiCropAugmentation(args.global_size, args.local_size, args.n_local, args.scale_split, small)
     loader = common.train_loader(train_set, augmentation, args.batch_size // ddp.world_size, ddp, args.workers,
                                  args.seed, args.subset)
 

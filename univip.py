@@ -15,7 +15,7 @@ which differ without hand-made pairs. `--losses ss` is BYOL on the same data: th
 
 Implementation details (choices the paper leaves open, and how they are made here)
  1. Instances are cropped from the original image before any flip, so a flip never breaks the box
-    correspondence; each box is resized to a square (as ORL does).
+    correspondence; each box is resized to a square, bilinear (as ORL does; its scene crops are bilinear too).
  2. The box filter (min side, aspect ratio <= 3, drop IoU > 0.5 with a kept box) keeps boxes in the
     order of their source: put the best proposals first in a --boxes file.
  3. Fallback when 20 window pairs never hold K boxes (Sec. 3.1): the attempt whose intersection holds
@@ -31,10 +31,13 @@ Implementation details (choices the paper leaves open, and how they are made her
     over the B images of one view. The instances are two more views, as ORL's patch views: the B*K
     online crops in one online call, the B*K target crops in one target call.
  7. Online instances get the view-1 augmentations (blur 1.0, no solarize), target instances the view-2
-    ones; L_ii is one-directional, as written in the paper.
- 8. Weight decay skips biases and norm parameters (also with SGD); the target network (momentum_backbone,
-    momentum_projector) keeps its own batch-norm statistics (train mode), never receives gradients and
-    follows the online one after each step, tau rising from --ema 0.99 to 1 on a per-iteration cosine.
+    ones; L_ii is one-directional, as written in the paper. One predictor serves all three terms: the paper writes
+    one online network f for scenes and instances, and Eq. 4 weighs the instances with f's scene outputs (ORL
+    gives each of its three terms a predictor of its own). Projector and predictor end in a Linear without bias
+    (ORL's; BYOL's has one).
+ 8. SGD decays every parameter (ORL's 1e-4), LARS all but biases and norms (BYOL's); the target network
+    (momentum_backbone, momentum_projector) keeps its own batch-norm statistics (train mode), never receives
+    gradients and follows the online one after each step, tau rising from --ema 0.99 to 1 on a per-iteration cosine.
  9. Crop sizes: the paper's 224 (scenes) and 96 (instances) whatever the images' size, except on small
     scenes (median shorter side of sampled images 128 px or less, e.g. the 96 px synthetic ones): scenes
     64, instances 32, --min-box 8 (UniVIP's own policy, not common.crop_sizes). Flags override each.
@@ -44,7 +47,8 @@ Implementation details (choices the paper leaves open, and how they are made her
     steps, the paper 800 COCO epochs (the tables at the top of the file; the run prints a `recipe:` line).
 11. The workers decode, pick the windows and boxes, crop and flip; the colour operations run batched
     on the training device, one call per view, each crop with its own parameters drawn in the worker
-    (common.ColorAugmentation, torchvision's distributions, blur sigma scaled by crop size / 224).
+    (common.ColorAugmentation, torchvision's distributions). The blur sigma is 0.1 to 2 px on every crop, the
+    96 px instances too (ORL's and BYOL's); scenes of 128 px or less (instances of 64 px or less) get no blur.
 
 Compared with the reference code (none is public: the paper's equations, and ORL for the calls)
 Equal: the three loss terms (Eq. 1 - 5; an audit found them within 6e-8 of the equations) and the
@@ -53,7 +57,7 @@ against one written out from this file's modules the BYOL way (loss and every gr
 Deliberate differences: the transport marginals (at their computation in univip_loss). Also details 4, 9,
 10, 11, and as in every script here: bf16 autocast without a grad scaler on GPUs with bf16 (the BYOL / ORL
 code: fp16 with one); colour operations on float images (PIL rounds to uint8 after each, about 1.5 levels
-brighter, and its hue is 8-bit HSV); a blur sampled at integer taps, weaker than PIL's below about 0.5 px.
+brighter, and its hue is 8-bit HSV); a discrete Gaussian blur of PIL's variance (PIL: three box blurs).
 
 Commands
   CPU demo (synthetic scenes, about 2 minutes on 2 cores):  python univip.py
@@ -252,17 +256,17 @@ class SceneInstanceAugmentation:
     fell_back) in the worker, each view a cropped and flipped uint8 image with its colour parameters;
     `on_device` applies the colour operations to a batch on the training device (detail 11). BYOL's
     asymmetric photometric lists (Sec. 4.1): view 1 blur p 1.0 and no solarize, view 2 blur p 0.1 and
-    solarize p 0.2; instances use the same two lists."""
+    solarize p 0.2; instances use the same two lists, blurred with sigma 0.1 to 2 px as the scenes (ORL's 96 px
+    patches too); `small` (instances of 64 px or less, the CIFAR stem) are not blurred."""
 
-    def __init__(self, scene_size, instance_size, num_instances, min_box, scale, with_instances=True):
+    def __init__(self, scene_size, instance_size, num_instances, min_box, scale, with_instances=True, small=False):
         self.scene_size, self.instance_size, self.scale = scene_size, instance_size, scale
         self.num_instances, self.min_box, self.with_instances = num_instances, min_box, with_instances
         self.flip = v2.RandomHorizontalFlip(0.5)  # after cropping: boxes are already cut out
 
-        def lists(size):  # the blur sigma (0.1 to 2 px at 224) scales with the crop
-            return (common.ColorAugmentation(blur_p=1.0, blur_scale=size / 224),
-                    common.ColorAugmentation(blur_p=0.1, solarize_p=0.2, blur_scale=size / 224))
-        self.scene_colours, self.instance_colours = lists(scene_size), lists(instance_size)
+        blur = 0.0 if small else 1.0
+        self.scene_colours = self.instance_colours = (common.ColorAugmentation(blur_p=blur),
+                                                      common.ColorAugmentation(blur_p=0.1 * blur, solarize_p=0.2))
 
     def __call__(self, image, boxes):
         width, height = image.size
@@ -273,14 +277,14 @@ class SceneInstanceAugmentation:
         w1, w2, chosen, fell_back = sample_scene_pair(width, height, boxes, self.num_instances, self.min_box,
                                                       self.scale)
         s = (self.instance_size, self.instance_size)
-        crops = [image.resize(s, Image.BICUBIC, box=(x, y, x + w, y + h)) for x, y, w, h in chosen]
+        crops = [image.resize(s, Image.BILINEAR, box=(x, y, x + w, y + h)) for x, y, w, h in chosen]
         online, target = ([colour.view(self.flip, c) for c in crops] for colour in self.instance_colours)
         stack = lambda views: tuple(torch.stack(t) for t in zip(*views))  # (K, 3, s, s) uint8, (K, P)
         return self._scene(image, w1, 0), self._scene(image, w2, 1), stack(online), stack(target), fell_back
 
     def _scene(self, image, window, v):
         x, y, w, h = window
-        crop = image.resize((self.scene_size, self.scene_size), Image.BICUBIC, box=(x, y, x + w, y + h))
+        crop = image.resize((self.scene_size, self.scene_size), Image.BILINEAR, box=(x, y, x + w, y + h))
         return self.scene_colours[v].view(self.flip, crop)
 
     def on_device(self, scene1, scene2, online, target, device):
@@ -305,9 +309,9 @@ def collate_scene_pairs(samples):
 # Model: BYOL networks shared by scenes and instances, the instance aggregator, the loss (Sec. 3)
 # ----------------------------------------------------------------------------------------------
 def mlp(in_dim, hidden_dim, out_dim):
-    """BYOL's projector / predictor: Linear -> BN -> ReLU -> Linear."""
+    """Projector / predictor: Linear -> BN -> ReLU -> Linear without bias (ORL's, where BYOL's last layer has one)."""
     return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
-                         nn.Linear(hidden_dim, out_dim))
+                         nn.Linear(hidden_dim, out_dim, bias=False))
 
 
 def distance(a, b):
@@ -367,9 +371,9 @@ def univip_loss(online_scenes, target_scenes, online_instances=None, target_inst
 
 class UniVIP(nn.Module):
     """Online f = predictor(projector(backbone)), target g = momentum_projector(momentum_backbone), a momentum
-    copy of backbone + projector, and the
-    instance aggregator I = Linear(K * D, D). `forward` is the training step: scene views 1 and 2
-    (B, 3, S, S) each, online and target instances (B*K, 3, s, s) each or None -> the loss dict."""
+    copy of backbone + projector, and the instance aggregator I = Linear(K * D, D). `forward` is the training
+    step: scene views 1 and 2 (B, 3, S, S) each, online and target instances (B*K, 3, s, s) each or None -> the
+    loss dict."""
 
     def __init__(self, backbone, feat_dim, num_instances=4, hidden_dim=4096, proj_dim=256, losses=LOSSES,
                  eps=0.1, iters=50):
@@ -434,7 +438,7 @@ def main():
     if knn is not None:
         knn.where = f" on {args.eval_data}"  # single-object images, not the scenes (detail 9): the lines say so
     augmentation = SceneInstanceAugmentation(args.scene_size, args.instance_size, args.num_instances, args.min_box,
-                                             tuple(args.scene_scale), "si" in terms or "ii" in terms)
+                                             tuple(args.scene_scale), "si" in terms or "ii" in terms, small)
     loader = common.train_loader(train_set, augmentation, args.batch_size // ddp.world_size, ddp, args.workers,
                                  args.seed, args.subset, collate_fn=collate_scene_pairs)
 
@@ -445,10 +449,10 @@ def main():
     momentum_params, online_params = model.momentum_pairs()
 
     # ---------------------------------------------------------------- optimizer, schedules, precision
-    groups = common.param_groups(model, args.wd)  # the momentum networks' parameters have requires_grad False
     lr = args.lr * args.batch_size / 512  # the paper's scaling: 0.4 at batch 512 (SGD), 4.8 at 4096 (LARS)
-    optimizer = (torch.optim.SGD(groups, lr=lr, momentum=0.9) if args.optimizer == "sgd"
-                 else common.LARS(groups, lr=lr, momentum=0.9))
+    trained = [p for p in model.parameters() if p.requires_grad]  # not the momentum networks'
+    optimizer = (torch.optim.SGD(trained, lr=lr, momentum=0.9, weight_decay=args.wd) if args.optimizer == "sgd"
+                 else common.LARS(common.param_groups(model, args.wd), lr=lr, momentum=0.9))  # detail 8
     lr_schedule = common.cosine_schedule(lr, 0.0, args.epochs, len(loader), args.warmup_epochs)
     ema_schedule = common.cosine_schedule(args.ema, 1.0, args.epochs, len(loader))  # BYOL's tau, per step
     autocast, scaler = common.mixed_precision(args.precision, ddp.device)

@@ -231,6 +231,16 @@ def test_labeled_fraction_is_a_seeded_function_of_the_image_index():
     assert all(y == i % 10 for i, y in enumerate(labels) if y >= 0)
 
 
+def test_views_are_byols_asymmetric_pair_and_small_images_are_not_blurred():
+    aug = opera.TwoViewAugmentation(224, 0.2)
+    assert [(c.blur_p, c.solarize_p) for c in (aug.colour1, aug.colour2)] == [(1.0, 0.0), (0.1, 0.2)]
+    assert aug.colour1.sigma == (0.1, 2.0)
+    small = opera.TwoViewAugmentation(32, 0.2, small=True)  # 64 px or less: no blur (a no-op at 32/224 sigma)
+    assert [(c.blur_p, c.solarize_p) for c in (small.colour1, small.colour2)] == [(0.0, 0.0), (0.0, 0.2)]
+    crop = small.geometric.transforms[0]
+    assert tuple(crop.size) == (32, 32) and crop.scale == (0.2, 1.0)
+
+
 # ---------------------------------------------------------------------------------------------- runs of the script
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):

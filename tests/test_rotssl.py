@@ -257,6 +257,10 @@ def test_image_size_sets_the_crop_sizes_and_the_byol_recipe():
     assert (args.lr, args.wd, args.warmup_start_lr, args.lars_eta, args.lars_clip) == (1.0, 1e-5, 3e-5, 0.02, True)
     assert recipe["defaults"] == "byol_small" and recipe["lr"] == "0.125 (1.0 x 32/256, cosine to 0)"
     assert recipe["optimizer"] == "LARS (eta 0.02, each layer's rate clipped at the global one)"
+    assert (args.mean, args.std, args.stem_padding) == ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 2)
+    assert "normalisation" in recipe and recipe["stem"] == "3x3 conv, padding 2"
+    for row in (resolved(375, "--base", "byol")[1], resolved(32)[1]):  # the ImageNet rows, and SwAV on CIFAR
+        assert (row.mean, row.std, row.stem_padding) == (common.IMAGENET_MEAN, common.IMAGENET_STD, 1)
     # the flags override; BYOL's small-image wd 1e-5 applies only when --wd is not given
     small, args, recipe = resolved(32, "--base", "byol", "--wd", "1e-4", "--global-size", "24", "--local-size", "12",
                                    "--warmup-start-lr", "0", "--lr", "0.5", "--warmup-epochs", "2")
@@ -311,14 +315,20 @@ def test_augmentation_blur_scale_and_interpolation_follow_the_references():
     for crop, size in ((swav.global_crop, 32), (swav.local_crop, 16)):
         resize = crop.transforms[0]
         assert tuple(resize.size) == (size, size) and resize.interpolation == bilinear  # EffSSL: torchvision's default
-    for colour in (*swav.global_colours, swav.local_colour):  # local crops blurred like the global ones
-        assert colour.blur_p == 0.5 and colour.sigma == pytest.approx((0.1 * 32 / 224, 2.0 * 32 / 224))
+    assert [c.blur_p for c in (*swav.global_colours, swav.local_colour)] == [0.0] * 3  # 64 px or less: no blur
     assert swav.local_colour.low.tolist() == pytest.approx([0.2, 0.2, 0.2, -0.2])  # jitter 0.8, hue 0.2
+    swav = rotssl.Augmentation("swav", 160, 64, 2, rotate=False)
+    for colour in (*swav.global_colours, swav.local_colour):  # local crops blurred like the global ones
+        assert colour.blur_p == 0.5 and colour.sigma == pytest.approx((0.1 * 160 / 224, 2.0 * 160 / 224))
     byol = rotssl.Augmentation("byol", 224, 96, 0, rotate=False)
     assert byol.global_crop.transforms[0].interpolation == bicubic  # solo-learn
     assert [c.blur_p for c in byol.global_colours] == [1.0, 0.1] and byol.global_colours[0].sigma == (0.1, 2.0)
-    small = rotssl.Augmentation("byol", 32, 16, 0, rotate=False, small=True)  # solo-learn's CIFAR views: no blur
+    assert byol.global_colours[0].mean.flatten().tolist() == pytest.approx(common.IMAGENET_MEAN)
+    _, args, _ = resolved(32, "--base", "byol")  # solo-learn's CIFAR views: no blur, CIFAR-10's mean and std
+    small = rotssl.Augmentation("byol", 32, 16, 0, rotate=False, small=True, mean=args.mean, std=args.std)
     assert [(c.blur_p, c.solarize_p) for c in small.global_colours] == [(0.0, 0.0), (0.0, 0.2)]
+    assert small.global_colours[1].mean.flatten().tolist() == pytest.approx([0.4914, 0.4822, 0.4465])
+    assert small.global_colours[1].std.flatten().tolist() == pytest.approx([0.2470, 0.2435, 0.2616])
 
 
 # ---------------------------------------------------------------------------- SwAV
@@ -468,6 +478,12 @@ def test_byol_base_trains_a_momentum_target(tmp_path):
     lars = ckpt["optimizer"]["param_groups"][0]
     assert lars["trust_coefficient"] == 0.02 and lars["clip"] and not lars["lars_exclude"]
     assert lars["weight_decay"] == 1e-5
+    # and solo-learn's CIFAR stem (padding 2: 34 x 34 maps) and normalisation, which eval_linear.py reads back
+    record = torch.load(out / "backbone.pt", map_location="cpu", weights_only=True)
+    assert record["stem_padding"] == 2 and record["mean"] == pytest.approx([0.4914, 0.4822, 0.4465])
+    backbone, _ = eval_linear.backbone_from_record(record)
+    assert backbone.conv1.padding == (2, 2) and backbone.conv1.kernel_size == (3, 3)
+    assert backbone.layer1(backbone.relu(backbone.bn1(backbone.conv1(torch.zeros(1, 3, 32, 32))))).shape[-1] == 34
 
 
 @pytest.mark.parametrize("base, queue", [("swav", 0), ("byol", 0), ("swav", 64)])

@@ -96,6 +96,8 @@ def test_augmentation_returns_one_global_and_n_local_crops():
     assert all(c.dtype == torch.float32 for c in finished)
     assert (aug.global_colour.blur_p, aug.global_colour.solarize_p, aug.local_colour.blur_p) == (0.2, 0.2, 0.5)
     assert aug.local_colour.sigma == aug.global_colour.sigma  # the global crops' blur on the local ones too
+    small = trex.MultiCropAugmentation(32, 16, n_local=3, small=True)  # 64 px or less: no blur, solarize kept
+    assert (small.global_colour.blur_p, small.global_colour.solarize_p, small.local_colour.blur_p) == (0.0, 0.2, 0.0)
     crops, _ = trex.MultiCropAugmentation(n_local=2)(Image.new("RGB", (300, 260), (90, 20, 200)), 0)
     assert [tuple(c.shape) for c, _ in crops] == [(3, 224, 224), (3, 96, 96), (3, 96, 96)]
 
