@@ -46,19 +46,18 @@ Implementation details (the choices that matter and that papers leave out):
     quarter turn, the demo's rotation accuracy stays near 25 %. LARS (trust 0.001) moves each weight by about
     lr x 0.001 of its norm per step: the recipes are made for tens of thousands of iterations, not the demo's 312
     (what limits the demo: README, Results).
- 8. The workers decode, crop, flip and draw the rotations; the colour operations (each crop with its own parameters
-    drawn in the worker, torchvision's distributions: common.ColorAugmentation) and the rotations of the finished
-    global views run batched on the training device.
+ 8. The workers decode, crop, flip and draw the rotations; the colour operations (common.ColorAugmentation, each
+    crop's parameters drawn in the worker) and the rotations of the finished global views run batched on the device.
 
 Compared with the reference code. The SwAV + rotation step (crops and calls, Sinkhorn, swapped prediction, rotation
 loss, prototype normalisation and freeze) equals EffSSL's: an audit on the same weights and inputs found a loss
 difference of 0 and gradients within 3e-7, and the BYOL loss within 1e-7 of solo-learn's; tests/test_rotssl.py
 recomputes a step of each base (and of SwAV with swav's queue) from the model's modules, called as the reference
 calls them, and checks the loss and every gradient (fp32, CPU, 1e-5 relative). Deliberate differences: the
-small-image recipes (native crops, CIFAR stem, no blur, fewer prototypes; EffSSL is ImageNet
-only); rotations drawn by torch's seeded generator in the augmentation, not Python's `random` in the data set (same
-distribution, exact resume); LARS's trust ratio eta ||w|| / ||g + wd w|| (DeepMind's BYOL's), where EffSSL's wrapper
-(solo-learn's) divides by ||g|| + wd ||w||: up to 2r / (1 - r) apart, r = wd ||w|| / ||g|| (0.22 at r = 0.1);
+small-image recipes (native crops, CIFAR stem, no blur, fewer prototypes; EffSSL is ImageNet only); rotations
+drawn by torch's seeded generator in the augmentation, not Python's `random` in the data set (exact resume);
+LARS's trust ratio eta ||w|| / ||g + wd w|| (DeepMind's BYOL's), where EffSSL's wrapper (solo-learn's) divides by
+||g|| + wd ||w||: up to 2r / (1 - r) apart, r = wd ||w|| / ||g|| (0.22 at r = 0.1);
 normalisation std 0.229 for red where SwAV's has 0.228. Left out today: the references' fp16 with a grad scaler
 (here bf16 autocast without one where the GPU has it: Sinkhorn codes differ from fp32's by about 2.5e-3, in fp16
 by 2.0e-4); PIL's colour arithmetic: the colour operations run on float images (detail 8), where PIL rounds to
@@ -119,8 +118,7 @@ def get_args_parser():
                                 epilog="--lr, --wd, --warmup-epochs, --warmup-start-lr, --final-lr and --ema default "
                                        f"to the recipe of --base (byol_small: BYOL on images of {common.SMALL_IMAGES} "
                                        f"px or less; warmup at most a fifth of the run): {RECIPES}")
-    # lr, wd, warmup, ema: None = the recipe's value, resolved in resolve_recipe()
-    # demo defaults: one epoch of the 10,000 synthetic images (312 steps of 32) fits the 3-minute CPU budget
+    # lr, wd, warmup, ema: None = the recipe's (resolve_recipe); the demo: 1 epoch of 10,000 images, 312 steps of 32
     common.add_common_args(p, "rotssl", epochs=1, batch_size=32, lr=None, wd=None, warmup_epochs=None)
     g = p.add_argument_group("rotation task")
     g.add_argument("--base", default="swav", choices=("swav", "byol"),
@@ -170,9 +168,8 @@ def resolve_recipe(args, native):
     for name, value in defaults.items():
         if getattr(args, name, None) is None:  # lars_eta, lars_clip, mean, std, stem_padding: always the row's
             setattr(args, name, value)
-    if args.n_prototypes is None:  # 3000 (the paper) needs batches of 1024 or SwAV's queue: a batch spread over far
-        # more clusters than it has images gets near-uniform codes and a loss stuck at ln K. Small data: at most one
-        # prototype per row of Sinkhorn, batch + queue (the demo's loss stays near ln K without a queue: README)
+    if args.n_prototypes is None:  # 3000 (the paper) needs batches of 1024 or the queue: a batch spread over far
+        # more clusters than it has images gets near-uniform codes, a loss stuck at ln K; small data: batch + queue
         args.n_prototypes = min(300, args.batch_size + args.queue_length) if small else 3000
     how = "not batch-scaled" if swav else f"{args.lr} x {args.batch_size}/256"
     clip = ", each layer's rate clipped at the global one" if args.lars_clip else ""
@@ -188,15 +185,14 @@ def resolve_recipe(args, native):
     else:
         recipe.update(ema=f"{args.ema} -> 1 (cosine)", crops=f"2 x {args.global_size} px")
     if row == "byol_small":
-        recipe.update(normalisation=f"CIFAR-10's mean {args.mean} and std {args.std}", stem="3x3 conv, padding 2")
+        recipe.update(normalisation="CIFAR-10's mean and std", stem="3x3 conv, padding 2")
     return small, recipe
 
 
 def check_args(args):
     """Bad rotssl options: one sentence, before any data is read (unset ones are resolved later)."""
     if args.rot_weight < 0:
-        raise common.UserError(f"--rot-weight must not be negative (got {args.rot_weight}); 0 turns the "
-                               "rotation task off")
+        raise common.UserError(f"--rot-weight must not be negative (got {args.rot_weight}); 0 turns rotation off")
     if args.temperature <= 0 or args.epsilon <= 0 or args.sinkhorn_iters < 1 or (args.n_prototypes or 2) < 2:
         raise common.UserError("--temperature and --epsilon must be positive, --sinkhorn-iters at least 1 and "
                                "--n-prototypes at least 2")
@@ -233,12 +229,11 @@ class Augmentation:
     device: the colour operations, then the rotated copies of the two global views.
 
     swav: multi-crop, one pipeline for all crops: RandomResizedCrop bilinear (scale (0.14, 1) global, (0.05, 0.14)
-    local), flip, ColorJitter(0.8, 0.8, 0.8, 0.2) p 0.8, grayscale 0.2, blur p 0.5 (none if `small`). byol: two views,
-    RandomResizedCrop bicubic (0.08, 1), ColorJitter(0.4, 0.4, 0.2, 0.1) p 0.8, blur 1.0 / 0.1 (none if `small`)
-    and solarize 0.0 / 0.2. Blur sigmas scale with global_size (detail 6)."""
+    local), flip, ColorJitter(0.8, 0.8, 0.8, 0.2) p 0.8, grayscale 0.2, blur p 0.5. byol: two views, RandomResizedCrop
+    bicubic (0.08, 1), ColorJitter(0.4, 0.4, 0.2, 0.1) p 0.8, blur 1.0 / 0.1 and solarize 0.0 / 0.2. Blur sigmas
+    scale with global_size, none if `small` (detail 6); `norm`: Normalize's mean and std."""
 
-    def __init__(self, base, global_size, local_size, n_local, rotate, small=False, mean=common.IMAGENET_MEAN,
-                 std=common.IMAGENET_STD):
+    def __init__(self, base, global_size, local_size, n_local, rotate, small=False, **norm):
         swav = base == "swav"
         interpolation = v2.InterpolationMode.BILINEAR if swav else v2.InterpolationMode.BICUBIC
 
@@ -248,7 +243,7 @@ class Augmentation:
 
         def colour(jitter, blur_p, solarize_p):
             return common.ColorAugmentation(jitter=jitter, blur_p=blur_p, solarize_p=solarize_p,
-                                            blur_scale=global_size / 224, mean=mean, std=std)
+                                            blur_scale=global_size / 224, **norm)
         if swav:
             self.global_crop, self.local_crop = crop(global_size, (0.14, 1.0)), crop(local_size, (0.05, 0.14))
             self.local_colour = colour((0.8, 0.8, 0.8, 0.2), 0.0 if small else 0.5, 0.0)
@@ -286,11 +281,9 @@ def mlp(in_dim, hidden_dim, out_dim):
                          nn.Linear(hidden_dim, out_dim))
 
 
-class RotationHead(nn.Sequential):
+def rotation_head(feat_dim, hidden_dim=2048):
     """Pooled backbone features -> logits of the 4 rotations: Linear(D, 2048) -> BN -> ReLU -> Linear(2048, 4)."""
-
-    def __init__(self, feat_dim, hidden_dim=2048):
-        super().__init__(*mlp(feat_dim, hidden_dim, 4))
+    return mlp(feat_dim, hidden_dim, 4)
 
 
 @torch.no_grad()
@@ -351,7 +344,7 @@ class RotSSL(nn.Module):
             self.predictor = mlp(256, 4096, 256)
             self.momentum_backbone = copy.deepcopy(backbone).requires_grad_(False)  # trained by momentum only
             self.momentum_projector = copy.deepcopy(self.projector).requires_grad_(False)
-        self.rotation_head = RotationHead(feat_dim) if rot_weight > 0 else None
+        self.rotation_head = rotation_head(feat_dim) if rot_weight > 0 else None
 
     def forward(self, batch, fill_queue=False, use_queue=False):
         x1, x2 = batch["global"]

@@ -14,50 +14,50 @@ K target ones by optimal transport (Sinkhorn), so the network learns which insta
 which differ without hand-made pairs. `--losses ss` is BYOL on the same data: the paper's baseline.
 
 Implementation details (choices the paper leaves open, and how they are made here)
- 1. Instances are cropped from the original image before any flip, so a flip never breaks the box
-    correspondence; each box is resized to a square, bilinear (as ORL does; its scene crops are bilinear too).
- 2. The box filter (min side, aspect ratio <= 3, drop IoU > 0.5 with a kept box) keeps boxes in the
-    order of their source: put the best proposals first in a --boxes file.
- 3. Fallback when 20 window pairs never hold K boxes (Sec. 3.1): the attempt whose intersection holds
-    the most real boxes (ties: the larger intersection; it must fit a box of --min-box), filled up with
-    random boxes of the filter's size and aspect (IoU <= 0.5 tried 10 times per box, then given up); if
-    no intersection fits a box, both windows are the whole image. The fallback rate is logged.
- 4. d(a, b) = 2 - 2 cos(a, b) (BYOL's normalised MSE) where the paper writes -cos: the same minimiser,
-    gradients times 2, and the learning rates of the BYOL / ORL code.
- 5. The transport plan, its marginals and its cost are computed without gradient, in fp32, by
-    log-domain Sinkhorn (no under/overflow at eps = 0.1); the loss gets its gradient through d only.
- 6. Calls as BYOL's code makes them: each scene view goes through the online networks (backbone,
-    projector, predictor) and the target networks in a call of its own, so every BatchNorm normalises
-    over the B images of one view. The instances are two more views, as ORL's patch views: the B*K
-    online crops in one online call, the B*K target crops in one target call.
- 7. Online instances get the view-1 augmentations (blur 1.0, no solarize), target instances the view-2
-    ones; L_ii is one-directional, as written in the paper. One predictor serves all three terms: the paper writes
-    one online network f for scenes and instances, and Eq. 4 weighs the instances with f's scene outputs (ORL
-    gives each of its three terms a predictor of its own). Projector and predictor end in a Linear without bias
-    (ORL's; BYOL's has one).
+ 1. Instances are cropped from the original image before any flip, so a flip never breaks the box correspondence;
+    each box is resized to a square, bilinear (as ORL does; its scene crops are bilinear too).
+ 2. The box filter (min side, aspect ratio <= 3, drop IoU > 0.5 with a kept box) keeps boxes in the order of their
+    source: put the best proposals first in a --boxes file.
+ 3. Fallback when 20 window pairs never hold K boxes (Sec. 3.1): the attempt whose intersection holds the most real
+    boxes (ties: the larger intersection; it must fit a box of --min-box), filled up with random boxes of the
+    filter's size and aspect (IoU <= 0.5 tried 10 times per box, then given up); if no intersection fits a box, both
+    windows are the whole image. The fallback rate is logged.
+ 4. d(a, b) = 2 - 2 cos(a, b) (BYOL's normalised MSE) where the paper writes -cos: the same minimiser, gradients
+    times 2, and the learning rates of the BYOL / ORL code.
+ 5. The transport plan, its marginals and its cost are computed without gradient, in fp32, by log-domain Sinkhorn
+    (no under/overflow at eps = 0.1); the loss gets its gradient through d only.
+ 6. Calls as BYOL's code makes them: each scene view goes through the online networks (backbone, projector,
+    predictor) and the target networks in a call of its own, so every BatchNorm normalises over the B images of one
+    view. The instances are two more views, as ORL's patch views: the B*K online crops in one online call, the B*K
+    target crops in one target call.
+ 7. Online instances get the view-1 augmentations (blur 1.0, no solarize), target instances the view-2 ones; L_ii is
+    one-directional, as written in the paper. One predictor serves all three terms: the paper writes one online
+    network f for scenes and instances, and Eq. 4 weighs the instances with f's scene outputs (ORL gives each of its
+    three terms a predictor of its own). Projector and predictor end in a Linear without bias (ORL's).
  8. SGD decays every parameter (ORL's 1e-4), LARS all but biases and norms (BYOL's); the target network
     (momentum_backbone, momentum_projector) keeps its own batch-norm statistics (train mode), never receives
     gradients and follows the online one after each step, tau rising from --ema 0.99 to 1 on a per-iteration cosine.
- 9. Crop sizes: the paper's 224 (scenes) and 96 (instances) whatever the images' size, except on small
-    scenes (median shorter side of sampled images 128 px or less, e.g. the 96 px synthetic ones): scenes
-    64, instances 32, --min-box 8 (UniVIP's own policy, not common.crop_sizes). Flags override each.
-    Instances of 64 px or less get the CIFAR stem. The kNN monitor uses single-object images (32 px
-    synthetic shapes, or --eval-data), as a linear probe; it is off if --eval-data has no labels or val/.
-10. resnet_tiny (the CPU demo) defaults to lr 3.2 per 512 images, not the paper's 0.4: the demo has 128
-    steps, the paper 800 COCO epochs (the tables at the top of the file; the run prints a `recipe:` line).
-11. The workers decode, pick the windows and boxes, crop and flip; the colour operations run batched
-    on the training device, one call per view, each crop with its own parameters drawn in the worker
-    (common.ColorAugmentation, torchvision's distributions). The blur sigma is 0.1 to 2 px on every crop, the
-    96 px instances too (ORL's and BYOL's); scenes of 128 px or less (instances of 64 px or less) get no blur.
+ 9. Crop sizes: the paper's 224 (scenes) and 96 (instances) whatever the images' size, except on small scenes
+    (median shorter side of sampled images 128 px or less, e.g. the 96 px synthetic ones): scenes 64, instances 32,
+    --min-box 8 (UniVIP's own policy, not common.crop_sizes). Flags override each. Instances of 64 px or less get
+    the CIFAR stem. The kNN monitor uses single-object images (32 px synthetic shapes, or --eval-data), as a linear
+    probe; it is off if --eval-data has no labels or val/.
+10. resnet_tiny (the CPU demo) defaults to lr 3.2 per 512 images, not the paper's 0.4: the demo has 128 steps, the
+    paper 800 COCO epochs (the tables at the top of the file; the run prints a `recipe:` line).
+11. The workers decode, pick the windows and boxes, crop and flip; the colour operations run batched on the training
+    device, one call per view, each crop with its own parameters drawn in the worker (common.ColorAugmentation,
+    torchvision's distributions). The blur sigma is 0.1 to 2 px on every crop, the 96 px instances too (ORL's and
+    BYOL's); scenes of 128 px or less (instances of 64 px or less) get no blur.
 
-Compared with the reference code (none is public: the paper's equations, and ORL for the calls)
-Equal: the three loss terms (Eq. 1 - 5; an audit found them within 6e-8 of the equations) and the
-calls of detail 6. tests/test_univip.py checks each term on hand-computed values, and a whole step
-against one written out from this file's modules the BYOL way (loss and every gradient, fp32, 1e-5).
-Deliberate differences: the transport marginals (at their computation in univip_loss). Also details 4, 9,
-10, 11, and as in every script here: bf16 autocast without a grad scaler on GPUs with bf16 (the BYOL / ORL
-code: fp16 with one); colour operations on float images (PIL rounds to uint8 after each, about 1.5 levels
-brighter, and its hue is 8-bit HSV); a discrete Gaussian blur of PIL's variance (PIL: three box blurs).
+Compared with the reference code (none is public: the paper's equations, and ORL for the calls and the recipe)
+Equal: the three loss terms (Eq. 1 - 5; an audit found them within 6e-8 of the equations) and the calls of detail 6;
+where the paper is silent, ORL's recipe (details 1, 7, 8, 11). tests/test_univip.py checks each term on
+hand-computed values, and a whole step against one written out from this file's modules the BYOL way (loss and every
+gradient, fp32, 1e-5). Deliberate differences: the transport marginals (at their computation in univip_loss); one
+predictor for the three terms (detail 7); details 4, 9, 10; and as in every script here: bf16 autocast without a
+grad scaler on GPUs with bf16 (the BYOL / ORL code: fp16 with one); colour operations on float images (PIL rounds to
+uint8 after each, about 1.5 levels brighter, and its hue is 8-bit HSV); a discrete Gaussian blur of PIL's variance
+(PIL: three box blurs).
 
 Commands
   CPU demo (synthetic scenes, about 2 minutes on 2 cores):  python univip.py
@@ -163,12 +163,10 @@ def check_args(args):
     terms = args.losses.split(",")
     if any(t not in LOSSES for t in terms) or len(set(terms)) != len(terms):
         raise common.UserError(f"--losses {args.losses} must be a comma-separated subset of ss,si,ii, e.g. ss,si,ii")
-    if args.num_instances < 1 or (args.min_box is not None and args.min_box <= 0):
-        raise common.UserError("--num-instances must be at least 1 and --min-box positive")
+    if min(args.num_instances, args.hidden_dim, args.proj_dim) < 1 or (args.min_box is not None and args.min_box <= 0):
+        raise common.UserError("--num-instances, --hidden-dim and --proj-dim must be at least 1, --min-box positive")
     if any(size is not None and size < 16 for size in (args.scene_size, args.instance_size)):
         raise common.UserError("--scene-size and --instance-size must be at least 16 pixels")
-    if args.hidden_dim < 1 or args.proj_dim < 1:
-        raise common.UserError("--hidden-dim and --proj-dim must be positive")
     if not 0 < args.scene_scale[0] <= args.scene_scale[1] <= 1:
         low, high = args.scene_scale
         raise common.UserError(f"--scene-scale {low} {high} must satisfy 0 < low <= high <= 1")
@@ -252,21 +250,19 @@ def sample_scene_pair(width, height, boxes, num_instances=4, min_box=64.0, scale
 
 
 class SceneInstanceAugmentation:
-    """(scene image, boxes) -> (scene view 1, scene view 2, online instances (K), target instances (K),
-    fell_back) in the worker, each view a cropped and flipped uint8 image with its colour parameters;
-    `on_device` applies the colour operations to a batch on the training device (detail 11). BYOL's
-    asymmetric photometric lists (Sec. 4.1): view 1 blur p 1.0 and no solarize, view 2 blur p 0.1 and
-    solarize p 0.2; instances use the same two lists, blurred with sigma 0.1 to 2 px as the scenes (ORL's 96 px
-    patches too); `small` (instances of 64 px or less, the CIFAR stem) are not blurred."""
+    """(scene image, boxes) -> (scene view 1, scene view 2, online instances (K), target instances (K), fell_back)
+    in the worker, each view a cropped and flipped uint8 image with its colour parameters; `on_device` applies the
+    colour operations to a batch on the training device (detail 11). BYOL's asymmetric photometric lists (Sec. 4.1),
+    `colours`: view 1 blur p 1.0 and no solarize, view 2 blur p 0.1 and solarize p 0.2; the instances get the same
+    two, blur sigma 0.1 to 2 px as ORL's 96 px patches; not blurred if `small` (instances of 64 px or less)."""
 
     def __init__(self, scene_size, instance_size, num_instances, min_box, scale, with_instances=True, small=False):
         self.scene_size, self.instance_size, self.scale = scene_size, instance_size, scale
         self.num_instances, self.min_box, self.with_instances = num_instances, min_box, with_instances
         self.flip = v2.RandomHorizontalFlip(0.5)  # after cropping: boxes are already cut out
-
         blur = 0.0 if small else 1.0
-        self.scene_colours = self.instance_colours = (common.ColorAugmentation(blur_p=blur),
-                                                      common.ColorAugmentation(blur_p=0.1 * blur, solarize_p=0.2))
+        self.colours = (common.ColorAugmentation(blur_p=blur),
+                        common.ColorAugmentation(blur_p=0.1 * blur, solarize_p=0.2))
 
     def __call__(self, image, boxes):
         width, height = image.size
@@ -278,20 +274,20 @@ class SceneInstanceAugmentation:
                                                       self.scale)
         s = (self.instance_size, self.instance_size)
         crops = [image.resize(s, Image.BILINEAR, box=(x, y, x + w, y + h)) for x, y, w, h in chosen]
-        online, target = ([colour.view(self.flip, c) for c in crops] for colour in self.instance_colours)
+        online, target = ([colour.view(self.flip, c) for c in crops] for colour in self.colours)
         stack = lambda views: tuple(torch.stack(t) for t in zip(*views))  # (K, 3, s, s) uint8, (K, P)
         return self._scene(image, w1, 0), self._scene(image, w2, 1), stack(online), stack(target), fell_back
 
     def _scene(self, image, window, v):
         x, y, w, h = window
         crop = image.resize((self.scene_size, self.scene_size), Image.BILINEAR, box=(x, y, x + w, y + h))
-        return self.scene_colours[v].view(self.flip, crop)
+        return self.colours[v].view(self.flip, crop)
 
     def on_device(self, scene1, scene2, online, target, device):
         """Collated views -> normalised float scene views (B, 3, S, S) and instances (B*K, 3, s, s) on `device`."""
         finish = lambda colour, view: None if view is None else colour.on_device([view], device)[0]
-        return (finish(self.scene_colours[0], scene1), finish(self.scene_colours[1], scene2),
-                finish(self.instance_colours[0], online), finish(self.instance_colours[1], target))
+        one, two = self.colours
+        return finish(one, scene1), finish(two, scene2), finish(one, online), finish(two, target)
 
 
 def collate_scene_pairs(samples):

@@ -140,10 +140,9 @@ def test_crops_are_bilinear_and_the_blur_follows_orl(monkeypatch):
         expected = lambda mode: v2.functional.pil_to_tensor(image.resize((size, size), mode, box=(bx, by, bx + bw,
                                                                                                  by + bh)))
         assert torch.equal(got, expected(Image.BILINEAR)) and not torch.equal(got, expected(Image.BICUBIC))
-    for colours in (aug.scene_colours, aug.instance_colours):
-        assert [c.blur_p for c in colours] == [1.0, 0.1] and all(c.sigma == (0.1, 2.0) for c in colours)
+    assert [c.blur_p for c in aug.colours] == [1.0, 0.1] and all(c.sigma == (0.1, 2.0) for c in aug.colours)
     small = univip.SceneInstanceAugmentation(64, 32, 2, 8.0, (0.08, 1.0), small=True)
-    assert [c.blur_p for c in (*small.scene_colours, *small.instance_colours)] == [0.0] * 4
+    assert [c.blur_p for c in small.colours] == [0.0] * 2
 
 
 def test_projector_and_predictor_end_without_bias_as_orls():
