@@ -1120,28 +1120,6 @@ def load_weights_only(path):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def rng_states():
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_states(states):
-    torch.set_rng_state(states["torch"])
-    random.setstate(states["python"])
-    if torch.cuda.is_available() and states["cuda"]:
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def gather_rng_states():
-    """The RNG states of every process (rank order), so that each resumes its own stream."""
-    mine = rng_states()
-    if not (dist.is_available() and dist.is_initialized()):
-        return [mine]
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    return everyone
-
-
 RESUME_KEYS = ("arch", "data", "subset", "seed", "batch_size", "epochs")  # what decides the data order and steps
 
 
@@ -1191,75 +1169,12 @@ def load_checkpoint(out, args, keys_that_must_match=()):
     return ckpt
 
 
-def resume_position(ckpt, iters_per_epoch):
-    """(epoch, step, batches of that epoch already done) to start from; (0, 0, 0) without a checkpoint.
-
-    `ckpt["epoch"]` counts completed epochs and `ckpt["step"]` the steps taken, so a checkpoint written
-    inside an epoch (preemption, --save-every) resumes at its next batch."""
-    if ckpt is None:
-        return 0, 0, 0
-    return ckpt["epoch"], ckpt["step"], ckpt["step"] - ckpt["epoch"] * iters_per_epoch
-
-
 EXIT_STOPPED = 3  # the exit status of a run stopped by SIGTERM / SIGUSR1 after saving: run it again to resume
-
-
-class Preemption:
-    """SIGTERM or SIGUSR1 (clusters stop jobs with them) and `--save-every`: checkpoints inside an epoch.
-
-    `poll(step)` after each optimizer step returns None, "save" or "stop", the same on every process:
-    one rank receiving the signal is enough. Under torchrun the ranks agree through a small all_reduce
-    every `sync_every` steps (the steps at which the loop syncs anyway); one process checks every step,
-    without a host sync. The caller writes its checkpoint on "save" and "stop", then calls `stop()`.
-    """
-
-    def __init__(self, ddp, save_every_minutes=0.0, sync_every=1):
-        self.ddp, self.sync_every, self.signal = ddp, sync_every if ddp.distributed else 1, None
-        self.save_every, self.last_save = 60.0 * save_every_minutes, time.monotonic()
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._received)
-
-    def _received(self, signum, frame):
-        self.signal = signal.Signals(signum).name  # finish the step in progress, then save and stop
-
-    def poll(self, step):
-        if step % self.sync_every:
-            return None
-        due = bool(self.save_every) and time.monotonic() - self.last_save >= self.save_every
-        stop = self.signal is not None
-        if self.ddp.distributed:  # rank 0's clock decides the timed saves; any rank's signal stops everyone
-            flags = torch.tensor([stop, due and self.ddp.is_main], dtype=torch.int32, device=self.ddp.device)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            stop, due = bool(flags[0]), bool(flags[1])
-        if stop or due:
-            self.last_save = time.monotonic()
-        return "stop" if stop else "save" if due else None
-
-    def stop(self, step, out):
-        if self.ddp.distributed:
-            dist.barrier()  # rank 0 has written the checkpoint before any rank exits
-        if self.ddp.is_main:
-            print(f"stopped by {self.signal or 'a signal to another process'} after step {step}: the checkpoint "
-                  f"in {out} holds it; run the same command to resume from that step", file=sys.stderr)
-        sys.exit(EXIT_STOPPED)
 
 
 def write_json_line(path, obj):
     with open(path, "a") as f:
         f.write(json.dumps(obj) + "\n")
-
-
-def run_header(args):
-    return {"args": plain_args(args), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "python": platform.python_version(), "cuda": torch.version.cuda,
-            "gpus": torch.cuda.device_count(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-
-
-def peak_memory_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1348,48 +1263,6 @@ def momentum_update(target_params, online_params, momentum):
 
 
 # ----------------------------------------------------------------------------------------------
-# Progress: throughput and non-finite losses without a host sync on every step
-# ----------------------------------------------------------------------------------------------
-class StepTimer:
-    """Images per second between calls of `rate()` (counts the global batch), and `data_wait`: the
-    fraction of that time the loop spent waiting for `wrap(loader)` to hand over the next batch. Near 0
-    the run is compute-bound; well above 0 it is input-bound, and more --workers would help."""
-
-    def __init__(self, device):
-        self.device, self.t, self.images, self.waited, self.data_wait = device, time.perf_counter(), 0, 0.0, 0.0
-
-    def wrap(self, loader):
-        """Iterate over `loader`, timing how long each batch keeps the loop waiting."""
-        batches = iter(loader)
-        while True:
-            start = time.perf_counter()
-            try:
-                batch = next(batches)
-            except StopIteration:
-                return
-            self.waited += time.perf_counter() - start
-            yield batch
-
-    def add(self, n):
-        self.images += n
-
-    def rate(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
-        r = self.images / max(now - self.t, 1e-9)
-        self.data_wait = min(1.0, self.waited / max(now - self.t, 1e-9))
-        self.t, self.images, self.waited = now, 0, 0.0
-        return r
-
-
-def check_finite(losses, step):
-    """Call every --log-every steps with the stacked recent losses: stops with the step named."""
-    if not torch.isfinite(losses).all():
-        raise UserError(f"the loss is not finite at or before step {step}; lower --lr or use --precision fp32")
-
-
-# ----------------------------------------------------------------------------------------------
 # The training-run helper: everything around a method's step
 # ----------------------------------------------------------------------------------------------
 def init_run(args, check_method_args=None):
@@ -1447,14 +1320,21 @@ class TrainingRun:
         # where the backbone sits in the model's state dict: checkpoint.pt holds each tensor once
         self.backbone_prefix = next(name for name, m in model.named_modules() if m is backbone) + "."
         ckpt = load_checkpoint(args.out, args, must_match)
-        self.start_epoch, self.step, self.done_in_epoch = resume_position(ckpt, len(loader))
+        # checkpoint.pt's "epoch" counts completed epochs and "step" the steps taken: a checkpoint written
+        # inside an epoch (a signal, --save-every) resumes at its next batch
+        self.start_epoch, self.step = (ckpt["epoch"], ckpt["step"]) if ckpt else (0, 0)
+        self.done_in_epoch = self.step - self.start_epoch * len(loader)
         self.resumed_totals, self.knn_init, self.knn_last = (ckpt or {}).get("totals", {}), None, None
         if ckpt is not None:
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             scaler.load_state_dict(ckpt["scaler"])
             self.knn_init = ckpt.get("knn_init")
-            set_rng_states(ckpt["rng"][ddp.rank % len(ckpt["rng"])])
+            rng = ckpt["rng"][ddp.rank % len(ckpt["rng"])]  # this process's own streams
+            torch.set_rng_state(rng["torch"])
+            random.setstate(rng["python"])
+            if torch.cuda.is_available() and rng["cuda"]:
+                torch.cuda.set_rng_state_all(rng["cuda"])
         self.model = torch.compile(model) if args.compile else model  # compile before the DDP wrap
         if ddp.distributed:
             self.model = nn.parallel.DistributedDataParallel(
@@ -1463,8 +1343,11 @@ class TrainingRun:
         self.log_path = os.path.join(args.out, "log.jsonl")
         if ddp.is_main:
             os.makedirs(args.out, exist_ok=True)
-            if ckpt is None:
-                write_json_line(self.log_path, dict(run_header(args), recipe=recipe))
+            if ckpt is None:  # the header: flags, versions, the recipe
+                write_json_line(self.log_path, {
+                    "args": plain_args(args), "torch": torch.__version__, "torchvision": torchvision.__version__,
+                    "python": platform.python_version(), "cuda": torch.version.cuda, "gpus": torch.cuda.device_count(),
+                    "time": time.strftime("%Y-%m-%d %H:%M:%S"), "recipe": recipe})
             if recipe:
                 print("recipe: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in recipe.items()))
         if ckpt is None and knn is not None:
@@ -1486,43 +1369,101 @@ class TrainingRun:
     def batches(self):
         """Yields (step, batch) for every step of the run; see the class docstring."""
         args, ddp, loader = self.args, self.ddp, self.loader
-        preemption = Preemption(ddp, args.save_every, sync_every=args.log_every)  # SIGTERM, SIGUSR1
+        # SIGTERM or SIGUSR1 (clusters stop jobs with them): finish the step, save, stop; --save-every: save
+        self.signal, self.last_save = None, time.monotonic()
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
         for epoch in range(self.start_epoch, args.epochs):
             skip = self.done_in_epoch if epoch == self.start_epoch else 0
             loader.sampler.set_epoch(epoch, skip=skip * (args.batch_size // ddp.world_size))
             self.model.train()
             self.totals = ({k: v.to(ddp.device) if ddp.is_main else torch.zeros_like(v, device=ddp.device)
                             for k, v in self.resumed_totals.items()} if skip else {})
-            self.recent, self.last = [], {}
-            epoch_timer, bar_timer = StepTimer(ddp.device), StepTimer(ddp.device)
-            bar = tqdm(epoch_timer.wrap(loader), total=len(loader), initial=skip, disable=not ddp.is_main,
+            self.recent, self.last, self.waited = [], {}, 0.0
+            epoch_step = bar_step = self.step
+            epoch_start = bar_start = time.perf_counter()
+            bar = tqdm(self._timed(loader), total=len(loader), initial=skip, disable=not ddp.is_main,
                        desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
             for batch in bar:
                 yield self.step, batch
-                epoch_timer.add(args.batch_size)
-                bar_timer.add(args.batch_size)
                 self.step += 1
                 if self.step % args.log_every == 0:
-                    check_finite(torch.stack(self.recent), self.step)
-                    bar.set_postfix(loss=f"{self.recent[-1].item():.3f}", img_s=f"{bar_timer.rate():.0f}")
-                    self.recent = []
-                action = preemption.poll(self.step)  # the same answer on every process
+                    loss, now = self._check_finite(), self._clock()
+                    rate = (self.step - bar_step) * args.batch_size / max(now - bar_start, 1e-9)
+                    bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}")
+                    bar_step, bar_start = self.step, now
+                action = self._poll()  # the same answer on every process
                 if action:
                     self.save(epoch, self.totals)
                     if action == "stop":
-                        preemption.stop(self.step, args.out)
+                        self._stop()
             if self.recent:
-                check_finite(torch.stack(self.recent), self.step)
-            self._end_epoch(epoch, epoch_timer.rate(), epoch_timer.data_wait)
+                self._check_finite()
+            secs = max(self._clock() - epoch_start, 1e-9)
+            self._end_epoch(epoch, (self.step - epoch_step) * args.batch_size / secs, min(1.0, self.waited / secs))
         if ddp.is_main:
             self._last_lines()
+
+    def _timed(self, loader):
+        """The loader's batches; the time the loop waits for each adds to `self.waited`. data_wait, its share of
+        the epoch: near 0 the run is compute-bound, well above 0 input-bound (more --workers would help)."""
+        start = time.perf_counter()
+        for batch in loader:
+            self.waited += time.perf_counter() - start
+            yield batch
+            start = time.perf_counter()
+
+    def _clock(self):
+        """time.perf_counter() once the GPU has done its queued work; called at log points only."""
+        if self.ddp.device.type == "cuda":
+            torch.cuda.synchronize(self.ddp.device)
+        return time.perf_counter()
+
+    def _check_finite(self):
+        """Every --log-every steps (no host sync in between): the recent losses, or stop with the step named."""
+        recent, self.recent = torch.stack(self.recent), []
+        if not torch.isfinite(recent).all():
+            raise UserError(f"the loss is not finite at or before step {self.step}; lower --lr or use --precision fp32")
+        return recent[-1]
+
+    def _on_signal(self, signum, frame):
+        self.signal = signal.Signals(signum).name  # finish the step in progress, then save and stop
+
+    def _poll(self):
+        """After each step: None, "save" or "stop", the same on every process (one rank's signal is enough).
+        Under torchrun the ranks agree by a small all_reduce every --log-every steps, where the loop syncs
+        anyway; one process checks every step, without a host sync."""
+        if self.ddp.distributed and self.step % self.args.log_every:
+            return None
+        due = bool(self.args.save_every) and time.monotonic() - self.last_save >= 60.0 * self.args.save_every
+        stop = self.signal is not None
+        if self.ddp.distributed:  # rank 0's clock decides the timed saves; any rank's signal stops everyone
+            flags = torch.tensor([stop, due and self.ddp.is_main], dtype=torch.int32, device=self.ddp.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            stop, due = bool(flags[0]), bool(flags[1])
+        if stop or due:
+            self.last_save = time.monotonic()
+        return "stop" if stop else "save" if due else None
+
+    def _stop(self):
+        if self.ddp.distributed:
+            dist.barrier()  # rank 0 has written the checkpoint before any rank exits
+        if self.ddp.is_main:
+            print(f"stopped by {self.signal or 'a signal to another process'} after step {self.step}: the checkpoint "
+                  f"in {self.args.out} holds it; run the same command to resume from that step", file=sys.stderr)
+        sys.exit(EXIT_STOPPED)
 
     def _end_epoch(self, epoch, images_per_s, data_wait):
         args, ddp = self.args, self.ddp
         names = sorted(self.totals)  # the same order on every process
         means = all_reduce_sum(torch.stack([self.totals[k] for k in names])) / (len(self.loader) * ddp.world_size)
+        if ddp.device.type == "cuda":
+            peak_mb = torch.cuda.max_memory_allocated(ddp.device) / 2**20
+        else:
+            import resource
+            peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
         stats = {"epoch": epoch + 1, **dict(zip(names, means.tolist())), **self.last, "images_per_s": images_per_s,
-                 "data_wait": data_wait, "peak_mem_mb": peak_memory_mb(ddp.device)}
+                 "data_wait": data_wait, "peak_mem_mb": peak_mb}
         stats.update(self.evaluate() if self.evaluate else {})
         if self.knn is not None and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
             self.knn_last = self.knn(self.backbone, self.autocast)
@@ -1536,7 +1477,12 @@ class TrainingRun:
         """checkpoint.pt and backbone.pt (atomic), at an epoch's end or inside one (then with the epoch's
         running sums over all processes, so that its log line stays exact after the resume)."""
         totals = {k: all_reduce_sum(v.clone()) for k, v in totals.items()}  # collectives: every process
-        rng = gather_rng_states()
+        mine = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        rng = [mine]  # the RNG states of every process, in rank order: each resumes its own stream
+        if dist.is_available() and dist.is_initialized():
+            rng = [None] * dist.get_world_size()
+            dist.all_gather_object(rng, mine)
         if not self.ddp.is_main:
             return
         record = backbone_record(self.backbone, **self.record, args=self.args, epoch=epochs_done)
