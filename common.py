@@ -1,13 +1,11 @@
 """What the four method files share, in two parts.
 
-The ground floor, all a reader needs to understand a method: backbones (ResNets, MoCo v3's ViT), the
-datasets (the synthetic shapes and scenes, image folders, CIFAR / STL-10, scenes with boxes), the crop-size
-policy, the batched colour augmentation that runs on the training device, the loaders with reproducible
-augmentation, feature extraction and the weighted kNN.
-
-Then, under a banner, the plumbing: flags, processes, mixed precision, checkpoints, resume and
-preemption, LARS and the schedules, progress, and `TrainingRun`, the helper that owns the glue around
-each method's training step. Everything specific to one method lives in that method's file.
+The ground floor, all a reader needs to understand a method: backbones (ResNets, MoCo v3's ViT), datasets
+(synthetic shapes and scenes, image folders, CIFAR / STL-10, scenes with boxes), the crop-size policy, the
+batched colour augmentation on the training device, loaders with reproducible augmentation, features and kNN.
+Then, under a banner, the plumbing: flags, processes, mixed precision, checkpoints, resume and preemption,
+LARS and the schedules, and `TrainingRun`, the glue around each method's training step. Everything
+specific to one method lives in that method's file.
 """
 import inspect
 import json
@@ -16,6 +14,7 @@ import os
 import platform
 import random
 import re
+import resource
 import signal
 import sys
 import time
@@ -48,11 +47,9 @@ class UserError(Exception):
 # Backbones: image batch -> pooled features, with torchvision's parameter names
 # ----------------------------------------------------------------------------------------------
 def sincos_position_embedding(grid, dim, temperature=10000.0):
-    """MoCo v3's fixed 2-D sin-cos position embedding, (1, 1 + grid^2, dim) with a zero row for the class token.
-
-    Token t = r * grid + c (row-major, as the patch embedding is flattened) gets
-    [sin(r w), cos(r w), sin(c w), cos(c w)] with frequencies w_i = temperature^(-i / (dim / 4)).
-    """
+    """MoCo v3's fixed 2-D sin-cos position embedding, (1, 1 + grid^2, dim) with a zero row for the class token:
+    token t = r * grid + c (row-major, as the patch embedding is flattened) gets [sin(r w), cos(r w), sin(c w),
+    cos(c w)] with frequencies w_i = temperature^(-i / (dim / 4))."""
     if dim % 4:
         raise ValueError(f"the sin-cos position embedding needs a width divisible by 4, got {dim}")
     omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
@@ -64,16 +61,14 @@ def sincos_position_embedding(grid, dim, temperature=10000.0):
 
 
 class ViT(VisionTransformer):
-    """torchvision's VisionTransformer built and initialised as MoCo v3's ViT, for any image size.
-
-    As MoCo v3 (Chen, Xie, He 2021, Sec. 5 and its vits.py): the position embedding is the fixed 2-D
-    sin-cos table, a buffer, neither trained nor weight-decayed (it keeps torchvision's key
-    `encoder.pos_embedding`, so backbone.pt loads into torchvision's VisionTransformer); q, k and v are
-    initialised as three separate xavier-uniform blocks, every other Linear xavier-uniform, biases 0, the
-    class token N(0, 1e-6) and the patch embedding uniform with bound sqrt(6 / (3 p^2 + D)). Methods that
-    freeze the patch embedding (MoCo v3, OPERA) do so themselves. For other input sizes (multi-crop) the
-    table is interpolated (bicubic) to the token grid of the input, as DINO does. Output: the class token.
-    """
+    """torchvision's VisionTransformer built and initialised as MoCo v3's ViT (Chen, Xie, He 2021, Sec. 5 and its
+    vits.py), for any image size. The position embedding is the fixed 2-D sin-cos table, a buffer, neither trained
+    nor weight-decayed (under torchvision's key `encoder.pos_embedding`: backbone.pt loads into torchvision's
+    VisionTransformer); q, k and v are initialised as three separate xavier-uniform blocks, every other Linear
+    xavier-uniform, biases 0, the class token N(0, 1e-6), the patch embedding uniform with bound
+    sqrt(6 / (3 p^2 + D)). Methods that freeze the patch embedding (MoCo v3, OPERA) do so themselves. For other
+    input sizes (multi-crop) the table is interpolated (bicubic) to the input's token grid, as DINO does.
+    Output: the class token."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -119,10 +114,8 @@ def _resnet_tiny():
     model.inplanes = widths[0]
     model.conv1 = nn.Conv2d(3, widths[0], 7, 2, 3, bias=False)
     model.bn1 = nn.BatchNorm2d(widths[0])
-    model.layer1 = model._make_layer(BasicBlock, widths[0], 1)
-    model.layer2 = model._make_layer(BasicBlock, widths[1], 1, stride=2)
-    model.layer3 = model._make_layer(BasicBlock, widths[2], 1, stride=2)
-    model.layer4 = model._make_layer(BasicBlock, widths[3], 1, stride=2)
+    for i, width in enumerate(widths):
+        setattr(model, f"layer{i + 1}", model._make_layer(BasicBlock, width, 1, stride=2 if i else 1))
     for m in model.modules():  # torchvision's initialisation, for the replaced modules
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -178,16 +171,11 @@ def to_device(module, device):
 
 
 # ----------------------------------------------------------------------------------------------
-# The synthetic dataset: shapes on textured backgrounds, generated from (seed, split, index)
+# Datasets: the synthetic shapes (from (seed, split, index)), CIFAR / STL-10, image folders, scenes with boxes
 # ----------------------------------------------------------------------------------------------
 def _ngon(n, radius, phase=0.0):
     return [(radius * math.cos(phase + 2 * math.pi * i / n), radius * math.sin(phase + 2 * math.pi * i / n))
             for i in range(n)]
-
-
-def _star():
-    return [((1.1 if i % 2 == 0 else 0.45) * math.cos(-math.pi / 2 + math.pi * i / 5),
-             (1.1 if i % 2 == 0 else 0.45) * math.sin(-math.pi / 2 + math.pi * i / 5)) for i in range(10)]
 
 
 # Each shape is a list of (polygon in unit coordinates, fill): 255 adds, 0 cuts a hole.
@@ -197,7 +185,8 @@ SHAPES = {
     "square": [(_ngon(4, 1.0, math.pi / 4), 255)],
     "frame": [(_ngon(4, 1.0, math.pi / 4), 255), (_ngon(4, 0.55, math.pi / 4), 0)],
     "triangle": [(_ngon(3, 1.1, -math.pi / 2), 255)],
-    "star": [(_star(), 255)],
+    "star": [([((1.1 if i % 2 == 0 else 0.45) * math.cos(-math.pi / 2 + math.pi * i / 5),
+                (1.1 if i % 2 == 0 else 0.45) * math.sin(-math.pi / 2 + math.pi * i / 5)) for i in range(10)], 255)],
     "cross": [([(-1, -.32), (1, -.32), (1, .32), (-1, .32)], 255), ([(-.32, -1), (.32, -1), (.32, 1), (-.32, 1)], 255)],
     "bar": [([(-1.1, -0.3), (1.1, -0.3), (1.1, 0.3), (-1.1, 0.3)], 255)],
     "half_disc": [([(math.cos(math.pi * i / 20), math.sin(math.pi * i / 20) - 0.45) for i in range(21)], 255)],
@@ -206,11 +195,10 @@ SHAPES = {
 SHAPE_NAMES = tuple(SHAPES)
 
 
-# Colours and textures come from small shared sets: many images of every class share each of them,
-# so no single colour or background pattern tells one image from all others (with unique random
-# colours, instance discrimination is solved by colour alone, as SimCLR found on photos without colour
-# jitter). Their combination nearly does; the README's oracle-pair control (Results) shows that
-# this is not what keeps the self-supervised demos from learning the shapes faster.
+# Colours and textures come from small shared sets: many images of every class share each, so no single colour or
+# background pattern tells one image from all others (with unique random colours, instance discrimination is solved
+# by colour alone, as SimCLR found on photos without colour jitter). Their combination nearly does; the README's
+# oracle-pair control (Results) shows that this is not what keeps the self-supervised demos from learning faster.
 PALETTE = np.array([[230, 60, 50], [60, 170, 70], [50, 90, 220], [240, 200, 40], [150, 60, 190], [40, 190, 200],
                     [240, 130, 30], [235, 235, 235], [30, 30, 30], [130, 130, 130]], np.float32)
 
@@ -222,13 +210,8 @@ def _texture(rng, size):
     kind, freq, theta = rng.integers(3), (3, 6)[rng.integers(2)], math.pi / 4 * rng.integers(4)
     yy, xx = np.mgrid[0:size, 0:size] / size
     u, v = xx * math.cos(theta) + yy * math.sin(theta), yy * math.cos(theta) - xx * math.sin(theta)
-    if kind == 0:
-        w = np.zeros_like(u)
-    elif kind == 1:
-        w = 0.5 + 0.5 * np.sin(2 * math.pi * freq * u)
-    else:
-        w = (np.floor(u * freq) + np.floor(v * freq)) % 2
-    w = w.astype(np.float32)[..., None]
+    w = (np.zeros_like(u) if kind == 0 else 0.5 + 0.5 * np.sin(2 * math.pi * freq * u) if kind == 1 else
+         (np.floor(u * freq) + np.floor(v * freq)) % 2).astype(np.float32)[..., None]
     return c1 * (1 - w) + c2 * w + rng.normal(0, 10, (size, size, 3)).astype(np.float32)
 
 
@@ -248,14 +231,11 @@ def _foreground_colour(rng, background_mean):
 
 
 class Synthetic(torch.utils.data.Dataset):
-    """Ten shape classes with random colour (from a palette), size, position and rotation (+-30 degrees
-    from upright) on textured backgrounds.
-
-    Colour, position and background carry no class information, so a representation must learn
-    shape. Every image is a pure function of (seed, split, index): no storage, any worker can
-    build it. `scenes=True` draws 3 to 6 shapes with limited overlap on a larger canvas and
-    returns their exact boxes (x, y, w, h in pixels) and classes instead of one label.
-    """
+    """Ten shape classes with random colour (from a palette), size, position and rotation (+-30 degrees from
+    upright) on textured backgrounds: colour, position and background carry no class information, so a
+    representation must learn shape. Every image is a pure function of (seed, split, index): no storage, any
+    worker can build it. `scenes=True` draws 3 to 6 shapes with limited overlap on a larger canvas and returns
+    their exact boxes (x, y, w, h in pixels) and classes instead of one label."""
 
     classes = list(SHAPE_NAMES)
 
@@ -292,8 +272,7 @@ class Synthetic(torch.utils.data.Dataset):
             else:
                 continue
             label = int(rng.integers(len(SHAPE_NAMES)))
-            x0, y0 = int(cx - 1.2 * radius), int(cy - 1.2 * radius)  # draw in a local window only
-            side = int(2.4 * radius) + 2
+            x0, y0, side = int(cx - 1.2 * radius), int(cy - 1.2 * radius), int(2.4 * radius) + 2  # a local window
             shape = Image.new("L", (side, side), 0)
             _draw_shape(shape, rng, label, cx - x0, cy - y0, radius)
             bx0, by0, bx1, by1 = shape.getbbox()
@@ -315,29 +294,27 @@ class Synthetic(torch.utils.data.Dataset):
 
 def box_iou(a, b):
     """IoU of two boxes given as (x, y, w, h)."""
-    iw = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
-    inter = iw * ih
+    inter = (max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])) *
+             max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])))
     union = a[2] * a[3] + b[2] * b[3] - inter
     return inter / union if union > 0 else 0.0
 
 
-# ----------------------------------------------------------------------------------------------
-# Real datasets: torchvision's CIFAR / STL-10, image folders, boxes for scene methods
-# ----------------------------------------------------------------------------------------------
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+def is_image_file(name):
+    return name.lower().endswith((".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"))
 
 
-def load_rgb(path):
+def load_rgb(path, size_only=False):
+    """The image at `path` in RGB; `size_only`: its (width, height), read from the file's header alone."""
     try:
         with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
+            return Image.open(f).size if size_only else Image.open(f).convert("RGB")
     except Exception as e:
         raise UserError(f"cannot read image {path} ({type(e).__name__}); remove or replace the file") from None
 
 
 class ImageList(torch.utils.data.Dataset):
-    """Images with optional labels (-1 = no label); the folder datasets are lists of these."""
+    """Images with optional labels (-1 = no label): the folder datasets."""
 
     def __init__(self, paths, labels=None, classes=None):
         self.paths, self.classes = paths, classes
@@ -350,8 +327,11 @@ class ImageList(torch.utils.data.Dataset):
         return load_rgb(self.paths[index]), self.labels[index]
 
 
-def is_image_file(name):
-    return name.lower().endswith(IMAGE_EXTENSIONS)
+class SceneBoxes(ImageList):
+    """Scene images with candidate object boxes as labels: items are (PIL image, float32 (n, 4) array of x, y, w, h)."""
+
+    def __getitem__(self, index):
+        return load_rgb(self.paths[index]), np.asarray(self.labels[index], np.float32).reshape(-1, 4)
 
 
 def image_folder(root):
@@ -359,73 +339,42 @@ def image_folder(root):
     if not os.path.isdir(root):
         raise UserError(f"data folder {root} does not exist")
     subdirs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    paths, labels = [], []
-    for label, d in enumerate(subdirs):
-        for dirpath, _, files in sorted(os.walk(os.path.join(root, d))):
-            for f in sorted(files):
-                if is_image_file(f):
-                    paths.append(os.path.join(dirpath, f))
-                    labels.append(label)
-    if paths:
-        return ImageList(paths, labels, subdirs)
+    found = [(os.path.join(dirpath, f), label) for label, d in enumerate(subdirs)
+             for dirpath, _, files in sorted(os.walk(os.path.join(root, d))) for f in sorted(files) if is_image_file(f)]
+    if found:
+        return ImageList([path for path, _ in found], [label for _, label in found], subdirs)
     flat = sorted(os.path.join(root, f) for f in os.listdir(root) if is_image_file(f))
     if not flat:
         raise UserError(f"no images found in {root}; expected class subfolders or image files")
     return ImageList(flat)
 
 
-def _split_folder(root, split):
-    if split == "train":
-        return os.path.join(root, "train") if os.path.isdir(os.path.join(root, "train")) else root
-    for name in ("val", "test"):
-        if os.path.isdir(os.path.join(root, name)):
-            return os.path.join(root, name)
-    return None
-
-
-def _torchvision_dataset(name, split, data_dir, download, with_unlabeled):
-    try:
-        if name in ("cifar10", "cifar100"):
-            cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-            return cls(data_dir, train=split == "train", download=download)
-        stl_split = ("train+unlabeled" if with_unlabeled else "train") if split == "train" else "test"
-        return torchvision.datasets.STL10(data_dir, split=stl_split, download=download)
-    except RuntimeError as e:
-        raise UserError(f"{name} was not found in --data-dir {data_dir}; add --download to fetch it "
-                        f"({str(e).splitlines()[0]})") from None
-
-
 def build_dataset(data, split="train", data_dir="data", download=False, with_unlabeled=False):
-    """The raw dataset of (PIL RGB image, label) pairs; label -1 where an image has none.
-
-    `split` is "train" or "val" (a folder's val/ or test/, CIFAR's test set). `with_unlabeled`
-    adds STL-10's unlabeled split to its train split (self-supervised pretraining). Returns None
-    for a "val" split that does not exist (an unlabelled folder).
-    """
+    """The raw dataset of (PIL RGB image, label) pairs, label -1 where an image has none. `split`: "train" or
+    "val" (a folder's val/ or test/, CIFAR's test set); `with_unlabeled` adds STL-10's unlabeled split to its
+    train split (self-supervised pretraining). None for a "val" split that does not exist (an unlabelled folder)."""
     if data == "synthetic":
         return Synthetic(split)
+    train = split == "train"
     if data in ("cifar10", "cifar100", "stl10"):
-        ds = _torchvision_dataset(data, split, data_dir, download, with_unlabeled)
+        try:
+            if data == "stl10":
+                split = ("train+unlabeled" if with_unlabeled else "train") if train else "test"
+                ds = torchvision.datasets.STL10(data_dir, split=split, download=download)
+            else:
+                ds = getattr(torchvision.datasets, data.upper())(data_dir, train=train, download=download)
+        except RuntimeError as e:
+            raise UserError(f"{data} was not found in --data-dir {data_dir}; add --download to fetch it "
+                            f"({str(e).splitlines()[0]})") from None
         ds.classes = getattr(ds, "classes", None)
         return ds
     if not os.path.exists(data):
         raise UserError(f"--data {data}: no such dataset or folder (choose synthetic, cifar10, cifar100, "
                         "stl10 or give an ImageFolder path)")
-    folder = _split_folder(data, split)
+    # train/ (or the folder itself, all training images), val/ or test/ (none: None)
+    folder = next((os.path.join(data, name) for name in (("train",) if train else ("val", "test"))
+                   if os.path.isdir(os.path.join(data, name))), data if train else None)
     return image_folder(folder) if folder else None
-
-
-class SceneBoxes(torch.utils.data.Dataset):
-    """Scene images with candidate object boxes: items are (PIL image, float32 array (n, 4) of x, y, w, h)."""
-
-    def __init__(self, paths, boxes):
-        self.paths, self.boxes = paths, boxes
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, index):
-        return load_rgb(self.paths[index]), np.asarray(self.boxes[index], np.float32).reshape(-1, 4)
 
 
 class _SyntheticSceneBoxes(Synthetic):
@@ -445,19 +394,17 @@ def _read_json(path, what):
 
 
 def build_scene_dataset(data, data_dir="data", boxes_file=None, split="train"):
-    """Scenes with boxes for UniVIP, from one of three sources:
-
-    - `synthetic`: the synthetic scenes with their exact boxes;
-    - `coco`: `data_dir/train2017/*.jpg` with `data_dir/annotations/instances_train2017.json` (crowd
-      boxes skipped; images without boxes kept, the sampler falls back to random boxes);
-    - a folder of images with `boxes_file`, a JSON object mapping each image path (relative to the
-      folder) to a list of [x, y, w, h] boxes, e.g. selective-search proposals.
-    """
+    """Scenes with boxes for UniVIP: `synthetic`, the synthetic scenes with their exact boxes; `coco`,
+    `data_dir/train2017/*.jpg` with `data_dir/annotations/instances_train2017.json` (crowd boxes skipped; images
+    without boxes kept, the sampler falls back to random boxes); or a folder of images with `boxes_file`, a JSON
+    object mapping each image path (relative to the folder) to a list of [x, y, w, h] boxes (e.g. selective-search
+    proposals)."""
     if data == "synthetic":
         return _SyntheticSceneBoxes(split, scenes=True)
     if data == "coco":
         year_split = "train2017" if split == "train" else "val2017"
-        ann = _read_json(os.path.join(data_dir, "annotations", f"instances_{year_split}.json"), "COCO annotation file")
+        ann = _read_json(os.path.join(data_dir, "annotations", f"instances_{year_split}.json"),
+                         "COCO annotation file")
         try:
             files = {im["id"]: im["file_name"] for im in ann["images"]}
             boxes = {i: [] for i in files}
@@ -465,7 +412,8 @@ def build_scene_dataset(data, data_dir="data", boxes_file=None, split="train"):
                 if not a.get("iscrowd", 0):
                     boxes[a["image_id"]].append(a["bbox"])
         except (KeyError, TypeError):
-            raise UserError(f"the COCO annotation file in {data_dir}/annotations is not in COCO instances format") from None
+            raise UserError(f"the COCO annotation file in {data_dir}/annotations is not in COCO instances "
+                            "format") from None
         ids = sorted(files)
         return SceneBoxes([os.path.join(data_dir, year_split, files[i]) for i in ids], [boxes[i] for i in ids])
     if boxes_file is None:
@@ -475,16 +423,14 @@ def build_scene_dataset(data, data_dir="data", boxes_file=None, split="train"):
     table = _read_json(boxes_file, "box file")
     if not isinstance(table, dict) or not table:
         raise UserError(f"box file {boxes_file} must be a non-empty JSON object: image path -> list of [x, y, w, h]")
-    paths, boxes = [], []
     for rel, bs in sorted(table.items()):
         if not (isinstance(bs, list) and all(isinstance(b, list) and len(b) == 4 for b in bs)):
             raise UserError(f"box file {boxes_file}: the entry of {rel} is not a list of [x, y, w, h] boxes")
-        paths.append(os.path.join(data, rel))
-        boxes.append(bs)
+    paths = [os.path.join(data, rel) for rel in sorted(table)]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise UserError(f"box file {boxes_file} names {len(missing)} images missing under {data}, e.g. {missing[0]}")
-    return SceneBoxes(paths, boxes)
+    return SceneBoxes(paths, [table[rel] for rel in sorted(table)])
 
 
 def num_classes_of(dataset):
@@ -496,31 +442,19 @@ SMALL_IMAGES = 64  # a dataset whose images have a shorter side of 64 px or less
 
 
 def native_image_size(dataset, sample=64, seed=0):
-    """The shorter side of the dataset's images, decided from the dataset as a whole.
-
-    The median over a seeded sample of up to `sample` images (of a folder, only the file headers are
-    read), so one odd file never decides it: a folder whose first image is 240 x 180 is still a folder
-    of ImageNet-sized photos. It decides `small_images` (SMALL_IMAGES px or less: the CIFAR stem and crops
-    at the native size); larger images get the references' crop sizes (224, and 96 for local crops),
-    whatever their own size. Torchvision datasets go the same way (CIFAR 32, STL-10 96 for every image).
-    """
+    """The shorter side of the dataset's images: the median over a seeded sample of up to `sample` images (of a
+    folder, only the file headers are read), so one odd file never decides it (a folder whose first image is
+    240 x 180 is still one of ImageNet-sized photos). It decides `small_images` (SMALL_IMAGES px or less: the CIFAR
+    stem, crops at the native size); larger images get the references' crop sizes (224, and 96 for local crops),
+    whatever their own size. Torchvision datasets go the same way (CIFAR 32, STL-10 96 for every image)."""
     inner = dataset
-    while not isinstance(inner, (ImageList, SceneBoxes)) and hasattr(inner, "dataset"):
+    while not isinstance(inner, ImageList) and hasattr(inner, "dataset"):
         inner = inner.dataset  # through wrappers such as a partly labelled view of the data
     if len(inner) == 0:
         raise UserError("the training set is empty")
     picks = np.random.default_rng(seed).choice(len(inner), size=min(sample, len(inner)), replace=False)
-    sides = []
-    for i in picks:
-        if isinstance(inner, (ImageList, SceneBoxes)):
-            try:
-                with Image.open(inner.paths[i]) as image:  # the header only: no decoding
-                    sides.append(min(image.size))
-            except Exception as e:
-                raise UserError(f"cannot read image {inner.paths[i]} ({type(e).__name__}); remove or replace "
-                                "the file") from None
-        else:
-            sides.append(min(inner[int(i)][0].size))
+    sides = [min(load_rgb(inner.paths[i], size_only=True) if isinstance(inner, ImageList) else inner[int(i)][0].size)
+             for i in picks]
     return int(np.median(sides))
 
 
@@ -557,20 +491,15 @@ def eval_transform(img_size, small_images, mean=IMAGENET_MEAN, std=IMAGENET_STD)
                        *to_normalized_tensor(mean, std)])
 
 
-# Batched colour augmentation on the training device. Each op takes images x (B, 3, H, W), float in
-# [0, 1], and one parameter per image (a (B,) tensor); it equals torchvision.transforms.v2.functional's
-# op applied to each image with its own parameter. None reads a value back to the host (pass the
-# parameters as tensors on x's device: a Python number is copied there first).
+# Batched colour augmentation on the training device. Each op takes images x (B, 3, H, W), float in [0, 1], and one
+# parameter per image (a (B,) tensor); it equals torchvision.transforms.v2.functional's op applied to each image with
+# its own parameter. None reads a value back to the host (pass parameters on x's device: a number is copied there).
 def _per_image(value, x):
     return torch.as_tensor(value, dtype=x.dtype, device=x.device).reshape(-1, 1, 1, 1)
 
 
 def _gray(x):
     return 0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]  # torchvision's weights
-
-
-def _blend(x, target, f):
-    return (x * f + target * (1 - f)).clamp(0, 1)
 
 
 def adjust_hue(x, h):
@@ -617,7 +546,8 @@ def _jitter_blend(x, op, b, c, s):
     mean grey or the grey, so one blend does them all), 3 nothing."""
     gray = _gray(x)
     target = torch.where(op == 1, gray.mean((2, 3), keepdim=True), torch.where(op == 2, gray, 0.0))
-    return _blend(x, target, torch.where(op == 0, b, torch.where(op == 1, c, torch.where(op == 2, s, 1.0))))
+    f = torch.where(op == 0, b, torch.where(op == 1, c, torch.where(op == 2, s, 1.0)))
+    return (x * f + target * (1 - f)).clamp(0, 1)
 
 
 class ColorAugmentation:
@@ -699,15 +629,12 @@ class ColorAugmentation:
 
 
 # ----------------------------------------------------------------------------------------------
-# Loaders with exactly reproducible augmentation
+# Loaders with exactly reproducible augmentation; features and weighted kNN (DINO's protocol)
 # ----------------------------------------------------------------------------------------------
 class EpochSampler(torch.utils.data.Sampler):
-    """This process's share of a seeded shuffle of the data, yielding (index, epoch) pairs.
-
-    The epoch travels with the index so that the augmentation of an image can be seeded by
-    (seed, epoch, index): identical whatever the number of workers, persistent workers included,
-    and identical after a resume.
-    """
+    """This process's share of a seeded shuffle of the data, yielding (index, epoch) pairs: the epoch travels with
+    the index so that an image's augmentation can be seeded by (seed, epoch, index), identical whatever the number
+    of workers (persistent ones included) and after a resume."""
 
     def __init__(self, dataset_len, rank=0, world_size=1, seed=0, subset=0):
         self.indices = np.arange(dataset_len)
@@ -781,21 +708,10 @@ class Transformed(torch.utils.data.Dataset):
         return self.transform(image), label
 
 
-def eval_loader(dataset, batch_size, workers, device):
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                       pin_memory=device.type == "cuda", generator=torch.Generator())
-
-
-# ----------------------------------------------------------------------------------------------
-# Features and weighted kNN (DINO's protocol)
-# ----------------------------------------------------------------------------------------------
 @torch.no_grad()
 def extract_features(model, dataset, batch_size, workers, device, autocast=None):
-    """Features and labels of every item of `dataset` (in order), on every process.
-
-    Each process embeds a strided share; the shares are gathered and put back in order. Works
-    for any dataset size.
-    """
+    """Features and labels of every item of `dataset` (in order), on every process: each process embeds a strided
+    share, the shares are gathered and put back in order. Any dataset size works."""
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     rank = dist.get_rank() if world > 1 else 0
     n = len(dataset)
@@ -804,7 +720,9 @@ def extract_features(model, dataset, batch_size, workers, device, autocast=None)
     was_training = model.training
     model.eval()
     feats, labels = [], []
-    loader = eval_loader(torch.utils.data.Subset(dataset, range(rank, n, world)), batch_size, workers, device)
+    loader = torch.utils.data.DataLoader(  # a generator of its own: iterating leaves the global RNG alone
+        torch.utils.data.Subset(dataset, range(rank, n, world)), batch_size=batch_size, shuffle=False,
+        num_workers=workers, pin_memory=device.type == "cuda", generator=torch.Generator())
     for images, y in loader:
         images = images.to(device, non_blocking=True)
         if device.type == "cuda":
@@ -818,8 +736,7 @@ def extract_features(model, dataset, batch_size, workers, device, autocast=None)
     if world == 1:
         return feats, labels
     per = math.ceil(n / world)  # pad every share to the same length, gather, then restore the order
-    pad_f = feats.new_zeros(per, feats.shape[1])
-    pad_y = labels.new_full((per,), -1)
+    pad_f, pad_y = feats.new_zeros(per, feats.shape[1]), labels.new_full((per,), -1)
     pad_f[: len(feats)], pad_y[: len(labels)] = feats, labels
     all_f, all_y = all_gather_nograd(pad_f), all_gather_nograd(pad_y)  # rank-major
     order = torch.arange(per * world, device=device).view(world, per).t().reshape(-1)
@@ -850,13 +767,11 @@ def knn_classify(train_features, train_labels, test_features, test_labels, num_c
 
 
 class KNNMonitor:
-    """kNN top-1 of the backbone's features on the validation split during training.
-
-    The memory bank is the (labelled) training subset in use, with the evaluation transform, capped at
-    `bank` images by a fixed seeded choice: on ImageNet the default 20,000 (plus the 50,000 validation
-    images) makes a monitor cost 5 % of the forward passes of embedding all 1.28 M training images.
-    Disabled (returns None) for data without labels or without a val split.
-    """
+    """kNN top-1 of the backbone's features on the validation split during training. The memory bank is the
+    (labelled) training subset in use, with the evaluation transform, capped at `bank` images by a fixed seeded
+    choice: on ImageNet the default 20,000 (plus the 50,000 validation images) makes a monitor cost 5 % of the
+    forward passes of embedding all 1.28 M training images. Disabled (returns None) for data without labels or
+    without a val split."""
 
     def __init__(self, data, data_dir, img_size, small_images, workers, device, subset=0, seed=0, download=False,
                  bank=KNN_BANK, train=None, batch_size=256):
@@ -885,12 +800,12 @@ class KNNMonitor:
         top1, top5 = knn_classify(ftrain, ytrain, fval, yval, self.num_classes)
         return {"knn_top1": top1, "knn_top5": top5}
 
+
 # ==============================================================================================
 # THE PLUMBING. A reader needs none of what follows to understand a method: flags, processes,
-# checkpoints, resume and preemption, the optimiser and schedules, progress, and the training-run
-# helper that owns the glue around each method's training step.
+# checkpoints, resume and preemption, the optimiser and schedules, and the training-run helper
+# that owns the glue around each method's training step (progress included).
 # ==============================================================================================
-
 def run_main(main):
     """Call `main()`; turn a UserError (also one raised inside a loader worker) into one line and exit 2."""
     try:
@@ -916,7 +831,7 @@ def destroy_process_group():
 
 
 # ----------------------------------------------------------------------------------------------
-# Options shared by every script (same names and meaning everywhere)
+# Flags shared by every script (same names and meaning everywhere), processes, seeds, mixed precision
 # ----------------------------------------------------------------------------------------------
 def add_common_args(parser, method, *, epochs, batch_size, lr, wd, warmup_epochs, arch="resnet_tiny",
                     eval_every=10, demo_subset=0):
@@ -1002,14 +917,9 @@ def check_out_folder(out, flag="--out"):
                         ("a file" if not os.path.isdir(parent) else "not writable") + f"; choose another {flag}")
 
 
-# ----------------------------------------------------------------------------------------------
-# Distributed setup, seeds, mixed precision
-# ----------------------------------------------------------------------------------------------
 def init_distributed():
-    """One process (`python X.py`) or torchrun (RANK / LOCAL_RANK / WORLD_SIZE from the environment).
-
-    NCCL on CUDA, gloo on CPU. Returns a namespace: rank, world_size, local_rank, device, is_main.
-    """
+    """One process (`python X.py`) or torchrun (RANK / LOCAL_RANK / WORLD_SIZE from the environment), NCCL on CUDA,
+    gloo on CPU. Returns a namespace: rank, world_size, local_rank, device, is_main, distributed."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
@@ -1040,18 +950,12 @@ def mixed_precision(precision, device):
         precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise UserError("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    def autocast():
-        return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-    return autocast, _grad_scaler(device.type, enabled=precision == "fp16")
-
-
-def _grad_scaler(device_type, enabled):
-    """torch.amp.GradScaler(device_type) is torch >= 2.3; torch 2.1 and 2.2 have torch.cuda.amp's, the same scaler
-    for CUDA and, disabled (always so on the CPU, where fp16 is refused), a pass-through on any device."""
-    if hasattr(torch.amp, "GradScaler"):
-        return torch.amp.GradScaler(device_type, enabled=enabled)
-    return torch.cuda.amp.GradScaler(enabled=enabled)
+    dtype, scaled = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision), precision == "fp16"
+    # torch.amp.GradScaler(device) is torch >= 2.3; torch 2.1 and 2.2 have torch.cuda.amp's, the same scaler for CUDA
+    # and, disabled (always so on the CPU, where fp16 is refused), a pass-through on any device
+    scaler = (torch.amp.GradScaler(device.type, enabled=scaled) if hasattr(torch.amp, "GradScaler") else
+              torch.cuda.amp.GradScaler(enabled=scaled))
+    return lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None), scaler
 
 
 def all_gather_nograd(x):
@@ -1069,7 +973,6 @@ def all_reduce_sum(x):
     return x
 
 
-
 # ----------------------------------------------------------------------------------------------
 # Checkpoints (the backbone.pt record, atomic saves), resume, preemption, the log
 # ----------------------------------------------------------------------------------------------
@@ -1085,12 +988,8 @@ def atomic_save(obj, path):
 
 def clean_state_dict(state_dict):
     """torchvision key names: no `module.` / `_orig_mod.` prefixes, no classifier (`fc.`, `heads.`)."""
-    out = {}
-    for k, v in state_dict.items():
-        k = k.replace("_orig_mod.", "").replace("module.", "")
-        if not (k.startswith("fc.") or k.startswith("heads.")):
-            out[k] = v.detach().cpu() if torch.is_tensor(v) else v
-    return out
+    renamed = ((k.replace("_orig_mod.", "").replace("module.", ""), v) for k, v in state_dict.items())
+    return {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in renamed if not k.startswith(("fc.", "heads."))}
 
 
 def plain_args(args):
@@ -1124,14 +1023,11 @@ RESUME_KEYS = ("arch", "data", "subset", "seed", "batch_size", "epochs")  # what
 
 
 def load_checkpoint(out, args, keys_that_must_match=()):
-    """The checkpoint.pt in `out` if there is one (resume), after checking it belongs to this run: the same
-    script, and the common options of RESUME_KEYS and the method's `keys_that_must_match` equal the saved ones.
-
-    Also tidies `out` for the run: removes the temporary files of saves that a kill interrupted, and
-    drops log.jsonl lines of epochs after the checkpoint's (a run killed between writing an epoch's line
-    and its checkpoint repeats that epoch), so the log holds one line per completed epoch; without a
-    checkpoint, a log left by a run killed before its first one is removed.
-    """
+    """The checkpoint.pt in `out` if there is one (resume), after checking it belongs to this run: the same script,
+    and the common options of RESUME_KEYS and the method's `keys_that_must_match` equal the saved ones. Also tidies
+    `out`: removes the temporaries of saves that a kill interrupted and drops log.jsonl lines of epochs after the
+    checkpoint's (a run killed between an epoch's line and its checkpoint repeats that epoch), so the log holds one
+    line per completed epoch; without a checkpoint, a log left by a run killed before its first one is removed."""
     path = os.path.join(out, "checkpoint.pt")
     is_main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     if is_main and os.path.isdir(out):
@@ -1183,28 +1079,20 @@ def write_json_line(path, obj):
 def param_groups(modules, weight_decay):
     """Weights (ndim >= 2) get weight decay; biases and norm parameters (ndim < 2) get none and are
     excluded from LARS adaptation (`lars_exclude`), as in SimCLR, BYOL, MoCo v3 and t-ReX."""
-    if isinstance(modules, nn.Module):
-        modules = [modules]
-    decay, no_decay = [], []
-    for m in modules:
-        for p in m.parameters():
-            if p.requires_grad:
-                (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True}]
+    params = [p for m in ([modules] if isinstance(modules, nn.Module) else modules) for p in m.parameters()
+              if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lars_exclude": True}]
 
 
 class LARS(torch.optim.Optimizer):
-    """SGD with momentum and layer-wise trust ratios (You et al. 2017), as used by BYOL and MoCo v3.
-
-    update = g + wd * w, scaled by eta * ||w|| / ||update|| (1 if either norm is 0), then
-    momentum: DeepMind's BYOL formula. solo-learn's LARS (EffSSL's) divides by ||g|| + wd ||w|| instead;
-    with r = wd ||w|| / ||g|| the two trust ratios differ by up to 2r / (1 - r) (0.22 at r = 0.1).
-    Groups with `lars_exclude=True` (biases, norms) skip decay and adaptation.
-    `clip=True` caps the layer's rate at the global one (the LARC variant): the scale becomes
-    min(eta * ||w|| / (lr * ||update||), 1), so a step moves a layer by at most eta of its norm
-    whatever the lr; the CIFAR recipes tuned with eta 0.02 (solo-learn's BYOL) assume it.
-    """
+    """SGD with momentum and layer-wise trust ratios (You et al. 2017), as used by BYOL and MoCo v3: update =
+    g + wd * w, scaled by eta * ||w|| / ||update|| (1 if either norm is 0), then momentum: DeepMind's BYOL formula.
+    solo-learn's LARS (EffSSL's) divides by ||g|| + wd ||w|| instead; with r = wd ||w|| / ||g|| the two trust
+    ratios differ by up to 2r / (1 - r) (0.22 at r = 0.1). Groups with `lars_exclude=True` (biases, norms) skip
+    decay and adaptation. `clip=True` caps the layer's rate at the global one (the LARC variant): the scale becomes
+    min(eta * ||w|| / (lr * ||update||), 1), so a step moves a layer by at most eta of its norm whatever the lr;
+    the CIFAR recipes tuned with eta 0.02 (solo-learn's BYOL) assume it."""
 
     def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001, clip=False):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
@@ -1226,24 +1114,20 @@ class LARS(torch.optim.Optimizer):
                 if group.get("clip") and group["lr"] > 0:
                     trust = [(t / group["lr"]).clamp(max=1.0) for t in trust]
                 grads = torch._foreach_mul(grads, trust)
-            bufs = []
-            for p, g in zip(params, grads):
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                bufs.append(state["momentum_buffer"])
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            bufs = [self.state[p]["momentum_buffer"] for p in params]
             torch._foreach_mul_(bufs, group["momentum"])
             torch._foreach_add_(bufs, grads)
             torch._foreach_add_(params, bufs, alpha=-group["lr"])
 
 
 def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0.0, warmup_start=0.0, endpoint=True):
-    """Per-iteration values: linear warmup from `warmup_start` to `base`, then cosine to `final`.
-
-    Precomputed as an array (DINO's way) so that a resumed run lands on exactly the same value.
-    `endpoint=False` is MoCo v3's momentum form, final - (final - base)(1 + cos(pi t / T)) / 2 for
-    t = 0 .. T - 1: the value at t = T (after the last step) is `final`.
-    """
+    """Per-iteration values: linear warmup from `warmup_start` to `base`, then cosine to `final`, precomputed as an
+    array (DINO's way) so that a resumed run lands on exactly the same value. `endpoint=False` is MoCo v3's momentum
+    form, final - (final - base)(1 + cos(pi t / T)) / 2 for t = 0 .. T - 1: the value at t = T (after the last
+    step) is `final`."""
     total = int(epochs * iters_per_epoch)
     warmup = min(int(warmup_epochs * iters_per_epoch), total)
     ramp = np.linspace(warmup_start, base, warmup, endpoint=False)
@@ -1288,24 +1172,23 @@ SELF_SUPERVISED_DEMO = (  # printed at the end of the self-supervised demos on t
 
 
 class TrainingRun:
-    """The glue around a method's training step, the same in every script (DINO's `restart_from_checkpoint`
-    and `MetricLogger.log_every` in one). A method's `main()` builds its data, model, optimizer and
-    schedules, then writes its step out:
+    """The glue around a method's training step, the same in every script (DINO's `restart_from_checkpoint` and
+    `MetricLogger.log_every` in one). A method's `main()` builds its data, model, optimizer and schedules, then
+    writes its step out:
 
         run = common.TrainingRun(args, ddp, model, optimizer, loader, autocast=..., scaler=..., ...)
         for step, batch in run.batches():
             ...                             # the method: from the batch to optimizer.step()
             run.log(losses, lr=lr)          # the step's losses (scalar tensors), values to log
 
-    Construction: resume from --out's checkpoint.pt if there is one (the model with its buffers, the
-    optimizer, the grad scaler, each process's RNG, the position inside an epoch); SyncBatchNorm on several
-    GPUs; torch.compile, then DDP (`run.model`, called in the step; `model` stays the plain module); the
-    output folder, log.jsonl's header and the `recipe:` line; the kNN monitor at random init.
-    `batches()` runs the epochs: the sampler's epoch (skipping the batches a stopped run did), the progress
-    bar, images/s and data_wait, the non-finite check every --log-every steps, SIGTERM / SIGUSR1 /
-    --save-every checkpoints inside an epoch; at each epoch's end the means over steps and processes,
-    `evaluate()` (the method's own metrics), the kNN monitor every --eval-every epochs, one log.jsonl line
-    and one epoch line, checkpoint.pt and backbone.pt; at the end the kNN line and the method's `note`.
+    Construction: resume from --out's checkpoint.pt if there is one (the model with its buffers, the optimizer, the
+    grad scaler, each process's RNG, the position inside an epoch); SyncBatchNorm on several GPUs; torch.compile,
+    then DDP (`run.model`, called in the step; `model` stays the plain module); the output folder, log.jsonl's
+    header and the `recipe:` line; the kNN monitor at random init. `batches()` runs the epochs: the sampler's epoch
+    (skipping the batches a stopped run did), the progress bar, images/s and data_wait, the non-finite check every
+    --log-every steps, SIGTERM / SIGUSR1 / --save-every checkpoints inside an epoch; at each epoch's end the means
+    over steps and processes, `evaluate()` (the method's own metrics), the kNN monitor every --eval-every epochs,
+    one log.jsonl line and one epoch line, checkpoint.pt and backbone.pt; at the end the kNN line and `note`.
     """
 
     def __init__(self, args, ddp, model, optimizer, loader, *, autocast, scaler, backbone, record, knn=None,
@@ -1320,8 +1203,8 @@ class TrainingRun:
         # where the backbone sits in the model's state dict: checkpoint.pt holds each tensor once
         self.backbone_prefix = next(name for name, m in model.named_modules() if m is backbone) + "."
         ckpt = load_checkpoint(args.out, args, must_match)
-        # checkpoint.pt's "epoch" counts completed epochs and "step" the steps taken: a checkpoint written
-        # inside an epoch (a signal, --save-every) resumes at its next batch
+        # "epoch" counts completed epochs, "step" the steps taken: a checkpoint written inside an epoch (a signal,
+        # --save-every) resumes at its next batch
         self.start_epoch, self.step = (ckpt["epoch"], ckpt["step"]) if ckpt else (0, 0)
         self.done_in_epoch = self.step - self.start_epoch * len(loader)
         self.resumed_totals, self.knn_init, self.knn_last = (ckpt or {}).get("totals", {}), None, None
@@ -1369,10 +1252,9 @@ class TrainingRun:
     def batches(self):
         """Yields (step, batch) for every step of the run; see the class docstring."""
         args, ddp, loader = self.args, self.ddp, self.loader
-        # SIGTERM or SIGUSR1 (clusters stop jobs with them): finish the step, save, stop; --save-every: save
-        self.signal, self.last_save = None, time.monotonic()
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._on_signal)
+        self.signal, self.last_save = None, time.monotonic()  # SIGTERM, SIGUSR1: clusters stop jobs with them
+        for sig in (signal.SIGTERM, signal.SIGUSR1):  # finish the step in progress, then save and stop
+            signal.signal(sig, lambda signum, frame: setattr(self, "signal", signal.Signals(signum).name))
         for epoch in range(self.start_epoch, args.epochs):
             skip = self.done_in_epoch if epoch == self.start_epoch else 0
             loader.sampler.set_epoch(epoch, skip=skip * (args.batch_size // ddp.world_size))
@@ -1392,17 +1274,22 @@ class TrainingRun:
                     rate = (self.step - bar_step) * args.batch_size / max(now - bar_start, 1e-9)
                     bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}")
                     bar_step, bar_start = self.step, now
-                action = self._poll()  # the same answer on every process
-                if action:
-                    self.save(epoch, self.totals)
-                    if action == "stop":
-                        self._stop()
+                self._preempt(epoch)
             if self.recent:
                 self._check_finite()
             secs = max(self._clock() - epoch_start, 1e-9)
             self._end_epoch(epoch, (self.step - epoch_step) * args.batch_size / secs, min(1.0, self.waited / secs))
-        if ddp.is_main:
-            self._last_lines()
+        if not ddp.is_main:
+            return
+        if self.start_epoch >= args.epochs:
+            print(f"{args.out} already holds a model trained for {args.epochs} epochs")
+            return
+        knn_init, knn_last = self.knn_init, self.knn_last
+        print(f"kNN top-1{self.knn.where}: {knn_last['knn_top1']:.1f}% after training vs {knn_init['knn_top1']:.1f}% "
+              f"at random init (backbone: {args.out}/backbone.pt)" if knn_init and knn_last else
+              f"done: backbone saved to {args.out}/backbone.pt")
+        if self.note:
+            print(self.note)
 
     def _timed(self, loader):
         """The loader's batches; the time the loop waits for each adds to `self.waited`. data_wait, its share of
@@ -1426,42 +1313,38 @@ class TrainingRun:
             raise UserError(f"the loss is not finite at or before step {self.step}; lower --lr or use --precision fp32")
         return recent[-1]
 
-    def _on_signal(self, signum, frame):
-        self.signal = signal.Signals(signum).name  # finish the step in progress, then save and stop
-
-    def _poll(self):
-        """After each step: None, "save" or "stop", the same on every process (one rank's signal is enough).
-        Under torchrun the ranks agree by a small all_reduce every --log-every steps, where the loop syncs
-        anyway; one process checks every step, without a host sync."""
-        if self.ddp.distributed and self.step % self.args.log_every:
-            return None
-        due = bool(self.args.save_every) and time.monotonic() - self.last_save >= 60.0 * self.args.save_every
+    def _preempt(self, epoch):
+        """After each step: save on a signal or when --save-every is due, then stop on a signal; the same on every
+        process (one rank's signal is enough). Under torchrun the ranks agree by a small all_reduce every
+        --log-every steps, where the loop syncs anyway; one process checks every step, without a host sync."""
+        args, ddp = self.args, self.ddp
+        if ddp.distributed and self.step % args.log_every:
+            return
+        due = bool(args.save_every) and time.monotonic() - self.last_save >= 60.0 * args.save_every
         stop = self.signal is not None
-        if self.ddp.distributed:  # rank 0's clock decides the timed saves; any rank's signal stops everyone
-            flags = torch.tensor([stop, due and self.ddp.is_main], dtype=torch.int32, device=self.ddp.device)
+        if ddp.distributed:  # rank 0's clock decides the timed saves; any rank's signal stops everyone
+            flags = torch.tensor([stop, due and ddp.is_main], dtype=torch.int32, device=ddp.device)
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             stop, due = bool(flags[0]), bool(flags[1])
-        if stop or due:
-            self.last_save = time.monotonic()
-        return "stop" if stop else "save" if due else None
-
-    def _stop(self):
-        if self.ddp.distributed:
-            dist.barrier()  # rank 0 has written the checkpoint before any rank exits
-        if self.ddp.is_main:
-            print(f"stopped by {self.signal or 'a signal to another process'} after step {self.step}: the checkpoint "
-                  f"in {self.args.out} holds it; run the same command to resume from that step", file=sys.stderr)
-        sys.exit(EXIT_STOPPED)
+        if not (stop or due):
+            return
+        self.last_save = time.monotonic()
+        self.save(epoch, self.totals)
+        if stop:
+            if ddp.distributed:
+                dist.barrier()  # rank 0 has written the checkpoint before any rank exits
+            if ddp.is_main:
+                print(f"stopped by {self.signal or 'a signal to another process'} after step {self.step}: the "
+                      f"checkpoint in {args.out} holds it; run the same command to resume from that step",
+                      file=sys.stderr)
+            sys.exit(EXIT_STOPPED)
 
     def _end_epoch(self, epoch, images_per_s, data_wait):
         args, ddp = self.args, self.ddp
         names = sorted(self.totals)  # the same order on every process
         means = all_reduce_sum(torch.stack([self.totals[k] for k in names])) / (len(self.loader) * ddp.world_size)
-        if ddp.device.type == "cuda":
-            peak_mb = torch.cuda.max_memory_allocated(ddp.device) / 2**20
-        else:
-            import resource
-            peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+        peak_mb = (torch.cuda.max_memory_allocated(ddp.device) / 2**20 if ddp.device.type == "cuda" else
+                   resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: kilobytes
         stats = {"epoch": epoch + 1, **dict(zip(names, means.tolist())), **self.last, "images_per_s": images_per_s,
                  "data_wait": data_wait, "peak_mem_mb": peak_mb}
         stats.update(self.evaluate() if self.evaluate else {})
@@ -1490,20 +1373,10 @@ class TrainingRun:
         atomic_save({"method": record["method"], "model": self.plain.state_dict(),
                      "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                      "epoch": epochs_done, "step": self.step, "totals": totals, "args": plain_args(self.args),
-                     "rng": rng, "knn_init": self.knn_init, "backbone": dict(meta, state_dict_prefix=self.backbone_prefix)},
+                     "rng": rng, "knn_init": self.knn_init,
+                     "backbone": dict(meta, state_dict_prefix=self.backbone_prefix)},
                     os.path.join(self.args.out, "checkpoint.pt"))
         atomic_save(record, os.path.join(self.args.out, "backbone.pt"))
-
-    def _last_lines(self):
-        args, knn_init, knn_last = self.args, self.knn_init, self.knn_last
-        if self.start_epoch >= args.epochs:
-            print(f"{args.out} already holds a model trained for {args.epochs} epochs")
-            return
-        print(f"kNN top-1{self.knn.where}: {knn_last['knn_top1']:.1f}% after training vs {knn_init['knn_top1']:.1f}% "
-              f"at random init (backbone: {args.out}/backbone.pt)" if knn_init and knn_last else
-              f"done: backbone saved to {args.out}/backbone.pt")
-        if self.note:
-            print(self.note)
 
 
 def epoch_line(stats, epochs):
