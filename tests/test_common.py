@@ -17,6 +17,7 @@ from torchvision.transforms import v2
 
 import common
 import eval_linear
+from conftest import save_backbone
 
 
 def test_resnet_tiny_is_small_and_maps_images_to_features():
@@ -63,8 +64,8 @@ def test_vit_is_moco_v3s_fixed_sincos_position_embedding_and_initialisation(tmp_
     assert not fc1.bias.any() and not attention.in_proj_bias.any() and not attention.out_proj.bias.any()
     assert 0 < model.class_token.std().item() < 1e-5
     # backbone.pt still loads into torchvision's VisionTransformer of the same shape
-    common.save_backbone(tmp_path / "backbone.pt", model, method="test", arch="vit_small", small_images=False,
-                         img_size=224, feat_dim=dim, args=argparse.Namespace(x=1), epoch=1)
+    save_backbone(tmp_path / "backbone.pt", model, method="test", arch="vit_small", small_images=False,
+                  img_size=224, feat_dim=dim, args=argparse.Namespace(x=1), epoch=1)
     record = torch.load(tmp_path / "backbone.pt", map_location="cpu", weights_only=True)
     reference = torchvision.models.VisionTransformer(224, 16, 12, 12, 384, 1536)
     result = reference.load_state_dict(record["state_dict"], strict=False)
@@ -90,6 +91,9 @@ def test_native_image_size_is_decided_by_a_sample_not_the_first_image(tmp_path):
     for i in range(5):
         Image.new("RGB", (32, 32)).save(small / f"{i}.png")
     assert common.native_image_size(common.image_folder(tmp_path / "tiny")) == 32 <= common.SMALL_IMAGES
+    (small / "4.png").write_bytes(b"\x89PNG broken")  # its header cannot be read: one sentence, not a traceback
+    with pytest.raises(common.UserError, match=r"^cannot read image .*4\.png \(\w+\); remove or replace the file$"):
+        common.native_image_size(common.image_folder(tmp_path / "tiny"))
 
 
 def test_zero_init_residual_zeroes_the_last_bn_of_every_block():
@@ -101,8 +105,8 @@ def test_zero_init_residual_zeroes_the_last_bn_of_every_block():
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 def test_backbone_record_loads_into_torchvision_missing_only_fc(arch, tmp_path):
     model, dim = common.build_backbone(arch, small_images=False)
-    common.save_backbone(tmp_path / "backbone.pt", model, method="test", arch=arch, small_images=False,
-                         img_size=224, feat_dim=dim, args=argparse.Namespace(x=1), epoch=3)
+    save_backbone(tmp_path / "backbone.pt", model, method="test", arch=arch, small_images=False,
+                  img_size=224, feat_dim=dim, args=argparse.Namespace(x=1), epoch=3)
     record = torch.load(tmp_path / "backbone.pt", map_location="cpu", weights_only=True)
     assert {"method", "arch", "small_images", "img_size", "mean", "std", "feat_dim", "state_dict", "args",
             "epoch"} <= record.keys()
@@ -121,7 +125,7 @@ def test_load_backbone_accepts_records_checkpoints_and_bare_state_dicts(tmp_path
     model, dim = common.build_backbone("resnet_tiny", True)
     fields = dict(method="m", arch="resnet_tiny", small_images=True, img_size=32, feat_dim=dim,
                   args=argparse.Namespace(), epoch=1)
-    common.save_backbone(tmp_path / "backbone.pt", model, **fields)
+    save_backbone(tmp_path / "backbone.pt", model, **fields)
     record = common.backbone_record(model, **fields)
     common.atomic_save({"model": {}, "backbone": record}, tmp_path / "old_checkpoint.pt")  # earlier layout
     # today's checkpoint.pt: the record without weights, which are the model's entries under the prefix
@@ -143,8 +147,8 @@ def test_load_backbone_rejects_bad_files_with_one_sentence(case, tmp_path):
     if case == "garbage":
         path.write_text("not a checkpoint")
     elif case == "wrong_arch":
-        common.save_backbone(path, model, method="m", arch="resnet_tiny", small_images=True, img_size=32,
-                             feat_dim=dim, args=argparse.Namespace(), epoch=0)
+        save_backbone(path, model, method="m", arch="resnet_tiny", small_images=True, img_size=32,
+                      feat_dim=dim, args=argparse.Namespace(), epoch=0)
     elif case == "bare_without_arch":
         torch.save(model.state_dict(), path)
     elif case == "foreign_dict":
