@@ -1,12 +1,7 @@
-"""What the four method files share, in two parts.
-
-The ground floor, all a reader needs to understand a method: backbones (ResNets, MoCo v3's ViT), datasets
-(synthetic shapes and scenes, image folders, CIFAR / STL-10, scenes with boxes), the crop-size policy, the
-batched colour augmentation on the training device, loaders with reproducible augmentation, features and kNN.
-Then, under a banner, the plumbing: flags, processes, mixed precision, checkpoints, resume and preemption,
-LARS and the schedules, and `TrainingRun`, the glue around each method's training step. Everything
-specific to one method lives in that method's file.
-"""
+"""What the four method files share, in two parts: the ground floor, all a reader needs to understand a method
+(backbones, datasets, the crop-size policy, batched colour augmentation, loaders, features and kNN), then, under a
+banner, the plumbing (flags, processes, checkpoints, resume, LARS and the schedules, and `TrainingRun`, the glue around
+each method's training step). Everything specific to one method lives in that method's file."""
 import inspect
 import json
 import math
@@ -37,6 +32,12 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 ARCHS = ("resnet_tiny", "resnet18", "resnet34", "resnet50", "vit_small", "vit_base")
 KNN_BANK = 20_000  # default memory bank of the kNN monitor: 20 images per class on ImageNet, all of a demo
+SMALL_IMAGES = 64  # a dataset whose images have a shorter side of 64 px or less: CIFAR stem, native-size crops
+EXIT_STOPPED = 3  # the exit status of a run stopped by SIGTERM / SIGUSR1 after saving: run it again to resume
+SELF_SUPERVISED_DEMO = (  # printed at the end of the self-supervised demos on the synthetic shapes
+    "what to expect: a few minutes of self-supervised training on the synthetic shapes move the kNN top-1 only a "
+    "few points from random init (the network bootstraps from its own random features); on CIFAR-10, BYOL, "
+    "MoCo v3, UniVIP and SwAV + rotation gain over random init within 2 epochs (README, Results)")
 
 
 class UserError(Exception):
@@ -53,22 +54,19 @@ def sincos_position_embedding(grid, dim, temperature=10000.0):
     if dim % 4:
         raise ValueError(f"the sin-cos position embedding needs a width divisible by 4, got {dim}")
     omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
-    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
-                                indexing="ij")
+    rows, cols = torch.meshgrid(*[torch.arange(grid, dtype=torch.float64)] * 2, indexing="ij")
     r, c = rows.flatten()[:, None] * omega, cols.flatten()[:, None] * omega
-    table = torch.cat([r.sin(), r.cos(), c.sin(), c.cos()], dim=1)
-    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), table]).float().unsqueeze(0)
+    table = torch.cat([torch.zeros(1, dim, dtype=torch.float64), torch.cat([r.sin(), r.cos(), c.sin(), c.cos()], 1)])
+    return table.float().unsqueeze(0)
 
 
 class ViT(VisionTransformer):
-    """torchvision's VisionTransformer built and initialised as MoCo v3's ViT (Chen, Xie, He 2021, Sec. 5 and its
-    vits.py), for any image size. The position embedding is the fixed 2-D sin-cos table, a buffer, neither trained
-    nor weight-decayed (under torchvision's key `encoder.pos_embedding`: backbone.pt loads into torchvision's
-    VisionTransformer); q, k and v are initialised as three separate xavier-uniform blocks, every other Linear
-    xavier-uniform, biases 0, the class token N(0, 1e-6), the patch embedding uniform with bound
-    sqrt(6 / (3 p^2 + D)). Methods that freeze the patch embedding (MoCo v3, OPERA) do so themselves. For other
-    input sizes (multi-crop) the table is interpolated (bicubic) to the input's token grid, as DINO does.
-    Output: the class token."""
+    """torchvision's VisionTransformer built and initialised as MoCo v3's ViT (Chen, Xie, He 2021, Sec. 5; vits.py), for
+    any image size: the position embedding is the fixed 2-D sin-cos table, a buffer, neither trained nor decayed
+    (torchvision's key `encoder.pos_embedding`: backbone.pt loads into its VisionTransformer); q, k and v initialised
+    as three xavier-uniform blocks, other Linears xavier-uniform, biases 0, the class token N(0, 1e-6), the patch
+    embedding uniform with bound sqrt(6 / (3 p^2 + D)). Methods that freeze the patch embedding (MoCo v3, OPERA) do so
+    themselves. Other input sizes (multi-crop) get the table interpolated (bicubic) to their token grid, as in DINO."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -90,30 +88,22 @@ class ViT(VisionTransformer):
 
     def forward(self, x):
         n, _, h, w = x.shape
-        p = self.patch_size
+        gh, gw, g = h // self.patch_size, w // self.patch_size, self.image_size // self.patch_size
         x = self.conv_proj(x).flatten(2).transpose(1, 2)  # (n, tokens, dim)
         x = torch.cat([self.class_token.expand(n, -1, -1), x], dim=1)
-        x = x + self._position_embedding(h // p, w // p)
-        x = self.encoder.ln(self.encoder.layers(self.encoder.dropout(x)))
-        return self.heads(x[:, 0])
-
-    def _position_embedding(self, gh, gw):
         pos = self.encoder.pos_embedding
-        g = self.image_size // self.patch_size
-        if (gh, gw) == (g, g):
-            return pos
-        grid = pos[:, 1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid.float(), size=(gh, gw), mode="bicubic", align_corners=False).to(pos.dtype)
-        return torch.cat([pos[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)
+        if (gh, gw) != (g, g):  # another input size: the table interpolated to its token grid
+            grid = pos[:, 1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
+            grid = F.interpolate(grid.float(), size=(gh, gw), mode="bicubic", align_corners=False).to(pos.dtype)
+            pos = torch.cat([pos[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)
+        x = self.encoder.ln(self.encoder.layers(self.encoder.dropout(x + pos)))
+        return self.heads(x[:, 0])
 
 
 def _resnet_tiny():
     """A torchvision ResNet with one BasicBlock per stage and widths 16-32-64-128 (~0.3 M parameters)."""
-    model = ResNet(BasicBlock, [1, 1, 1, 1])
-    widths = (16, 32, 64, 128)
-    model.inplanes = widths[0]
-    model.conv1 = nn.Conv2d(3, widths[0], 7, 2, 3, bias=False)
-    model.bn1 = nn.BatchNorm2d(widths[0])
+    model, widths = ResNet(BasicBlock, [1, 1, 1, 1]), (16, 32, 64, 128)
+    model.inplanes, model.conv1, model.bn1 = 16, nn.Conv2d(3, 16, 7, 2, 3, bias=False), nn.BatchNorm2d(16)
     for i, width in enumerate(widths):
         setattr(model, f"layer{i + 1}", model._make_layer(BasicBlock, width, 1, stride=2 if i else 1))
     for m in model.modules():  # torchvision's initialisation, for the replaced modules
@@ -194,7 +184,6 @@ SHAPES = {
 }
 SHAPE_NAMES = tuple(SHAPES)
 
-
 # Colours and textures come from small shared sets: many images of every class share each, so no single colour or
 # background pattern tells one image from all others (with unique random colours, instance discrimination is solved
 # by colour alone, as SimCLR found on photos without colour jitter). Their combination nearly does; the README's
@@ -224,10 +213,11 @@ def _draw_shape(mask, rng, label, cx, cy, radius):
         draw.polygon([(cx + radius * (c * x - s * y), cy + radius * (s * x + c * y)) for x, y in points], fill=fill)
 
 
-def _foreground_colour(rng, background_mean):
-    """A palette colour far enough from the background's mean colour to keep the shape visible."""
-    far = [c for c in PALETTE if np.abs(c - background_mean).sum() > 150]
-    return far[rng.integers(len(far))] if far else 255 - background_mean
+def _paint(background, m, rng):
+    """The shape (mask m in [0, 1]) on `background`, in a palette colour far from the background's mean (visible)."""
+    mean = background.mean((0, 1))
+    far = [c for c in PALETTE if np.abs(c - mean).sum() > 150]
+    return background * (1 - m) + (far[rng.integers(len(far))] if far else 255 - mean) * m
 
 
 class Synthetic(torch.utils.data.Dataset):
@@ -235,32 +225,26 @@ class Synthetic(torch.utils.data.Dataset):
     upright) on textured backgrounds: colour, position and background carry no class information, so a
     representation must learn shape. Every image is a pure function of (seed, split, index): no storage, any
     worker can build it. `scenes=True` draws 3 to 6 shapes with limited overlap on a larger canvas and returns
-    their exact boxes (x, y, w, h in pixels) and classes instead of one label."""
+    their exact boxes (x, y, w, h in pixels) and classes instead of one label (`boxes_only`: the boxes alone)."""
 
     classes = list(SHAPE_NAMES)
 
-    def __init__(self, split="train", size=None, img_size=None, scenes=False, seed=0):
-        self.split, self.scenes, self.seed = split, scenes, seed
-        self.size = size or (10_000 if split == "train" else 2_000)
-        self.img_size = img_size or (96 if scenes else 32)
-        self._split_id = 0 if split == "train" else 1
+    def __init__(self, split="train", size=None, img_size=None, scenes=False, seed=0, boxes_only=False):
+        self.split, self.scenes, self.seed, self.boxes_only = split, scenes, seed, boxes_only
+        self.size, self.img_size = size or (10_000 if split == "train" else 2_000), img_size or (96 if scenes else 32)
 
     def __len__(self):
         return self.size
 
     def __getitem__(self, index):
-        rng = np.random.default_rng([self.seed, self._split_id, index])
+        rng = np.random.default_rng([self.seed, 0 if self.split == "train" else 1, index])
         big = 2 * self.img_size  # draw at twice the size, then downsample: anti-aliased edges
         image = _texture(rng, big)
-        mask = Image.new("L", (big, big), 0)
         if not self.scenes:
-            label = index % len(SHAPE_NAMES)
-            radius = big * rng.uniform(0.25, 0.4)
+            label, radius, mask = index % len(SHAPE_NAMES), big * rng.uniform(0.25, 0.4), Image.new("L", (big, big), 0)
             cx, cy = rng.uniform(radius, big - radius, 2)
             _draw_shape(mask, rng, label, cx, cy, radius)
-            m = np.asarray(mask, np.float32)[..., None] / 255
-            image = image * (1 - m) + _foreground_colour(rng, image.mean((0, 1))) * m
-            return self._finish(image), label
+            return self._finish(_paint(image, np.asarray(mask, np.float32)[..., None] / 255, rng)), label
         boxes, labels = [], []
         for _ in range(int(rng.integers(3, 7))):
             for _attempt in range(20):  # place the shape where it overlaps the others by IoU <= 0.2
@@ -271,25 +255,21 @@ class Synthetic(torch.utils.data.Dataset):
                     break
             else:
                 continue
-            label = int(rng.integers(len(SHAPE_NAMES)))
             x0, y0, side = int(cx - 1.2 * radius), int(cy - 1.2 * radius), int(2.4 * radius) + 2  # a local window
-            shape = Image.new("L", (side, side), 0)
+            label, shape = int(rng.integers(len(SHAPE_NAMES))), Image.new("L", (side, side), 0)
             _draw_shape(shape, rng, label, cx - x0, cy - y0, radius)
             bx0, by0, bx1, by1 = shape.getbbox()
             ys, xs = slice(max(y0, 0), min(y0 + side, big)), slice(max(x0, 0), min(x0 + side, big))
             m = np.asarray(shape, np.float32)[ys.start - y0: ys.stop - y0, xs.start - x0: xs.stop - x0, None] / 255
-            patch = image[ys, xs]
-            image[ys, xs] = patch * (1 - m) + _foreground_colour(rng, patch.mean((0, 1))) * m
-            x_lo, y_lo = max(x0 + bx0, 0), max(y0 + by0, 0)
-            x_hi, y_hi = min(x0 + bx1, big), min(y0 + by1, big)
+            image[ys, xs] = _paint(image[ys, xs], m, rng)
+            (x_lo, y_lo), (x_hi, y_hi) = (max(x0 + bx0, 0), max(y0 + by0, 0)), (min(x0 + bx1, big), min(y0 + by1, big))
             boxes.append(np.array([x_lo, y_lo, x_hi - x_lo, y_hi - y_lo], np.float64))
             labels.append(label)
         boxes = np.stack(boxes).astype(np.float32) / 2  # coordinates of the downsampled image
-        return self._finish(image), {"boxes": boxes, "labels": np.array(labels)}
+        return self._finish(image), boxes if self.boxes_only else {"boxes": boxes, "labels": np.array(labels)}
 
     def _finish(self, array):
-        image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8))
-        return image.resize((self.img_size, self.img_size), Image.BILINEAR)
+        return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8)).resize((self.img_size,) * 2, Image.BILINEAR)
 
 
 def box_iou(a, b):
@@ -317,8 +297,7 @@ class ImageList(torch.utils.data.Dataset):
     """Images with optional labels (-1 = no label): the folder datasets."""
 
     def __init__(self, paths, labels=None, classes=None):
-        self.paths, self.classes = paths, classes
-        self.labels = labels if labels is not None else [-1] * len(paths)
+        self.paths, self.classes, self.labels = paths, classes, labels if labels is not None else [-1] * len(paths)
 
     def __len__(self):
         return len(self.paths)
@@ -350,19 +329,17 @@ def image_folder(root):
 
 
 def build_dataset(data, split="train", data_dir="data", download=False, with_unlabeled=False):
-    """The raw dataset of (PIL RGB image, label) pairs, label -1 where an image has none. `split`: "train" or
-    "val" (a folder's val/ or test/, CIFAR's test set); `with_unlabeled` adds STL-10's unlabeled split to its
-    train split (self-supervised pretraining). None for a "val" split that does not exist (an unlabelled folder)."""
+    """The raw dataset of (PIL RGB image, label) pairs, label -1 where an image has none. `split`: "train" (a folder's
+    train/, else the folder itself) or "val" (its val/ or test/, CIFAR's test set; None if there is none);
+    `with_unlabeled` adds STL-10's unlabeled split to its train split (self-supervised pretraining)."""
     if data == "synthetic":
         return Synthetic(split)
     train = split == "train"
     if data in ("cifar10", "cifar100", "stl10"):
+        which = ({"split": ("train+unlabeled" if with_unlabeled else "train") if train else "test"} if data == "stl10"
+                 else {"train": train})  # STL10, CIFAR10, CIFAR100
         try:
-            if data == "stl10":
-                split = ("train+unlabeled" if with_unlabeled else "train") if train else "test"
-                ds = torchvision.datasets.STL10(data_dir, split=split, download=download)
-            else:
-                ds = getattr(torchvision.datasets, data.upper())(data_dir, train=train, download=download)
+            ds = getattr(torchvision.datasets, data.upper())(data_dir, download=download, **which)
         except RuntimeError as e:
             raise UserError(f"{data} was not found in --data-dir {data_dir}; add --download to fetch it "
                             f"({str(e).splitlines()[0]})") from None
@@ -371,16 +348,9 @@ def build_dataset(data, split="train", data_dir="data", download=False, with_unl
     if not os.path.exists(data):
         raise UserError(f"--data {data}: no such dataset or folder (choose synthetic, cifar10, cifar100, "
                         "stl10 or give an ImageFolder path)")
-    # train/ (or the folder itself, all training images), val/ or test/ (none: None)
     folder = next((os.path.join(data, name) for name in (("train",) if train else ("val", "test"))
                    if os.path.isdir(os.path.join(data, name))), data if train else None)
     return image_folder(folder) if folder else None
-
-
-class _SyntheticSceneBoxes(Synthetic):
-    def __getitem__(self, index):
-        image, target = super().__getitem__(index)
-        return image, target["boxes"]
 
 
 def _read_json(path, what):
@@ -395,12 +365,11 @@ def _read_json(path, what):
 
 def build_scene_dataset(data, data_dir="data", boxes_file=None, split="train"):
     """Scenes with boxes for UniVIP: `synthetic`, the synthetic scenes with their exact boxes; `coco`,
-    `data_dir/train2017/*.jpg` with `data_dir/annotations/instances_train2017.json` (crowd boxes skipped; images
-    without boxes kept, the sampler falls back to random boxes); or a folder of images with `boxes_file`, a JSON
-    object mapping each image path (relative to the folder) to a list of [x, y, w, h] boxes (e.g. selective-search
-    proposals)."""
+    `data_dir/train2017/*.jpg` with `data_dir/annotations/instances_train2017.json` (crowd boxes skipped; images without
+    boxes kept, the sampler falls back to random boxes); or a folder of images with `boxes_file`, a JSON object mapping
+    each image path (relative to the folder) to a list of [x, y, w, h] boxes (e.g. selective-search proposals)."""
     if data == "synthetic":
-        return _SyntheticSceneBoxes(split, scenes=True)
+        return Synthetic(split, scenes=True, boxes_only=True)
     if data == "coco":
         year_split = "train2017" if split == "train" else "val2017"
         ann = _read_json(os.path.join(data_dir, "annotations", f"instances_{year_split}.json"),
@@ -417,7 +386,8 @@ def build_scene_dataset(data, data_dir="data", boxes_file=None, split="train"):
         ids = sorted(files)
         return SceneBoxes([os.path.join(data_dir, year_split, files[i]) for i in ids], [boxes[i] for i in ids])
     if boxes_file is None:
-        raise UserError(f"--data {data} needs box proposals: pass --boxes FILE.json (image path -> [[x, y, w, h], ...])")
+        raise UserError(f"--data {data} needs box proposals: pass --boxes FILE.json (image path -> "
+                        "[[x, y, w, h], ...])")
     if not os.path.isdir(data):
         raise UserError(f"data folder {data} does not exist")
     table = _read_json(boxes_file, "box file")
@@ -434,28 +404,21 @@ def build_scene_dataset(data, data_dir="data", boxes_file=None, split="train"):
 
 
 def num_classes_of(dataset):
-    classes = getattr(dataset, "classes", None)
-    return len(classes) if classes else 0
-
-
-SMALL_IMAGES = 64  # a dataset whose images have a shorter side of 64 px or less: CIFAR stem, native-size crops
+    return len(getattr(dataset, "classes", None) or [])
 
 
 def native_image_size(dataset, sample=64, seed=0):
-    """The shorter side of the dataset's images: the median over a seeded sample of up to `sample` images (of a
-    folder, only the file headers are read), so one odd file never decides it (a folder whose first image is
-    240 x 180 is still one of ImageNet-sized photos). It decides `small_images` (SMALL_IMAGES px or less: the CIFAR
-    stem, crops at the native size); larger images get the references' crop sizes (224, and 96 for local crops),
-    whatever their own size. Torchvision datasets go the same way (CIFAR 32, STL-10 96 for every image)."""
+    """The shorter side of the dataset's images (crop_sizes's `native`): the median over a seeded sample of up to
+    `sample` images (of a folder, only the file headers are read), so one odd file never decides it (a folder whose
+    first image is 240 x 180 is still one of ImageNet-sized photos). CIFAR: 32, STL-10: 96."""
     inner = dataset
     while not isinstance(inner, ImageList) and hasattr(inner, "dataset"):
         inner = inner.dataset  # through wrappers such as a partly labelled view of the data
     if len(inner) == 0:
         raise UserError("the training set is empty")
     picks = np.random.default_rng(seed).choice(len(inner), size=min(sample, len(inner)), replace=False)
-    sides = [min(load_rgb(inner.paths[i], size_only=True) if isinstance(inner, ImageList) else inner[int(i)][0].size)
-             for i in picks]
-    return int(np.median(sides))
+    return int(np.median([min(load_rgb(inner.paths[i], size_only=True) if isinstance(inner, ImageList) else
+                              inner[int(i)][0].size) for i in picks]))
 
 
 def crop_sizes(native, global_size=None, local_size=None):
@@ -698,7 +661,7 @@ class Transformed(torch.utils.data.Dataset):
 
     def __init__(self, dataset, transform, indices=None):
         self.dataset, self.transform = dataset, transform
-        self.indices = list(range(len(dataset))) if indices is None else list(indices)
+        self.indices = list(range(len(dataset)) if indices is None else indices)
 
     def __len__(self):
         return len(self.indices)
@@ -713,13 +676,11 @@ def extract_features(model, dataset, batch_size, workers, device, autocast=None)
     """Features and labels of every item of `dataset` (in order), on every process: each process embeds a strided
     share, the shares are gathered and put back in order. Any dataset size works."""
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    rank = dist.get_rank() if world > 1 else 0
-    n = len(dataset)
+    rank, n = dist.get_rank() if world > 1 else 0, len(dataset)
     if n < world:
         raise UserError(f"the evaluation set has {n} images, fewer than the {world} processes")
-    was_training = model.training
+    feats, labels, was_training = [], [], model.training
     model.eval()
-    feats, labels = [], []
     loader = torch.utils.data.DataLoader(  # a generator of its own: iterating leaves the global RNG alone
         torch.utils.data.Subset(dataset, range(rank, n, world)), batch_size=batch_size, shuffle=False,
         num_workers=workers, pin_memory=device.type == "cuda", generator=torch.Generator())
@@ -728,8 +689,7 @@ def extract_features(model, dataset, batch_size, workers, device, autocast=None)
         if device.type == "cuda":
             images = images.to(memory_format=torch.channels_last)
         with autocast() if autocast else torch.autocast(device.type, enabled=False):
-            f = model(images)
-        feats.append(f.float())
+            feats.append(model(images).float())
         labels.append(torch.as_tensor(y).to(device))
     model.train(was_training)
     feats, labels = torch.cat(feats), torch.cat(labels)
@@ -745,12 +705,10 @@ def extract_features(model, dataset, batch_size, workers, device, autocast=None)
 
 @torch.no_grad()
 def knn_classify(train_features, train_labels, test_features, test_labels, num_classes, k=20, temperature=0.07):
-    """Weighted kNN (Wu et al. 2018, as in DINO): cosine similarity, top-k neighbours, each vote
-    weighted by exp(sim / T). Returns top-1 and top-5 accuracy in percent. Unlabelled (-1)
-    training items are ignored; the test set is processed in chunks, so any size works."""
+    """Weighted kNN (Wu et al. 2018, as in DINO): cosine similarity, top-k neighbours voting with weight exp(sim / T),
+    unlabelled (-1) training items ignored, the test set in chunks (any size). Returns top-1 and top-5 accuracy in %."""
     keep = train_labels >= 0
-    train = F.normalize(train_features[keep].float(), dim=1)
-    train_labels = train_labels[keep]
+    train, train_labels = F.normalize(train_features[keep].float(), dim=1), train_labels[keep]
     test = F.normalize(test_features.float(), dim=1)
     k = min(k, len(train))
     top1 = top5 = 0.0
@@ -767,16 +725,14 @@ def knn_classify(train_features, train_labels, test_features, test_labels, num_c
 
 
 class KNNMonitor:
-    """kNN top-1 of the backbone's features on the validation split during training. The memory bank is the
-    (labelled) training subset in use, with the evaluation transform, capped at `bank` images by a fixed seeded
-    choice: on ImageNet the default 20,000 (plus the 50,000 validation images) makes a monitor cost 5 % of the
-    forward passes of embedding all 1.28 M training images. Disabled (returns None) for data without labels or
-    without a val split."""
+    """kNN top-1 of the backbone's features on the validation split during training. The memory bank is the (labelled)
+    training subset in use, with the evaluation transform, capped at `bank` images by a fixed seeded choice: on ImageNet
+    the default 20,000 (plus the 50,000 validation images) makes a monitor cost 5 % of the forward passes of embedding
+    all 1.28 M training images. Disabled (returns None) for data without labels or without a val split."""
 
     def __init__(self, data, data_dir, img_size, small_images, workers, device, subset=0, seed=0, download=False,
                  bank=KNN_BANK, train=None, batch_size=256):
-        # `train`: the training set the script already built (not built twice), unless it holds unlabelled
-        # images as well (STL-10's unlabeled split): the bank is the labelled train split
+        # `train`: the script's training set (not built twice), unless it has unlabelled images (STL-10's unlabeled)
         if train is None or getattr(train, "split", None) == "train+unlabeled":
             train = build_dataset(data, "train", data_dir, download)
         val = build_dataset(data, "val", data_dir, download)
@@ -797,14 +753,13 @@ class KNNMonitor:
             return None
         ftrain, ytrain = extract_features(backbone, self.train, self.batch_size, self.workers, self.device, autocast)
         fval, yval = extract_features(backbone, self.val, self.batch_size, self.workers, self.device, autocast)
-        top1, top5 = knn_classify(ftrain, ytrain, fval, yval, self.num_classes)
-        return {"knn_top1": top1, "knn_top5": top5}
+        return dict(zip(("knn_top1", "knn_top5"), knn_classify(ftrain, ytrain, fval, yval, self.num_classes)))
 
 
 # ==============================================================================================
-# THE PLUMBING. A reader needs none of what follows to understand a method: flags, processes,
-# checkpoints, resume and preemption, the optimiser and schedules, and the training-run helper
-# that owns the glue around each method's training step (progress included).
+# THE PLUMBING. A reader needs none of what follows to understand a method: flags shared by every
+# script, processes, seeds, mixed precision; checkpoints (backbone.pt record, atomic saves), resume;
+# parameter groups, LARS, schedules; then, under a banner, the training-run helper (with preemption).
 # ==============================================================================================
 def run_main(main):
     """Call `main()`; turn a UserError (also one raised inside a loader worker) into one line and exit 2."""
@@ -821,31 +776,25 @@ def run_main(main):
 
 
 def destroy_process_group():
-    """dist.destroy_process_group(), if a group is up. Older torch (seen on 2.1, not on 2.14) destroys a gloo group
-    holding the GIL while one of its threads may still need the GIL to free the last collective's tensors: a
-    deadlock, rare but seen on a busy 2-core machine. A short sleep, the GIL released, lets that thread finish."""
+    """dist.destroy_process_group(), if a group is up. Older torch (2.1) destroys a gloo group holding the GIL while one
+    of its threads may need it to free the last collective's tensors: a rare deadlock, which a short sleep avoids."""
     if dist.is_available() and dist.is_initialized():
         if dist.get_backend() == "gloo":
             time.sleep(0.2)
         dist.destroy_process_group()
 
 
-# ----------------------------------------------------------------------------------------------
-# Flags shared by every script (same names and meaning everywhere), processes, seeds, mixed precision
-# ----------------------------------------------------------------------------------------------
 def add_common_args(parser, method, *, epochs, batch_size, lr, wd, warmup_epochs, arch="resnet_tiny",
                     eval_every=10, demo_subset=0):
     """The flags of DESIGN.md. Defaults: the method's paper values, except data, arch, epochs, batch size
     and `demo_subset` (images of --data synthetic used by default), which size the CPU demo."""
     g = parser.add_argument_group("common options (same in every script)")
-    g.add_argument("--data", default="synthetic",
-                   help="synthetic (embedded, no download), cifar10, cifar100, stl10, or the path of an "
-                        "ImageFolder root with train/ and val/ (or test/)")
+    g.add_argument("--data", default="synthetic", help="synthetic (embedded, no download), cifar10, cifar100, stl10, "
+                   "or the path of an ImageFolder root with train/ and val/ (or test/)")
     g.add_argument("--data-dir", default="data", help="root of the torchvision datasets (cifar10, ...)")
     g.add_argument("--download", action="store_true", help="download the torchvision dataset into --data-dir")
-    g.add_argument("--subset", type=int, default=None,
-                   help="train on a fixed random subset of this many images, 0 = all (default: "
-                        f"{demo_subset or 'all'} with --data synthetic, the CPU demo; all otherwise)")
+    g.add_argument("--subset", type=int, default=None, help="train on a fixed random subset of this many images, 0 = "
+                   f"all (default: {demo_subset or 'all'} with --data synthetic, the CPU demo; all otherwise)")
     parser.set_defaults(demo_subset=demo_subset, script=method)  # `script`: which method wrote a checkpoint
     g.add_argument("--arch", default=arch, choices=ARCHS, help="backbone; resnet_tiny is the CPU demo network")
     g.add_argument("--epochs", type=int, default=epochs, help="number of training epochs")
@@ -895,8 +844,7 @@ def check_common_args(args, world_size):
 
 
 def compile_unsupported():
-    """Why torch.compile cannot run here, or None. A torch older than this Python (3.12 needs torch >= 2.4) raises
-    it from inside torch.compile as a traceback; the scripts ask first and say it in one sentence."""
+    """Why torch.compile cannot run here, or None (e.g. Python 3.12 needs torch >= 2.4): one sentence, no traceback."""
     try:
         import torch._dynamo  # on demand: only --compile and the compile tests need it
         getattr(torch._dynamo.eval_frame, "check_if_dynamo_supported", lambda: None)()
@@ -922,26 +870,16 @@ def init_distributed():
     gloo on CPU. Returns a namespace: rank, world_size, local_rank, device, is_main, distributed."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":  # this process's GPU; TF32 matmuls and convs on Ampere and newer; cuDNN's autotuner
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls and convs on Ampere and newer
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-    else:
-        device = torch.device("cpu")
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.benchmark = True
     if world_size > 1 and not dist.is_initialized():
         # device_id (bind NCCL to this GPU at once) is torch >= 2.3; before, set_device above is what picks it
         bind = device.type == "cuda" and "device_id" in inspect.signature(dist.init_process_group).parameters
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **({"device_id": device} if bind else {}))
     return SimpleNamespace(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
                            is_main=rank == 0, distributed=world_size > 1)
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def mixed_precision(precision, device):
@@ -951,8 +889,7 @@ def mixed_precision(precision, device):
     if precision == "fp16" and device.type != "cuda":
         raise UserError("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
     dtype, scaled = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision), precision == "fp16"
-    # torch.amp.GradScaler(device) is torch >= 2.3; torch 2.1 and 2.2 have torch.cuda.amp's, the same scaler for CUDA
-    # and, disabled (always so on the CPU, where fp16 is refused), a pass-through on any device
+    # torch.amp.GradScaler is torch >= 2.3; 2.1 and 2.2's torch.cuda.amp one: the same on CUDA, disabled (CPU) a no-op
     scaler = (torch.amp.GradScaler(device.type, enabled=scaled) if hasattr(torch.amp, "GradScaler") else
               torch.cuda.amp.GradScaler(enabled=scaled))
     return lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None), scaler
@@ -973,9 +910,6 @@ def all_reduce_sum(x):
     return x
 
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoints (the backbone.pt record, atomic saves), resume, preemption, the log
-# ----------------------------------------------------------------------------------------------
 def atomic_save(obj, path):
     """Write to a temporary file in the same folder, then rename: a crash never leaves a broken file."""
     tmp = f"{path}.tmp{os.getpid()}"
@@ -1002,13 +936,7 @@ def backbone_record(backbone, *, method, arch, small_images, img_size, feat_dim,
                     mean=IMAGENET_MEAN, std=IMAGENET_STD):
     return {"method": method, "arch": arch, "small_images": bool(small_images), "img_size": int(img_size),
             "mean": list(mean), "std": list(std), "feat_dim": int(feat_dim),
-            "state_dict": clean_state_dict(backbone.state_dict()), "args": plain_args(args),
-            "epoch": int(epoch)}
-
-
-def save_backbone(path, backbone, **fields):
-    """Write the method-independent `backbone.pt` that eval_linear.py reads (fields: see backbone_record)."""
-    atomic_save(backbone_record(backbone, **fields), path)
+            "state_dict": clean_state_dict(backbone.state_dict()), "args": plain_args(args), "epoch": int(epoch)}
 
 
 def load_weights_only(path):
@@ -1019,22 +947,17 @@ def load_weights_only(path):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-RESUME_KEYS = ("arch", "data", "subset", "seed", "batch_size", "epochs")  # what decides the data order and steps
-
-
 def load_checkpoint(out, args, keys_that_must_match=()):
-    """The checkpoint.pt in `out` if there is one (resume), after checking it belongs to this run: the same script,
-    and the common options of RESUME_KEYS and the method's `keys_that_must_match` equal the saved ones. Also tidies
-    `out`: removes the temporaries of saves that a kill interrupted and drops log.jsonl lines of epochs after the
-    checkpoint's (a run killed between an epoch's line and its checkpoint repeats that epoch), so the log holds one
-    line per completed epoch; without a checkpoint, a log left by a run killed before its first one is removed."""
-    path = os.path.join(out, "checkpoint.pt")
+    """The checkpoint.pt in `out` if there is one, after checking it belongs to this run: the same script and the same
+    values of the options that decide the data order and steps (arch, data, subset, seed, batch size, epochs) and of
+    the method's `keys_that_must_match`. Also tidies `out`: removes the temporaries of saves a kill interrupted; drops
+    log.jsonl lines of epochs after the checkpoint's (a run killed between an epoch's line and its checkpoint repeats
+    that epoch: one line per completed epoch); without a checkpoint, removes the log of a run killed before one."""
+    path, log = os.path.join(out, "checkpoint.pt"), os.path.join(out, "log.jsonl")
     is_main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-    if is_main and os.path.isdir(out):
-        for name in os.listdir(out):
-            if re.fullmatch(r".+\.pt\.tmp\d+", name):  # atomic_save's temporaries: only a killed run leaves one
-                os.remove(os.path.join(out, name))
-    log = os.path.join(out, "log.jsonl")
+    for name in os.listdir(out) if is_main and os.path.isdir(out) else []:
+        if re.fullmatch(r".+\.pt\.tmp\d+", name):  # atomic_save's temporaries: only a killed run leaves one
+            os.remove(os.path.join(out, name))
     if not os.path.exists(path):
         if is_main and os.path.exists(log):  # left by a run killed before its first checkpoint: start afresh
             os.remove(log)
@@ -1050,7 +973,7 @@ def load_checkpoint(out, args, keys_that_must_match=()):
                         "use another --out")
     if script != args.script:
         raise UserError(f"{path} is a checkpoint of {script}, not of {args.script}; use another --out")
-    for key in dict.fromkeys(RESUME_KEYS + tuple(keys_that_must_match)):
+    for key in dict.fromkeys(("arch", "data", "subset", "seed", "batch_size", "epochs") + tuple(keys_that_must_match)):
         if key in old and old[key] != getattr(args, key):
             raise UserError(f"{path} was trained with --{key.replace('_', '-')} {old[key]}, not "
                             f"{getattr(args, key)}; use the same options to resume or another --out")
@@ -1065,17 +988,6 @@ def load_checkpoint(out, args, keys_that_must_match=()):
     return ckpt
 
 
-EXIT_STOPPED = 3  # the exit status of a run stopped by SIGTERM / SIGUSR1 after saving: run it again to resume
-
-
-def write_json_line(path, obj):
-    with open(path, "a") as f:
-        f.write(json.dumps(obj) + "\n")
-
-
-# ----------------------------------------------------------------------------------------------
-# Optimisation: parameter groups, LARS, per-iteration schedules
-# ----------------------------------------------------------------------------------------------
 def param_groups(modules, weight_decay):
     """Weights (ndim >= 2) get weight decay; biases and norm parameters (ndim < 2) get none and are
     excluded from LARS adaptation (`lars_exclude`), as in SimCLR, BYOL, MoCo v3 and t-ReX."""
@@ -1086,13 +998,12 @@ def param_groups(modules, weight_decay):
 
 
 class LARS(torch.optim.Optimizer):
-    """SGD with momentum and layer-wise trust ratios (You et al. 2017), as used by BYOL and MoCo v3: update =
-    g + wd * w, scaled by eta * ||w|| / ||update|| (1 if either norm is 0), then momentum: DeepMind's BYOL formula.
-    solo-learn's LARS (EffSSL's) divides by ||g|| + wd ||w|| instead; with r = wd ||w|| / ||g|| the two trust
-    ratios differ by up to 2r / (1 - r) (0.22 at r = 0.1). Groups with `lars_exclude=True` (biases, norms) skip
-    decay and adaptation. `clip=True` caps the layer's rate at the global one (the LARC variant): the scale becomes
-    min(eta * ||w|| / (lr * ||update||), 1), so a step moves a layer by at most eta of its norm whatever the lr;
-    the CIFAR recipes tuned with eta 0.02 (solo-learn's BYOL) assume it."""
+    """SGD with momentum and layer-wise trust ratios (You et al. 2017), as BYOL and MoCo v3 use it: update = g + wd * w,
+    scaled by eta * ||w|| / ||update|| (1 if either norm is 0), then momentum (DeepMind's BYOL formula). solo-learn's
+    LARS (EffSSL's) divides by ||g|| + wd ||w|| instead: with r = wd ||w|| / ||g|| the trust ratios differ by up to 2r /
+    (1 - r) (0.22 at r = 0.1). Groups with `lars_exclude=True` (biases, norms) skip decay and adaptation. `clip=True`
+    (LARC) caps the layer's rate at the global one, scale min(eta * ||w|| / (lr * ||update||), 1): a step moves a layer
+    by at most eta of its norm whatever the lr, as the CIFAR recipes tuned with eta 0.02 (solo-learn's BYOL) assume."""
 
     def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001, clip=False):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
@@ -1108,9 +1019,8 @@ class LARS(torch.optim.Optimizer):
             if not group["lars_exclude"]:
                 if group["weight_decay"]:
                     grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
-                w_norms, g_norms = torch._foreach_norm(params), torch._foreach_norm(grads)
                 trust = [torch.where((w > 0) & (g > 0), group["trust_coefficient"] * w / g, torch.ones_like(w))
-                         for w, g in zip(w_norms, g_norms)]
+                         for w, g in zip(torch._foreach_norm(params), torch._foreach_norm(grads))]
                 if group.get("clip") and group["lr"] > 0:
                     trust = [(t / group["lr"]).clamp(max=1.0) for t in trust]
                 grads = torch._foreach_mul(grads, trust)
@@ -1124,10 +1034,9 @@ class LARS(torch.optim.Optimizer):
 
 
 def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0.0, warmup_start=0.0, endpoint=True):
-    """Per-iteration values: linear warmup from `warmup_start` to `base`, then cosine to `final`, precomputed as an
-    array (DINO's way) so that a resumed run lands on exactly the same value. `endpoint=False` is MoCo v3's momentum
-    form, final - (final - base)(1 + cos(pi t / T)) / 2 for t = 0 .. T - 1: the value at t = T (after the last
-    step) is `final`."""
+    """Per-iteration values, precomputed (DINO's way: a resumed run lands on exactly the same value): linear warmup from
+    `warmup_start` to `base`, then cosine to `final`. `endpoint=False` is MoCo v3's momentum form, final - (final -
+    base)(1 + cos(pi t / T)) / 2 for t = 0 .. T - 1 (the value at t = T, after the last step, is `final`)."""
     total = int(epochs * iters_per_epoch)
     warmup = min(int(warmup_epochs * iters_per_epoch), total)
     ramp = np.linspace(warmup_start, base, warmup, endpoint=False)
@@ -1149,14 +1058,15 @@ def momentum_update(target_params, online_params, momentum):
 # ----------------------------------------------------------------------------------------------
 # The training-run helper: everything around a method's step
 # ----------------------------------------------------------------------------------------------
-def init_run(args, check_method_args=None):
-    """Processes (one, or torchrun's), the flags (a bad one: one sentence, before anything is read or
-    written), the seeds (one stream per process). Returns the namespace of init_distributed."""
+def init_run(args, check_method_args):
+    """Processes (one, or torchrun's), the flags (common ones, then `check_method_args(args)`; a bad one: one
+    sentence, before anything is read or written), the seeds (one stream per process). Returns init_distributed's."""
     ddp = init_distributed()
     check_common_args(args, ddp.world_size)
-    if check_method_args is not None:
-        check_method_args(args)
-    seed_everything(args.seed + ddp.rank)
+    check_method_args(args)
+    random.seed(args.seed + ddp.rank)
+    np.random.seed((args.seed + ddp.rank) % 2**32)
+    torch.manual_seed(args.seed + ddp.rank)
     return ddp
 
 
@@ -1165,46 +1075,34 @@ def set_lr(optimizer, lr):
         group["lr"] = lr
 
 
-SELF_SUPERVISED_DEMO = (  # printed at the end of the self-supervised demos on the synthetic shapes
-    "what to expect: a few minutes of self-supervised training on the synthetic shapes move the kNN top-1 only a "
-    "few points from random init (the network bootstraps from its own random features); on CIFAR-10, BYOL, "
-    "MoCo v3, UniVIP and SwAV + rotation gain over random init within 2 epochs (README, Results)")
-
-
 class TrainingRun:
     """The glue around a method's training step, the same in every script (DINO's `restart_from_checkpoint` and
-    `MetricLogger.log_every` in one). A method's `main()` builds its data, model, optimizer and schedules, then
-    writes its step out:
+    `MetricLogger.log_every` in one). A method's `main()` builds its data, model, optimizer and schedules, then:
 
         run = common.TrainingRun(args, ddp, model, optimizer, loader, autocast=..., scaler=..., ...)
         for step, batch in run.batches():
             ...                             # the method: from the batch to optimizer.step()
             run.log(losses, lr=lr)          # the step's losses (scalar tensors), values to log
 
-    Construction: resume from --out's checkpoint.pt if there is one (the model with its buffers, the optimizer, the
-    grad scaler, each process's RNG, the position inside an epoch); SyncBatchNorm on several GPUs; torch.compile,
-    then DDP (`run.model`, called in the step; `model` stays the plain module); the output folder, log.jsonl's
-    header and the `recipe:` line; the kNN monitor at random init. `batches()` runs the epochs: the sampler's epoch
-    (skipping the batches a stopped run did), the progress bar, images/s and data_wait, the non-finite check every
-    --log-every steps, SIGTERM / SIGUSR1 / --save-every checkpoints inside an epoch; at each epoch's end the means
-    over steps and processes, `evaluate()` (the method's own metrics), the kNN monitor every --eval-every epochs,
-    one log.jsonl line and one epoch line, checkpoint.pt and backbone.pt; at the end the kNN line and `note`.
-    """
+    Construction resumes from --out's checkpoint.pt if there is one (model with buffers, optimizer, grad scaler, each
+    process's RNG, the position in an epoch), then SyncBatchNorm on GPUs, torch.compile, DDP (`run.model`, called in
+    the step; `model` stays the plain module), log.jsonl's header, the `recipe:` line, the kNN monitor at random init.
+    `batches()` runs the epochs: progress, the non-finite check, checkpoints on SIGTERM / SIGUSR1 / --save-every; at
+    each epoch's end the means over steps and processes, `evaluate()` (the method's metrics), the kNN monitor every
+    --eval-every epochs, a log.jsonl line and an epoch line, checkpoint.pt and backbone.pt; the kNN line and `note`."""
 
     def __init__(self, args, ddp, model, optimizer, loader, *, autocast, scaler, backbone, record, knn=None,
                  must_match=(), evaluate=None, recipe=None, note=None, broadcast_buffers=True):
-        self.args, self.ddp, self.loader, self.optimizer, self.autocast, self.scaler = (
-            args, ddp, loader, optimizer, autocast, scaler)
-        self.backbone, self.record, self.knn, self.evaluate, self.note = (
-            backbone, dict(record, arch=args.arch), knn, evaluate, note)
+        self.args, self.ddp, self.loader, self.optimizer, self.autocast, self.scaler, self.backbone, self.knn = (
+            args, ddp, loader, optimizer, autocast, scaler, backbone, knn)
+        self.record, self.evaluate, self.note = dict(record, arch=args.arch), evaluate, note
         if ddp.distributed and ddp.device.type == "cuda":  # shares the parameters: the optimizer's stay valid
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.plain = model
         # where the backbone sits in the model's state dict: checkpoint.pt holds each tensor once
         self.backbone_prefix = next(name for name, m in model.named_modules() if m is backbone) + "."
         ckpt = load_checkpoint(args.out, args, must_match)
-        # "epoch" counts completed epochs, "step" the steps taken: a checkpoint written inside an epoch (a signal,
-        # --save-every) resumes at its next batch
+        # "epoch": epochs completed, "step": steps taken (a checkpoint inside an epoch resumes at its next batch)
         self.start_epoch, self.step = (ckpt["epoch"], ckpt["step"]) if ckpt else (0, 0)
         self.done_in_epoch = self.step - self.start_epoch * len(loader)
         self.resumed_totals, self.knn_init, self.knn_last = (ckpt or {}).get("totals", {}), None, None
@@ -1227,7 +1125,7 @@ class TrainingRun:
         if ddp.is_main:
             os.makedirs(args.out, exist_ok=True)
             if ckpt is None:  # the header: flags, versions, the recipe
-                write_json_line(self.log_path, {
+                self._write({
                     "args": plain_args(args), "torch": torch.__version__, "torchvision": torchvision.__version__,
                     "python": platform.python_version(), "cuda": torch.version.cuda, "gpus": torch.cuda.device_count(),
                     "time": time.strftime("%Y-%m-%d %H:%M:%S"), "recipe": recipe})
@@ -1236,10 +1134,14 @@ class TrainingRun:
         if ckpt is None and knn is not None:
             self.knn_init = knn(backbone, autocast)
             if ddp.is_main and self.knn_init:
-                write_json_line(self.log_path, {"epoch": 0, **self.knn_init})
+                self._write({"epoch": 0, **self.knn_init})
                 print(f"random-init backbone: kNN top-1 {self.knn_init['knn_top1']:.1f}%{knn.where}")
         if ddp.is_main and knn is not None and not knn.enabled:
             print(f"kNN monitor off: {knn.data} has no labelled validation split")
+
+    def _write(self, line):  # one line of log.jsonl
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(line) + "\n")
 
     def log(self, losses, **last):
         """After a step: add its losses to the epoch's sums (no host sync; 'loss' is checked for NaN);
@@ -1250,7 +1152,7 @@ class TrainingRun:
         self.last.update(last)
 
     def batches(self):
-        """Yields (step, batch) for every step of the run; see the class docstring."""
+        """Yields (step, batch) for every step of the run, skipping the batches a stopped run did."""
         args, ddp, loader = self.args, self.ddp, self.loader
         self.signal, self.last_save = None, time.monotonic()  # SIGTERM, SIGUSR1: clusters stop jobs with them
         for sig in (signal.SIGTERM, signal.SIGUSR1):  # finish the step in progress, then save and stop
@@ -1270,26 +1172,22 @@ class TrainingRun:
                 yield self.step, batch
                 self.step += 1
                 if self.step % args.log_every == 0:
-                    loss, now = self._check_finite(), self._clock()
+                    loss, now = self._sync()
                     rate = (self.step - bar_step) * args.batch_size / max(now - bar_start, 1e-9)
                     bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}")
                     bar_step, bar_start = self.step, now
                 self._preempt(epoch)
-            if self.recent:
-                self._check_finite()
-            secs = max(self._clock() - epoch_start, 1e-9)
+            secs = max(self._sync()[1] - epoch_start, 1e-9)
             self._end_epoch(epoch, (self.step - epoch_step) * args.batch_size / secs, min(1.0, self.waited / secs))
-        if not ddp.is_main:
-            return
-        if self.start_epoch >= args.epochs:
+        if ddp.is_main and self.start_epoch >= args.epochs:
             print(f"{args.out} already holds a model trained for {args.epochs} epochs")
-            return
-        knn_init, knn_last = self.knn_init, self.knn_last
-        print(f"kNN top-1{self.knn.where}: {knn_last['knn_top1']:.1f}% after training vs {knn_init['knn_top1']:.1f}% "
-              f"at random init (backbone: {args.out}/backbone.pt)" if knn_init and knn_last else
-              f"done: backbone saved to {args.out}/backbone.pt")
-        if self.note:
-            print(self.note)
+        elif ddp.is_main:
+            init, last = self.knn_init, self.knn_last
+            print(f"kNN top-1{self.knn.where}: {last['knn_top1']:.1f}% after training vs {init['knn_top1']:.1f}% at "
+                  f"random init (backbone: {args.out}/backbone.pt)" if init and last else
+                  f"done: backbone saved to {args.out}/backbone.pt")
+            if self.note:
+                print(self.note)
 
     def _timed(self, loader):
         """The loader's batches; the time the loop waits for each adds to `self.waited`. data_wait, its share of
@@ -1300,18 +1198,15 @@ class TrainingRun:
             yield batch
             start = time.perf_counter()
 
-    def _clock(self):
-        """time.perf_counter() once the GPU has done its queued work; called at log points only."""
+    def _sync(self):
+        """The loop's host syncs, every --log-every steps and at an epoch's end: stop with the step named if a recent
+        loss is not finite; the GPU's queued work done. Returns (the last loss, time.perf_counter())."""
+        recent, self.recent = torch.stack(self.recent) if self.recent else None, []
+        if recent is not None and not torch.isfinite(recent).all():
+            raise UserError(f"the loss is not finite at or before step {self.step}; lower --lr or use --precision fp32")
         if self.ddp.device.type == "cuda":
             torch.cuda.synchronize(self.ddp.device)
-        return time.perf_counter()
-
-    def _check_finite(self):
-        """Every --log-every steps (no host sync in between): the recent losses, or stop with the step named."""
-        recent, self.recent = torch.stack(self.recent), []
-        if not torch.isfinite(recent).all():
-            raise UserError(f"the loss is not finite at or before step {self.step}; lower --lr or use --precision fp32")
-        return recent[-1]
+        return None if recent is None else recent[-1], time.perf_counter()
 
     def _preempt(self, epoch):
         """After each step: save on a signal or when --save-every is due, then stop on a signal; the same on every
@@ -1352,7 +1247,7 @@ class TrainingRun:
             self.knn_last = self.knn(self.backbone, self.autocast)
             stats.update(self.knn_last or {})
         if ddp.is_main:
-            write_json_line(self.log_path, stats)
+            self._write(stats)
             print(epoch_line(stats, args.epochs))
         self.save(epoch + 1, {})
 
@@ -1371,10 +1266,9 @@ class TrainingRun:
         record = backbone_record(self.backbone, **self.record, args=self.args, epoch=epochs_done)
         meta = {k: v for k, v in record.items() if k != "state_dict"}  # the weights are in "model"
         atomic_save({"method": record["method"], "model": self.plain.state_dict(),
-                     "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                     "epoch": epochs_done, "step": self.step, "totals": totals, "args": plain_args(self.args),
-                     "rng": rng, "knn_init": self.knn_init,
-                     "backbone": dict(meta, state_dict_prefix=self.backbone_prefix)},
+                     "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "epoch": epochs_done,
+                     "step": self.step, "totals": totals, "args": plain_args(self.args), "rng": rng,
+                     "knn_init": self.knn_init, "backbone": dict(meta, state_dict_prefix=self.backbone_prefix)},
                     os.path.join(self.args.out, "checkpoint.pt"))
         atomic_save(record, os.path.join(self.args.out, "backbone.pt"))
 
