@@ -1,14 +1,7 @@
-"""What the four method files share, in two parts.
-
-The ground floor, all a reader needs to understand a method: backbones (ResNets, MoCo v3's ViT), the
-datasets (the synthetic shapes and scenes, image folders, CIFAR / STL-10, scenes with boxes), the crop-size
-policy, the batched colour augmentation that runs on the training device, the loaders with reproducible
-augmentation, feature extraction and the weighted kNN.
-
-Then, under a banner, the plumbing: flags, processes, mixed precision, checkpoints, resume and
-preemption, LARS and the schedules, progress, and `TrainingRun`, the helper that owns the glue around
-each method's training step. Everything specific to one method lives in that method's file.
-"""
+"""What the four method files share, in two parts: the ground floor, all a reader needs to understand a method
+(backbones, datasets, the crop-size policy, batched colour augmentation, loaders, features and kNN), then, under a
+banner, the plumbing (flags, processes, checkpoints, resume, LARS and the schedules, and `TrainingRun`, the glue around
+each method's training step). Everything specific to one method lives in that method's file."""
 import inspect
 import json
 import math
@@ -16,6 +9,7 @@ import os
 import platform
 import random
 import re
+import resource
 import signal
 import sys
 import time
@@ -38,6 +32,12 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 ARCHS = ("resnet_tiny", "resnet18", "resnet34", "resnet50", "vit_small", "vit_base")
 KNN_BANK = 20_000  # default memory bank of the kNN monitor: 20 images per class on ImageNet, all of a demo
+SMALL_IMAGES = 64  # a dataset whose images have a shorter side of 64 px or less: CIFAR stem, native-size crops
+EXIT_STOPPED = 3  # the exit status of a run stopped by SIGTERM / SIGUSR1 after saving: run it again to resume
+SELF_SUPERVISED_DEMO = (  # printed at the end of the self-supervised demos on the synthetic shapes
+    "what to expect: a few minutes of self-supervised training on the synthetic shapes move the kNN top-1 only a "
+    "few points from random init (the network bootstraps from its own random features); on CIFAR-10, BYOL, "
+    "MoCo v3, UniVIP and SwAV + rotation gain over random init within 2 epochs (README, Results)")
 
 
 class UserError(Exception):
@@ -48,32 +48,25 @@ class UserError(Exception):
 # Backbones: image batch -> pooled features, with torchvision's parameter names
 # ----------------------------------------------------------------------------------------------
 def sincos_position_embedding(grid, dim, temperature=10000.0):
-    """MoCo v3's fixed 2-D sin-cos position embedding, (1, 1 + grid^2, dim) with a zero row for the class token.
-
-    Token t = r * grid + c (row-major, as the patch embedding is flattened) gets
-    [sin(r w), cos(r w), sin(c w), cos(c w)] with frequencies w_i = temperature^(-i / (dim / 4)).
-    """
+    """MoCo v3's fixed 2-D sin-cos position embedding, (1, 1 + grid^2, dim) with a zero row for the class token:
+    token t = r * grid + c (row-major, as the patch embedding is flattened) gets [sin(r w), cos(r w), sin(c w),
+    cos(c w)] with frequencies w_i = temperature^(-i / (dim / 4))."""
     if dim % 4:
         raise ValueError(f"the sin-cos position embedding needs a width divisible by 4, got {dim}")
     omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
-    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
-                                indexing="ij")
+    rows, cols = torch.meshgrid(*[torch.arange(grid, dtype=torch.float64)] * 2, indexing="ij")
     r, c = rows.flatten()[:, None] * omega, cols.flatten()[:, None] * omega
-    table = torch.cat([r.sin(), r.cos(), c.sin(), c.cos()], dim=1)
-    return torch.cat([torch.zeros(1, dim, dtype=torch.float64), table]).float().unsqueeze(0)
+    table = torch.cat([torch.zeros(1, dim, dtype=torch.float64), torch.cat([r.sin(), r.cos(), c.sin(), c.cos()], 1)])
+    return table.float().unsqueeze(0)
 
 
 class ViT(VisionTransformer):
-    """torchvision's VisionTransformer built and initialised as MoCo v3's ViT, for any image size.
-
-    As MoCo v3 (Chen, Xie, He 2021, Sec. 5 and its vits.py): the position embedding is the fixed 2-D
-    sin-cos table, a buffer, neither trained nor weight-decayed (it keeps torchvision's key
-    `encoder.pos_embedding`, so backbone.pt loads into torchvision's VisionTransformer); q, k and v are
-    initialised as three separate xavier-uniform blocks, every other Linear xavier-uniform, biases 0, the
-    class token N(0, 1e-6) and the patch embedding uniform with bound sqrt(6 / (3 p^2 + D)). Methods that
-    freeze the patch embedding (MoCo v3, OPERA) do so themselves. For other input sizes (multi-crop) the
-    table is interpolated (bicubic) to the token grid of the input, as DINO does. Output: the class token.
-    """
+    """torchvision's VisionTransformer built and initialised as MoCo v3's ViT (Chen, Xie, He 2021, Sec. 5; vits.py), for
+    any image size: the position embedding is the fixed 2-D sin-cos table, a buffer, neither trained nor decayed
+    (torchvision's key `encoder.pos_embedding`: backbone.pt loads into its VisionTransformer); q, k and v initialised
+    as three xavier-uniform blocks, other Linears xavier-uniform, biases 0, the class token N(0, 1e-6), the patch
+    embedding uniform with bound sqrt(6 / (3 p^2 + D)). Methods that freeze the patch embedding (MoCo v3, OPERA) do so
+    themselves. Other input sizes (multi-crop) get the table interpolated (bicubic) to their token grid, as in DINO."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -95,34 +88,24 @@ class ViT(VisionTransformer):
 
     def forward(self, x):
         n, _, h, w = x.shape
-        p = self.patch_size
+        gh, gw, g = h // self.patch_size, w // self.patch_size, self.image_size // self.patch_size
         x = self.conv_proj(x).flatten(2).transpose(1, 2)  # (n, tokens, dim)
         x = torch.cat([self.class_token.expand(n, -1, -1), x], dim=1)
-        x = x + self._position_embedding(h // p, w // p)
-        x = self.encoder.ln(self.encoder.layers(self.encoder.dropout(x)))
-        return self.heads(x[:, 0])
-
-    def _position_embedding(self, gh, gw):
         pos = self.encoder.pos_embedding
-        g = self.image_size // self.patch_size
-        if (gh, gw) == (g, g):
-            return pos
-        grid = pos[:, 1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid.float(), size=(gh, gw), mode="bicubic", align_corners=False).to(pos.dtype)
-        return torch.cat([pos[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)
+        if (gh, gw) != (g, g):  # another input size: the table interpolated to its token grid
+            grid = pos[:, 1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
+            grid = F.interpolate(grid.float(), size=(gh, gw), mode="bicubic", align_corners=False).to(pos.dtype)
+            pos = torch.cat([pos[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)
+        x = self.encoder.ln(self.encoder.layers(self.encoder.dropout(x + pos)))
+        return self.heads(x[:, 0])
 
 
 def _resnet_tiny():
     """A torchvision ResNet with one BasicBlock per stage and widths 16-32-64-128 (~0.3 M parameters)."""
-    model = ResNet(BasicBlock, [1, 1, 1, 1])
-    widths = (16, 32, 64, 128)
-    model.inplanes = widths[0]
-    model.conv1 = nn.Conv2d(3, widths[0], 7, 2, 3, bias=False)
-    model.bn1 = nn.BatchNorm2d(widths[0])
-    model.layer1 = model._make_layer(BasicBlock, widths[0], 1)
-    model.layer2 = model._make_layer(BasicBlock, widths[1], 1, stride=2)
-    model.layer3 = model._make_layer(BasicBlock, widths[2], 1, stride=2)
-    model.layer4 = model._make_layer(BasicBlock, widths[3], 1, stride=2)
+    model, widths = ResNet(BasicBlock, [1, 1, 1, 1]), (16, 32, 64, 128)
+    model.inplanes, model.conv1, model.bn1 = 16, nn.Conv2d(3, 16, 7, 2, 3, bias=False), nn.BatchNorm2d(16)
+    for i, width in enumerate(widths):
+        setattr(model, f"layer{i + 1}", model._make_layer(BasicBlock, width, 1, stride=2 if i else 1))
     for m in model.modules():  # torchvision's initialisation, for the replaced modules
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -139,12 +122,9 @@ def vit_patch_size(img_size):
 
 def build_backbone(arch, small_images=False, img_size=224, zero_init_residual=False, stem_padding=1):
     """Returns (module, feat_dim): the module maps images (n, 3, h, w) to pooled features (n, feat_dim).
-
-    ResNets are torchvision's with `fc = Identity`; with `small_images` (64 px or less) the stem is a
-    3x3 stride-1 convolution without max-pool (the CIFAR variant; solo-learn's pads by 2: `stem_padding`).
-    ViTs are torchvision's with `heads = Identity`. Parameter names are torchvision's, so the weights load into
-    torchvision models.
-    """
+    ResNets are torchvision's with `fc = Identity`; with `small_images` (64 px or less) the stem is a 3x3 stride-1
+    convolution without max-pool (the CIFAR variant; solo-learn's pads by 2: `stem_padding`). ViTs are torchvision's
+    with `heads = Identity`. Parameter names are torchvision's, so the weights load into torchvision models."""
     if arch == "resnet_tiny":
         model, feat_dim = _resnet_tiny()
     elif arch in ("resnet18", "resnet34", "resnet50"):
@@ -179,16 +159,11 @@ def to_device(module, device):
 
 
 # ----------------------------------------------------------------------------------------------
-# The synthetic dataset: shapes on textured backgrounds, generated from (seed, split, index)
+# Datasets: the synthetic shapes (from (seed, split, index)), CIFAR / STL-10, image folders, scenes with boxes
 # ----------------------------------------------------------------------------------------------
 def _ngon(n, radius, phase=0.0):
     return [(radius * math.cos(phase + 2 * math.pi * i / n), radius * math.sin(phase + 2 * math.pi * i / n))
             for i in range(n)]
-
-
-def _star():
-    return [((1.1 if i % 2 == 0 else 0.45) * math.cos(-math.pi / 2 + math.pi * i / 5),
-             (1.1 if i % 2 == 0 else 0.45) * math.sin(-math.pi / 2 + math.pi * i / 5)) for i in range(10)]
 
 
 # Each shape is a list of (polygon in unit coordinates, fill): 255 adds, 0 cuts a hole.
@@ -198,7 +173,8 @@ SHAPES = {
     "square": [(_ngon(4, 1.0, math.pi / 4), 255)],
     "frame": [(_ngon(4, 1.0, math.pi / 4), 255), (_ngon(4, 0.55, math.pi / 4), 0)],
     "triangle": [(_ngon(3, 1.1, -math.pi / 2), 255)],
-    "star": [(_star(), 255)],
+    "star": [([((1.1 if i % 2 == 0 else 0.45) * math.cos(-math.pi / 2 + math.pi * i / 5),
+                (1.1 if i % 2 == 0 else 0.45) * math.sin(-math.pi / 2 + math.pi * i / 5)) for i in range(10)], 255)],
     "cross": [([(-1, -.32), (1, -.32), (1, .32), (-1, .32)], 255), ([(-.32, -1), (.32, -1), (.32, 1), (-.32, 1)], 255)],
     "bar": [([(-1.1, -0.3), (1.1, -0.3), (1.1, 0.3), (-1.1, 0.3)], 255)],
     "half_disc": [([(math.cos(math.pi * i / 20), math.sin(math.pi * i / 20) - 0.45) for i in range(21)], 255)],
@@ -206,12 +182,10 @@ SHAPES = {
 }
 SHAPE_NAMES = tuple(SHAPES)
 
-
-# Colours and textures come from small shared sets: many images of every class share each of them,
-# so no single colour or background pattern tells one image from all others (with unique random
-# colours, instance discrimination is solved by colour alone, as SimCLR found on photos without colour
-# jitter). Their combination nearly does; the README's oracle-pair control (Results) shows that
-# this is not what keeps the self-supervised demos from learning the shapes faster.
+# Colours and textures come from small shared sets: many images of every class share each, so no single colour or
+# background pattern tells one image from all others (with unique random colours, instance discrimination is solved
+# by colour alone, as SimCLR found on photos without colour jitter). Their combination nearly does; the README's
+# oracle-pair control (Results) shows that this is not what keeps the self-supervised demos from learning faster.
 PALETTE = np.array([[230, 60, 50], [60, 170, 70], [50, 90, 220], [240, 200, 40], [150, 60, 190], [40, 190, 200],
                     [240, 130, 30], [235, 235, 235], [30, 30, 30], [130, 130, 130]], np.float32)
 
@@ -223,13 +197,8 @@ def _texture(rng, size):
     kind, freq, theta = rng.integers(3), (3, 6)[rng.integers(2)], math.pi / 4 * rng.integers(4)
     yy, xx = np.mgrid[0:size, 0:size] / size
     u, v = xx * math.cos(theta) + yy * math.sin(theta), yy * math.cos(theta) - xx * math.sin(theta)
-    if kind == 0:
-        w = np.zeros_like(u)
-    elif kind == 1:
-        w = 0.5 + 0.5 * np.sin(2 * math.pi * freq * u)
-    else:
-        w = (np.floor(u * freq) + np.floor(v * freq)) % 2
-    w = w.astype(np.float32)[..., None]
+    w = (np.zeros_like(u) if kind == 0 else 0.5 + 0.5 * np.sin(2 * math.pi * freq * u) if kind == 1 else
+         (np.floor(u * freq) + np.floor(v * freq)) % 2).astype(np.float32)[..., None]
     return c1 * (1 - w) + c2 * w + rng.normal(0, 10, (size, size, 3)).astype(np.float32)
 
 
@@ -242,46 +211,38 @@ def _draw_shape(mask, rng, label, cx, cy, radius):
         draw.polygon([(cx + radius * (c * x - s * y), cy + radius * (s * x + c * y)) for x, y in points], fill=fill)
 
 
-def _foreground_colour(rng, background_mean):
-    """A palette colour far enough from the background's mean colour to keep the shape visible."""
-    far = [c for c in PALETTE if np.abs(c - background_mean).sum() > 150]
-    return far[rng.integers(len(far))] if far else 255 - background_mean
+def _paint(background, m, rng):
+    """The shape (mask m in [0, 1]) on `background`, in a palette colour far from the background's mean (visible)."""
+    mean = background.mean((0, 1))
+    far = [c for c in PALETTE if np.abs(c - mean).sum() > 150]
+    return background * (1 - m) + (far[rng.integers(len(far))] if far else 255 - mean) * m
 
 
 class Synthetic(torch.utils.data.Dataset):
-    """Ten shape classes with random colour (from a palette), size, position and rotation (+-30 degrees
-    from upright) on textured backgrounds.
-
-    Colour, position and background carry no class information, so a representation must learn
-    shape. Every image is a pure function of (seed, split, index): no storage, any worker can
-    build it. `scenes=True` draws 3 to 6 shapes with limited overlap on a larger canvas and
-    returns their exact boxes (x, y, w, h in pixels) and classes instead of one label.
-    """
+    """Ten shape classes with random colour (from a palette), size, position and rotation (+-30 degrees from
+    upright) on textured backgrounds: colour, position and background carry no class information, so a
+    representation must learn shape. Every image is a pure function of (seed, split, index): no storage, any
+    worker can build it. `scenes=True` draws 3 to 6 shapes with limited overlap on a larger canvas and returns
+    their exact boxes (x, y, w, h in pixels) and classes instead of one label (`boxes_only`: the boxes alone)."""
 
     classes = list(SHAPE_NAMES)
 
-    def __init__(self, split="train", size=None, img_size=None, scenes=False, seed=0):
-        self.split, self.scenes, self.seed = split, scenes, seed
-        self.size = size or (10_000 if split == "train" else 2_000)
-        self.img_size = img_size or (96 if scenes else 32)
-        self._split_id = 0 if split == "train" else 1
+    def __init__(self, split="train", size=None, img_size=None, scenes=False, seed=0, boxes_only=False):
+        self.split, self.scenes, self.seed, self.boxes_only = split, scenes, seed, boxes_only
+        self.size, self.img_size = size or (10_000 if split == "train" else 2_000), img_size or (96 if scenes else 32)
 
     def __len__(self):
         return self.size
 
     def __getitem__(self, index):
-        rng = np.random.default_rng([self.seed, self._split_id, index])
+        rng = np.random.default_rng([self.seed, 0 if self.split == "train" else 1, index])
         big = 2 * self.img_size  # draw at twice the size, then downsample: anti-aliased edges
         image = _texture(rng, big)
-        mask = Image.new("L", (big, big), 0)
         if not self.scenes:
-            label = index % len(SHAPE_NAMES)
-            radius = big * rng.uniform(0.25, 0.4)
+            label, radius, mask = index % len(SHAPE_NAMES), big * rng.uniform(0.25, 0.4), Image.new("L", (big, big), 0)
             cx, cy = rng.uniform(radius, big - radius, 2)
             _draw_shape(mask, rng, label, cx, cy, radius)
-            m = np.asarray(mask, np.float32)[..., None] / 255
-            image = image * (1 - m) + _foreground_colour(rng, image.mean((0, 1))) * m
-            return self._finish(image), label
+            return self._finish(_paint(image, np.asarray(mask, np.float32)[..., None] / 255, rng)), label
         boxes, labels = [], []
         for _ in range(int(rng.integers(3, 7))):
             for _attempt in range(20):  # place the shape where it overlaps the others by IoU <= 0.2
@@ -292,57 +253,49 @@ class Synthetic(torch.utils.data.Dataset):
                     break
             else:
                 continue
-            label = int(rng.integers(len(SHAPE_NAMES)))
-            x0, y0 = int(cx - 1.2 * radius), int(cy - 1.2 * radius)  # draw in a local window only
-            side = int(2.4 * radius) + 2
-            shape = Image.new("L", (side, side), 0)
+            x0, y0, side = int(cx - 1.2 * radius), int(cy - 1.2 * radius), int(2.4 * radius) + 2  # a local window
+            label, shape = int(rng.integers(len(SHAPE_NAMES))), Image.new("L", (side, side), 0)
             _draw_shape(shape, rng, label, cx - x0, cy - y0, radius)
             bx0, by0, bx1, by1 = shape.getbbox()
             ys, xs = slice(max(y0, 0), min(y0 + side, big)), slice(max(x0, 0), min(x0 + side, big))
             m = np.asarray(shape, np.float32)[ys.start - y0: ys.stop - y0, xs.start - x0: xs.stop - x0, None] / 255
-            patch = image[ys, xs]
-            image[ys, xs] = patch * (1 - m) + _foreground_colour(rng, patch.mean((0, 1))) * m
-            x_lo, y_lo = max(x0 + bx0, 0), max(y0 + by0, 0)
-            x_hi, y_hi = min(x0 + bx1, big), min(y0 + by1, big)
+            image[ys, xs] = _paint(image[ys, xs], m, rng)
+            (x_lo, y_lo), (x_hi, y_hi) = (max(x0 + bx0, 0), max(y0 + by0, 0)), (min(x0 + bx1, big), min(y0 + by1, big))
             boxes.append(np.array([x_lo, y_lo, x_hi - x_lo, y_hi - y_lo], np.float64))
             labels.append(label)
         boxes = np.stack(boxes).astype(np.float32) / 2  # coordinates of the downsampled image
-        return self._finish(image), {"boxes": boxes, "labels": np.array(labels)}
+        return self._finish(image), boxes if self.boxes_only else {"boxes": boxes, "labels": np.array(labels)}
 
     def _finish(self, array):
-        image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8))
-        return image.resize((self.img_size, self.img_size), Image.BILINEAR)
+        return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8)).resize((self.img_size,) * 2, Image.BILINEAR)
 
 
 def box_iou(a, b):
     """IoU of two boxes given as (x, y, w, h)."""
-    iw = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
-    inter = iw * ih
+    inter = (max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])) *
+             max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])))
     union = a[2] * a[3] + b[2] * b[3] - inter
     return inter / union if union > 0 else 0.0
 
 
-# ----------------------------------------------------------------------------------------------
-# Real datasets: torchvision's CIFAR / STL-10, image folders, boxes for scene methods
-# ----------------------------------------------------------------------------------------------
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+def is_image_file(name):
+    return name.lower().endswith((".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"))
 
 
-def load_rgb(path):
+def load_rgb(path, size_only=False):
+    """The image at `path` in RGB; `size_only`: its (width, height), read from the file's header alone."""
     try:
         with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
+            return Image.open(f).size if size_only else Image.open(f).convert("RGB")
     except Exception as e:
         raise UserError(f"cannot read image {path} ({type(e).__name__}); remove or replace the file") from None
 
 
 class ImageList(torch.utils.data.Dataset):
-    """Images with optional labels (-1 = no label); the folder datasets are lists of these."""
+    """Images with optional labels (-1 = no label): the folder datasets."""
 
     def __init__(self, paths, labels=None, classes=None):
-        self.paths, self.classes = paths, classes
-        self.labels = labels if labels is not None else [-1] * len(paths)
+        self.paths, self.classes, self.labels = paths, classes, labels if labels is not None else [-1] * len(paths)
 
     def __len__(self):
         return len(self.paths)
@@ -351,8 +304,11 @@ class ImageList(torch.utils.data.Dataset):
         return load_rgb(self.paths[index]), self.labels[index]
 
 
-def is_image_file(name):
-    return name.lower().endswith(IMAGE_EXTENSIONS)
+class SceneBoxes(ImageList):
+    """Scene images with candidate object boxes as labels: items are (PIL image, float32 (n, 4) array of x, y, w, h)."""
+
+    def __getitem__(self, index):
+        return load_rgb(self.paths[index]), np.asarray(self.labels[index], np.float32).reshape(-1, 4)
 
 
 def image_folder(root):
@@ -360,79 +316,39 @@ def image_folder(root):
     if not os.path.isdir(root):
         raise UserError(f"data folder {root} does not exist")
     subdirs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-    paths, labels = [], []
-    for label, d in enumerate(subdirs):
-        for dirpath, _, files in sorted(os.walk(os.path.join(root, d))):
-            for f in sorted(files):
-                if is_image_file(f):
-                    paths.append(os.path.join(dirpath, f))
-                    labels.append(label)
-    if paths:
-        return ImageList(paths, labels, subdirs)
+    found = [(os.path.join(dirpath, f), label) for label, d in enumerate(subdirs)
+             for dirpath, _, files in sorted(os.walk(os.path.join(root, d))) for f in sorted(files) if is_image_file(f)]
+    if found:
+        return ImageList([path for path, _ in found], [label for _, label in found], subdirs)
     flat = sorted(os.path.join(root, f) for f in os.listdir(root) if is_image_file(f))
     if not flat:
         raise UserError(f"no images found in {root}; expected class subfolders or image files")
     return ImageList(flat)
 
 
-def _split_folder(root, split):
-    if split == "train":
-        return os.path.join(root, "train") if os.path.isdir(os.path.join(root, "train")) else root
-    for name in ("val", "test"):
-        if os.path.isdir(os.path.join(root, name)):
-            return os.path.join(root, name)
-    return None
-
-
-def _torchvision_dataset(name, split, data_dir, download, with_unlabeled):
-    try:
-        if name in ("cifar10", "cifar100"):
-            cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-            return cls(data_dir, train=split == "train", download=download)
-        stl_split = ("train+unlabeled" if with_unlabeled else "train") if split == "train" else "test"
-        return torchvision.datasets.STL10(data_dir, split=stl_split, download=download)
-    except RuntimeError as e:
-        raise UserError(f"{name} was not found in --data-dir {data_dir}; add --download to fetch it "
-                        f"({str(e).splitlines()[0]})") from None
-
-
 def build_dataset(data, split="train", data_dir="data", download=False, with_unlabeled=False):
-    """The raw dataset of (PIL RGB image, label) pairs; label -1 where an image has none.
-
-    `split` is "train" or "val" (a folder's val/ or test/, CIFAR's test set). `with_unlabeled`
-    adds STL-10's unlabeled split to its train split (self-supervised pretraining). Returns None
-    for a "val" split that does not exist (an unlabelled folder).
-    """
+    """The raw dataset of (PIL RGB image, label) pairs, label -1 where an image has none. `split`: "train" (a folder's
+    train/, else the folder itself) or "val" (its val/ or test/, CIFAR's test set; None if there is none);
+    `with_unlabeled` adds STL-10's unlabeled split to its train split (self-supervised pretraining)."""
     if data == "synthetic":
         return Synthetic(split)
+    train = split == "train"
     if data in ("cifar10", "cifar100", "stl10"):
-        ds = _torchvision_dataset(data, split, data_dir, download, with_unlabeled)
+        which = ({"split": ("train+unlabeled" if with_unlabeled else "train") if train else "test"} if data == "stl10"
+                 else {"train": train})  # STL10, CIFAR10, CIFAR100
+        try:
+            ds = getattr(torchvision.datasets, data.upper())(data_dir, download=download, **which)
+        except RuntimeError as e:
+            raise UserError(f"{data} was not found in --data-dir {data_dir}; add --download to fetch it "
+                            f"({str(e).splitlines()[0]})") from None
         ds.classes = getattr(ds, "classes", None)
         return ds
     if not os.path.exists(data):
         raise UserError(f"--data {data}: no such dataset or folder (choose synthetic, cifar10, cifar100, "
                         "stl10 or give an ImageFolder path)")
-    folder = _split_folder(data, split)
+    folder = next((os.path.join(data, name) for name in (("train",) if train else ("val", "test"))
+                   if os.path.isdir(os.path.join(data, name))), data if train else None)
     return image_folder(folder) if folder else None
-
-
-class SceneBoxes(torch.utils.data.Dataset):
-    """Scene images with candidate object boxes: items are (PIL image, float32 array (n, 4) of x, y, w, h)."""
-
-    def __init__(self, paths, boxes):
-        self.paths, self.boxes = paths, boxes
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, index):
-        return load_rgb(self.paths[index]), np.asarray(self.boxes[index], np.float32).reshape(-1, 4)
-
-
-class _SyntheticSceneBoxes(Synthetic):
-    def __getitem__(self, index):
-        image, target = super().__getitem__(index)
-        return image, target["boxes"]
 
 
 def _read_json(path, what):
@@ -446,19 +362,16 @@ def _read_json(path, what):
 
 
 def build_scene_dataset(data, data_dir="data", boxes_file=None, split="train"):
-    """Scenes with boxes for UniVIP, from one of three sources:
-
-    - `synthetic`: the synthetic scenes with their exact boxes;
-    - `coco`: `data_dir/train2017/*.jpg` with `data_dir/annotations/instances_train2017.json` (crowd
-      boxes skipped; images without boxes kept, the sampler falls back to random boxes);
-    - a folder of images with `boxes_file`, a JSON object mapping each image path (relative to the
-      folder) to a list of [x, y, w, h] boxes, e.g. selective-search proposals.
-    """
+    """Scenes with boxes for UniVIP: `synthetic`, the synthetic scenes with their exact boxes; `coco`,
+    `data_dir/train2017/*.jpg` with `data_dir/annotations/instances_train2017.json` (crowd boxes skipped; images without
+    boxes kept, the sampler falls back to random boxes); or a folder of images with `boxes_file`, a JSON object mapping
+    each image path (relative to the folder) to a list of [x, y, w, h] boxes (e.g. selective-search proposals)."""
     if data == "synthetic":
-        return _SyntheticSceneBoxes(split, scenes=True)
+        return Synthetic(split, scenes=True, boxes_only=True)
     if data == "coco":
         year_split = "train2017" if split == "train" else "val2017"
-        ann = _read_json(os.path.join(data_dir, "annotations", f"instances_{year_split}.json"), "COCO annotation file")
+        ann = _read_json(os.path.join(data_dir, "annotations", f"instances_{year_split}.json"),
+                         "COCO annotation file")
         try:
             files = {im["id"]: im["file_name"] for im in ann["images"]}
             boxes = {i: [] for i in files}
@@ -466,63 +379,44 @@ def build_scene_dataset(data, data_dir="data", boxes_file=None, split="train"):
                 if not a.get("iscrowd", 0):
                     boxes[a["image_id"]].append(a["bbox"])
         except (KeyError, TypeError):
-            raise UserError(f"the COCO annotation file in {data_dir}/annotations is not in COCO instances format") from None
+            raise UserError(f"the COCO annotation file in {data_dir}/annotations is not in COCO instances "
+                            "format") from None
         ids = sorted(files)
         return SceneBoxes([os.path.join(data_dir, year_split, files[i]) for i in ids], [boxes[i] for i in ids])
     if boxes_file is None:
-        raise UserError(f"--data {data} needs box proposals: pass --boxes FILE.json (image path -> [[x, y, w, h], ...])")
+        raise UserError(f"--data {data} needs box proposals: pass --boxes FILE.json (image path -> "
+                        "[[x, y, w, h], ...])")
     if not os.path.isdir(data):
         raise UserError(f"data folder {data} does not exist")
     table = _read_json(boxes_file, "box file")
     if not isinstance(table, dict) or not table:
         raise UserError(f"box file {boxes_file} must be a non-empty JSON object: image path -> list of [x, y, w, h]")
-    paths, boxes = [], []
     for rel, bs in sorted(table.items()):
         if not (isinstance(bs, list) and all(isinstance(b, list) and len(b) == 4 for b in bs)):
             raise UserError(f"box file {boxes_file}: the entry of {rel} is not a list of [x, y, w, h] boxes")
-        paths.append(os.path.join(data, rel))
-        boxes.append(bs)
+    paths = [os.path.join(data, rel) for rel in sorted(table)]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise UserError(f"box file {boxes_file} names {len(missing)} images missing under {data}, e.g. {missing[0]}")
-    return SceneBoxes(paths, boxes)
+    return SceneBoxes(paths, [table[rel] for rel in sorted(table)])
 
 
 def num_classes_of(dataset):
-    classes = getattr(dataset, "classes", None)
-    return len(classes) if classes else 0
-
-
-SMALL_IMAGES = 64  # a dataset whose images have a shorter side of 64 px or less: CIFAR stem, native-size crops
+    return len(getattr(dataset, "classes", None) or [])
 
 
 def native_image_size(dataset, sample=64, seed=0):
-    """The shorter side of the dataset's images, decided from the dataset as a whole.
-
-    The median over a seeded sample of up to `sample` images (of a folder, only the file headers are
-    read), so one odd file never decides it: a folder whose first image is 240 x 180 is still a folder
-    of ImageNet-sized photos. It decides `small_images` (SMALL_IMAGES px or less: the CIFAR stem and crops
-    at the native size); larger images get the references' crop sizes (224, and 96 for local crops),
-    whatever their own size. Torchvision datasets go the same way (CIFAR 32, STL-10 96 for every image).
-    """
+    """The shorter side of the dataset's images (crop_sizes's `native`): the median over a seeded sample of up to
+    `sample` images (of a folder, only the file headers are read), so one odd file never decides it (a folder whose
+    first image is 240 x 180 is still one of ImageNet-sized photos). CIFAR: 32, STL-10: 96."""
     inner = dataset
-    while not isinstance(inner, (ImageList, SceneBoxes)) and hasattr(inner, "dataset"):
+    while not isinstance(inner, ImageList) and hasattr(inner, "dataset"):
         inner = inner.dataset  # through wrappers such as a partly labelled view of the data
     if len(inner) == 0:
         raise UserError("the training set is empty")
     picks = np.random.default_rng(seed).choice(len(inner), size=min(sample, len(inner)), replace=False)
-    sides = []
-    for i in picks:
-        if isinstance(inner, (ImageList, SceneBoxes)):
-            try:
-                with Image.open(inner.paths[i]) as image:  # the header only: no decoding
-                    sides.append(min(image.size))
-            except Exception as e:
-                raise UserError(f"cannot read image {inner.paths[i]} ({type(e).__name__}); remove or replace "
-                                "the file") from None
-        else:
-            sides.append(min(inner[int(i)][0].size))
-    return int(np.median(sides))
+    return int(np.median([min(load_rgb(inner.paths[i], size_only=True) if isinstance(inner, ImageList) else
+                              inner[int(i)][0].size) for i in picks]))
 
 
 def crop_sizes(native, global_size=None, local_size=None):
@@ -558,20 +452,15 @@ def eval_transform(img_size, small_images, mean=IMAGENET_MEAN, std=IMAGENET_STD)
                        *to_normalized_tensor(mean, std)])
 
 
-# Batched colour augmentation on the training device. Each op takes images x (B, 3, H, W), float in
-# [0, 1], and one parameter per image (a (B,) tensor); it equals torchvision.transforms.v2.functional's
-# op applied to each image with its own parameter. None reads a value back to the host (pass the
-# parameters as tensors on x's device: a Python number is copied there first).
+# Batched colour augmentation on the training device. Each op takes images x (B, 3, H, W), float in [0, 1], and one
+# parameter per image (a (B,) tensor); it equals torchvision.transforms.v2.functional's op applied to each image with
+# its own parameter. None reads a value back to the host (pass parameters on x's device: a number is copied there).
 def _per_image(value, x):
     return torch.as_tensor(value, dtype=x.dtype, device=x.device).reshape(-1, 1, 1, 1)
 
 
 def _gray(x):
     return 0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]  # torchvision's weights
-
-
-def _blend(x, target, f):
-    return (x * f + target * (1 - f)).clamp(0, 1)
 
 
 def adjust_hue(x, h):
@@ -593,11 +482,9 @@ def grayscale(x):
 
 
 def gaussian_taps(sigma, kernel_size):
-    """Blur weights (n, kernel_size) for sigmas (n,): Lindeberg's discrete Gaussian, e^-t I_k(t) at taps k with
-    t = sigma^2, whose variance is exactly sigma^2 at every sigma (before the cut at kernel_size // 2).
-
-    Sampling the Gaussian density at integer taps (torchvision's kernel) is nearly a delta below 0.5 px:
-    effective std 0.003 at sigma 0.2, while PIL's GaussianBlur(radius=sigma), the references' blur, has ~sigma.
+    """Blur weights (n, kernel_size) for sigmas (n,): Lindeberg's discrete Gaussian e^-t I_k(t), t = sigma^2, of
+    variance exactly sigma^2 (before the cut at kernel_size // 2), as PIL's GaussianBlur(radius=sigma) has about; the
+    density sampled at integer taps (torchvision's) is nearly a delta below 0.5 px (std 0.003 at sigma 0.2).
     I_k(t) is summed as its series sum_j (t/2)^(2j+k) / (j! (j+k)!) in float64, in the log domain."""
     half = kernel_size // 2
     k = torch.arange(-half, half + 1, dtype=torch.float64, device=sigma.device).abs().view(1, -1, 1)
@@ -605,29 +492,19 @@ def gaussian_taps(sigma, kernel_size):
     t = sigma.double().pow(2).clamp_min(1e-12).view(-1, 1, 1)
     log_terms = (2 * j + k) * torch.log(t / 2) - torch.lgamma(j + 1) - torch.lgamma(j + k + 1)
     w = torch.exp(torch.logsumexp(log_terms, -1) - t.view(-1, 1))
-    w = torch.where(sigma.view(-1, 1) > 0, w / w.sum(1, keepdim=True), (k.view(1, -1) == 0).double())  # 0: identity
-    return w
-
-
-def _mirrored_index(n, half, device):
-    """Indices of a line of n pixels extended by `half` each side: ..., 1, 0 | 0, 1, ..., n - 1 | n - 1, ..."""
-    i = torch.arange(-half, n + half, device=device).remainder(2 * n)
-    return torch.where(i < n, i, 2 * n - 1 - i)
+    return torch.where(sigma.view(-1, 1) > 0, w / w.sum(1, keepdim=True), (k.view(1, -1) == 0).double())  # 0: identity
 
 
 def gaussian_blur(x, sigma, kernel_size):
-    """Separable Gaussian blur of variance sigma^2 (gaussian_taps), sigma per image (0: unchanged), odd
-    kernel_size. The borders are mirrored with the edge pixel repeated (x[-1] = x[0]), which is how PIL's
-    GaussianBlur (box blurs that repeat the edge pixel in each pass) comes out: within a level or two of it
-    at the borders, where reflecting without the edge pixel, or repeating it, is up to 10 to 26 levels off.
-
-    One grouped conv2d per direction blurs the whole batch: the batch's channels become the groups, each
-    with its image's kernel.
-    """
+    """Separable blur of variance sigma^2 (gaussian_taps), sigma per image (0: unchanged), odd kernel_size, in one
+    grouped conv2d per direction for the whole batch (each image's channels with its kernel). Borders are mirrored
+    with the edge pixel repeated (..., 1, 0 | 0, 1, ...), which is how PIL's box blurs come out: within a level or
+    two of PIL there, where reflecting without the edge pixel, or repeating it, is 10 to 26 levels off."""
     B, C, H, W = x.shape
     half = kernel_size // 2
     w = gaussian_taps(_per_image(sigma, x).view(-1), kernel_size).to(x.dtype).repeat_interleave(C, 0)
-    rows, cols = _mirrored_index(H, half, x.device), _mirrored_index(W, half, x.device)
+    mirrored = [torch.arange(-half, n + half, device=x.device).remainder(2 * n) for n in (H, W)]
+    rows, cols = [torch.where(i < n, i, 2 * n - 1 - i) for i, n in zip(mirrored, (H, W))]
     y = x[:, :, rows][:, :, :, cols].reshape(1, B * C, H + 2 * half, W + 2 * half)
     y = F.conv2d(y, w.view(B * C, 1, 1, kernel_size), groups=B * C)
     return F.conv2d(y, w.view(B * C, 1, kernel_size, 1), groups=B * C).view(B, C, H, W)
@@ -642,7 +519,8 @@ def _jitter_blend(x, op, b, c, s):
     mean grey or the grey, so one blend does them all), 3 nothing."""
     gray = _gray(x)
     target = torch.where(op == 1, gray.mean((2, 3), keepdim=True), torch.where(op == 2, gray, 0.0))
-    return _blend(x, target, torch.where(op == 0, b, torch.where(op == 1, c, torch.where(op == 2, s, 1.0))))
+    f = torch.where(op == 0, b, torch.where(op == 1, c, torch.where(op == 2, s, 1.0)))
+    return (x * f + target * (1 - f)).clamp(0, 1)
 
 
 class ColorAugmentation:
@@ -658,10 +536,9 @@ class ColorAugmentation:
         0 brightness, 1 contrast, 2 saturation (factors, 1 = identity), 3 hue (shift, 0 = identity),
         4-7 the jitter order: the op (0 brightness, 1 contrast, 2 saturation, 3 hue) at each position,
         8 grayscale flag, 9 blur sigma (0 = no blur), 10 solarize flag.
-    `blur_scale` (the methods pass crop_size / 224) blurs a crop size other than 224 by the same fraction of
-    its size; the kernel spans 3 sigma of the largest sigma each side. On images of 64 px or less every method
-    turns the blur off (blur_p 0), as solo-learn's CIFAR recipes do: there the references' sigma scaled by 32/224
-    changed pixels by 0.04 levels on average, a blur in name only. Ops with probability 0 are skipped.
+    `blur_scale` (the methods pass crop_size / 224) scales sigma for crops other than 224 px; the kernel spans 3 sigma
+    of the largest sigma each side. Every method turns the blur off on images of 64 px or less (solo-learn's CIFAR
+    recipes): the sigma scaled by 32/224 changed pixels by 0.04 levels on average. Ops with probability 0 are skipped.
     """
 
     NUM_PARAMS = 11
@@ -726,15 +603,12 @@ class ColorAugmentation:
 
 
 # ----------------------------------------------------------------------------------------------
-# Loaders with exactly reproducible augmentation
+# Loaders with exactly reproducible augmentation; features and weighted kNN (DINO's protocol)
 # ----------------------------------------------------------------------------------------------
 class EpochSampler(torch.utils.data.Sampler):
-    """This process's share of a seeded shuffle of the data, yielding (index, epoch) pairs.
-
-    The epoch travels with the index so that the augmentation of an image can be seeded by
-    (seed, epoch, index): identical whatever the number of workers, persistent workers included,
-    and identical after a resume.
-    """
+    """This process's share of a seeded shuffle of the data, yielding (index, epoch) pairs: the epoch travels with
+    the index so that an image's augmentation can be seeded by (seed, epoch, index), identical whatever the number
+    of workers (persistent ones included) and after a resume."""
 
     def __init__(self, dataset_len, rank=0, world_size=1, seed=0, subset=0):
         self.indices = np.arange(dataset_len)
@@ -798,7 +672,7 @@ class Transformed(torch.utils.data.Dataset):
 
     def __init__(self, dataset, transform, indices=None):
         self.dataset, self.transform = dataset, transform
-        self.indices = list(range(len(dataset))) if indices is None else list(indices)
+        self.indices = list(range(len(dataset)) if indices is None else indices)
 
     def __len__(self):
         return len(self.indices)
@@ -808,45 +682,32 @@ class Transformed(torch.utils.data.Dataset):
         return self.transform(image), label
 
 
-def eval_loader(dataset, batch_size, workers, device):
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                       pin_memory=device.type == "cuda", generator=torch.Generator())
-
-
-# ----------------------------------------------------------------------------------------------
-# Features and weighted kNN (DINO's protocol)
-# ----------------------------------------------------------------------------------------------
 @torch.no_grad()
 def extract_features(model, dataset, batch_size, workers, device, autocast=None):
-    """Features and labels of every item of `dataset` (in order), on every process.
-
-    Each process embeds a strided share; the shares are gathered and put back in order. Works
-    for any dataset size.
-    """
+    """Features and labels of every item of `dataset` (in order), on every process: each process embeds a strided
+    share, the shares are gathered and put back in order. Any dataset size works."""
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    rank = dist.get_rank() if world > 1 else 0
-    n = len(dataset)
+    rank, n = dist.get_rank() if world > 1 else 0, len(dataset)
     if n < world:
         raise UserError(f"the evaluation set has {n} images, fewer than the {world} processes")
-    was_training = model.training
+    feats, labels, was_training = [], [], model.training
     model.eval()
-    feats, labels = [], []
-    loader = eval_loader(torch.utils.data.Subset(dataset, range(rank, n, world)), batch_size, workers, device)
+    loader = torch.utils.data.DataLoader(  # a generator of its own: iterating leaves the global RNG alone
+        torch.utils.data.Subset(dataset, range(rank, n, world)), batch_size=batch_size, shuffle=False,
+        num_workers=workers, pin_memory=device.type == "cuda", generator=torch.Generator())
     for images, y in loader:
         images = images.to(device, non_blocking=True)
         if device.type == "cuda":
             images = images.to(memory_format=torch.channels_last)
         with autocast() if autocast else torch.autocast(device.type, enabled=False):
-            f = model(images)
-        feats.append(f.float())
+            feats.append(model(images).float())
         labels.append(torch.as_tensor(y).to(device))
     model.train(was_training)
     feats, labels = torch.cat(feats), torch.cat(labels)
     if world == 1:
         return feats, labels
     per = math.ceil(n / world)  # pad every share to the same length, gather, then restore the order
-    pad_f = feats.new_zeros(per, feats.shape[1])
-    pad_y = labels.new_full((per,), -1)
+    pad_f, pad_y = feats.new_zeros(per, feats.shape[1]), labels.new_full((per,), -1)
     pad_f[: len(feats)], pad_y[: len(labels)] = feats, labels
     all_f, all_y = all_gather_nograd(pad_f), all_gather_nograd(pad_y)  # rank-major
     order = torch.arange(per * world, device=device).view(world, per).t().reshape(-1)
@@ -855,12 +716,10 @@ def extract_features(model, dataset, batch_size, workers, device, autocast=None)
 
 @torch.no_grad()
 def knn_classify(train_features, train_labels, test_features, test_labels, num_classes, k=20, temperature=0.07):
-    """Weighted kNN (Wu et al. 2018, as in DINO): cosine similarity, top-k neighbours, each vote
-    weighted by exp(sim / T). Returns top-1 and top-5 accuracy in percent. Unlabelled (-1)
-    training items are ignored; the test set is processed in chunks, so any size works."""
+    """Weighted kNN (Wu et al. 2018, as in DINO): cosine similarity, top-k neighbours voting with weight exp(sim / T),
+    unlabelled (-1) training items ignored, the test set in chunks (any size). Returns top-1 and top-5 accuracy in %."""
     keep = train_labels >= 0
-    train = F.normalize(train_features[keep].float(), dim=1)
-    train_labels = train_labels[keep]
+    train, train_labels = F.normalize(train_features[keep].float(), dim=1), train_labels[keep]
     test = F.normalize(test_features.float(), dim=1)
     k = min(k, len(train))
     top1 = top5 = 0.0
@@ -877,18 +736,14 @@ def knn_classify(train_features, train_labels, test_features, test_labels, num_c
 
 
 class KNNMonitor:
-    """kNN top-1 of the backbone's features on the validation split during training.
-
-    The memory bank is the (labelled) training subset in use, with the evaluation transform, capped at
-    `bank` images by a fixed seeded choice: on ImageNet the default 20,000 (plus the 50,000 validation
-    images) makes a monitor cost 5 % of the forward passes of embedding all 1.28 M training images.
-    Disabled (returns None) for data without labels or without a val split.
-    """
+    """kNN top-1 of the backbone's features on the validation split during training. The memory bank is the (labelled)
+    training subset in use, with the evaluation transform, capped at `bank` images by a fixed seeded choice: on ImageNet
+    the default 20,000 (plus the 50,000 validation images) makes a monitor cost 5 % of the forward passes of embedding
+    all 1.28 M training images. Disabled (returns None) for data without labels or without a val split."""
 
     def __init__(self, data, data_dir, img_size, small_images, workers, device, subset=0, seed=0, download=False,
                  bank=KNN_BANK, train=None, batch_size=256, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-        # `train`: the training set the script already built (not built twice), unless it holds unlabelled
-        # images as well (STL-10's unlabeled split): the bank is the labelled train split
+        # `train`: the script's training set (not built twice), unless it has unlabelled images (STL-10's unlabeled)
         if train is None or getattr(train, "split", None) == "train+unlabeled":
             train = build_dataset(data, "train", data_dir, download)
         val = build_dataset(data, "val", data_dir, download)
@@ -909,15 +764,14 @@ class KNNMonitor:
             return None
         ftrain, ytrain = extract_features(backbone, self.train, self.batch_size, self.workers, self.device, autocast)
         fval, yval = extract_features(backbone, self.val, self.batch_size, self.workers, self.device, autocast)
-        top1, top5 = knn_classify(ftrain, ytrain, fval, yval, self.num_classes)
-        return {"knn_top1": top1, "knn_top5": top5}
+        return dict(zip(("knn_top1", "knn_top5"), knn_classify(ftrain, ytrain, fval, yval, self.num_classes)))
+
 
 # ==============================================================================================
-# THE PLUMBING. A reader needs none of what follows to understand a method: flags, processes,
-# checkpoints, resume and preemption, the optimiser and schedules, progress, and the training-run
-# helper that owns the glue around each method's training step.
+# THE PLUMBING. A reader needs none of what follows to understand a method: flags shared by every
+# script, processes, seeds, mixed precision; checkpoints (backbone.pt record, atomic saves), resume;
+# parameter groups, LARS, schedules; then, under a banner, the training-run helper (with preemption).
 # ==============================================================================================
-
 def run_main(main):
     """Call `main()`; turn a UserError (also one raised inside a loader worker) into one line and exit 2."""
     try:
@@ -933,31 +787,25 @@ def run_main(main):
 
 
 def destroy_process_group():
-    """dist.destroy_process_group(), if a group is up. Older torch (seen on 2.1, not on 2.14) destroys a gloo group
-    holding the GIL while one of its threads may still need the GIL to free the last collective's tensors: a
-    deadlock, rare but seen on a busy 2-core machine. A short sleep, the GIL released, lets that thread finish."""
+    """dist.destroy_process_group(), if a group is up. Older torch (2.1) destroys a gloo group holding the GIL while one
+    of its threads may need it to free the last collective's tensors: a rare deadlock, which a short sleep avoids."""
     if dist.is_available() and dist.is_initialized():
         if dist.get_backend() == "gloo":
             time.sleep(0.2)
         dist.destroy_process_group()
 
 
-# ----------------------------------------------------------------------------------------------
-# Options shared by every script (same names and meaning everywhere)
-# ----------------------------------------------------------------------------------------------
 def add_common_args(parser, method, *, epochs, batch_size, lr, wd, warmup_epochs, arch="resnet_tiny",
                     eval_every=10, demo_subset=0):
     """The flags of DESIGN.md. Defaults: the method's paper values, except data, arch, epochs, batch size
     and `demo_subset` (images of --data synthetic used by default), which size the CPU demo."""
     g = parser.add_argument_group("common options (same in every script)")
-    g.add_argument("--data", default="synthetic",
-                   help="synthetic (embedded, no download), cifar10, cifar100, stl10, or the path of an "
-                        "ImageFolder root with train/ and val/ (or test/)")
+    g.add_argument("--data", default="synthetic", help="synthetic (embedded, no download), cifar10, cifar100, stl10, "
+                   "or the path of an ImageFolder root with train/ and val/ (or test/)")
     g.add_argument("--data-dir", default="data", help="root of the torchvision datasets (cifar10, ...)")
     g.add_argument("--download", action="store_true", help="download the torchvision dataset into --data-dir")
-    g.add_argument("--subset", type=int, default=None,
-                   help="train on a fixed random subset of this many images, 0 = all (default: "
-                        f"{demo_subset or 'all'} with --data synthetic, the CPU demo; all otherwise)")
+    g.add_argument("--subset", type=int, default=None, help="train on a fixed random subset of this many images, 0 = "
+                   f"all (default: {demo_subset or 'all'} with --data synthetic, the CPU demo; all otherwise)")
     parser.set_defaults(demo_subset=demo_subset, script=method)  # `script`: which method wrote a checkpoint
     g.add_argument("--arch", default=arch, choices=ARCHS, help="backbone; resnet_tiny is the CPU demo network")
     g.add_argument("--epochs", type=int, default=epochs, help="number of training epochs")
@@ -1007,8 +855,7 @@ def check_common_args(args, world_size):
 
 
 def compile_unsupported():
-    """Why torch.compile cannot run here, or None. A torch older than this Python (3.12 needs torch >= 2.4) raises
-    it from inside torch.compile as a traceback; the scripts ask first and say it in one sentence."""
+    """Why torch.compile cannot run here, or None (e.g. Python 3.12 needs torch >= 2.4): one sentence, no traceback."""
     try:
         import torch._dynamo  # on demand: only --compile and the compile tests need it
         getattr(torch._dynamo.eval_frame, "check_if_dynamo_supported", lambda: None)()
@@ -1029,24 +876,15 @@ def check_out_folder(out, flag="--out"):
                         ("a file" if not os.path.isdir(parent) else "not writable") + f"; choose another {flag}")
 
 
-# ----------------------------------------------------------------------------------------------
-# Distributed setup, seeds, mixed precision
-# ----------------------------------------------------------------------------------------------
 def init_distributed():
-    """One process (`python X.py`) or torchrun (RANK / LOCAL_RANK / WORLD_SIZE from the environment).
-
-    NCCL on CUDA, gloo on CPU. Returns a namespace: rank, world_size, local_rank, device, is_main.
-    """
+    """One process (`python X.py`) or torchrun (RANK / LOCAL_RANK / WORLD_SIZE from the environment), NCCL on CUDA,
+    gloo on CPU. Returns a namespace: rank, world_size, local_rank, device, is_main, distributed."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":  # this process's GPU; TF32 matmuls and convs on Ampere and newer; cuDNN's autotuner
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls and convs on Ampere and newer
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-    else:
-        device = torch.device("cpu")
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.benchmark = True
     if world_size > 1 and not dist.is_initialized():
         # device_id (bind NCCL to this GPU at once) is torch >= 2.3; before, set_device above is what picks it
         bind = device.type == "cuda" and "device_id" in inspect.signature(dist.init_process_group).parameters
@@ -1055,30 +893,17 @@ def init_distributed():
                            is_main=rank == 0, distributed=world_size > 1)
 
 
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def mixed_precision(precision, device):
     """Returns (autocast context factory, GradScaler). bf16 needs no scaler; fp16 does; fp32 neither."""
     if precision == "auto":
         precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise UserError("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    def autocast():
-        return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-    return autocast, _grad_scaler(device.type, enabled=precision == "fp16")
-
-
-def _grad_scaler(device_type, enabled):
-    """torch.amp.GradScaler(device_type) is torch >= 2.3; torch 2.1 and 2.2 have torch.cuda.amp's, the same scaler
-    for CUDA and, disabled (always so on the CPU, where fp16 is refused), a pass-through on any device."""
-    if hasattr(torch.amp, "GradScaler"):
-        return torch.amp.GradScaler(device_type, enabled=enabled)
-    return torch.cuda.amp.GradScaler(enabled=enabled)
+    dtype, scaled = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision), precision == "fp16"
+    # torch.amp.GradScaler is torch >= 2.3; 2.1 and 2.2's torch.cuda.amp one: the same on CUDA, disabled (CPU) a no-op
+    scaler = (torch.amp.GradScaler(device.type, enabled=scaled) if hasattr(torch.amp, "GradScaler") else
+              torch.cuda.amp.GradScaler(enabled=scaled))
+    return lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None), scaler
 
 
 def all_gather_nograd(x):
@@ -1096,10 +921,6 @@ def all_reduce_sum(x):
     return x
 
 
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints (the backbone.pt record, atomic saves), resume, preemption, the log
-# ----------------------------------------------------------------------------------------------
 def atomic_save(obj, path):
     """Write to a temporary file in the same folder, then rename: a crash never leaves a broken file."""
     tmp = f"{path}.tmp{os.getpid()}"
@@ -1112,12 +933,8 @@ def atomic_save(obj, path):
 
 def clean_state_dict(state_dict):
     """torchvision key names: no `module.` / `_orig_mod.` prefixes, no classifier (`fc.`, `heads.`)."""
-    out = {}
-    for k, v in state_dict.items():
-        k = k.replace("_orig_mod.", "").replace("module.", "")
-        if not (k.startswith("fc.") or k.startswith("heads.")):
-            out[k] = v.detach().cpu() if torch.is_tensor(v) else v
-    return out
+    renamed = ((k.replace("_orig_mod.", "").replace("module.", ""), v) for k, v in state_dict.items())
+    return {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in renamed if not k.startswith(("fc.", "heads."))}
 
 
 def plain_args(args):
@@ -1130,13 +947,7 @@ def backbone_record(backbone, *, method, arch, small_images, img_size, feat_dim,
                     mean=IMAGENET_MEAN, std=IMAGENET_STD, stem_padding=1):
     return {"method": method, "arch": arch, "small_images": bool(small_images), "img_size": int(img_size),
             "mean": list(mean), "std": list(std), "feat_dim": int(feat_dim), "stem_padding": int(stem_padding),
-            "state_dict": clean_state_dict(backbone.state_dict()), "args": plain_args(args),
-            "epoch": int(epoch)}
-
-
-def save_backbone(path, backbone, **fields):
-    """Write the method-independent `backbone.pt` that eval_linear.py reads (fields: see backbone_record)."""
-    atomic_save(backbone_record(backbone, **fields), path)
+            "state_dict": clean_state_dict(backbone.state_dict()), "args": plain_args(args), "epoch": int(epoch)}
 
 
 def load_weights_only(path):
@@ -1147,47 +958,17 @@ def load_weights_only(path):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def rng_states():
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_states(states):
-    torch.set_rng_state(states["torch"])
-    random.setstate(states["python"])
-    if torch.cuda.is_available() and states["cuda"]:
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def gather_rng_states():
-    """The RNG states of every process (rank order), so that each resumes its own stream."""
-    mine = rng_states()
-    if not (dist.is_available() and dist.is_initialized()):
-        return [mine]
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    return everyone
-
-
-RESUME_KEYS = ("arch", "data", "subset", "seed", "batch_size", "epochs")  # what decides the data order and steps
-
-
 def load_checkpoint(out, args, keys_that_must_match=()):
-    """The checkpoint.pt in `out` if there is one (resume), after checking it belongs to this run: the same
-    script, and the common options of RESUME_KEYS and the method's `keys_that_must_match` equal the saved ones.
-
-    Also tidies `out` for the run: removes the temporary files of saves that a kill interrupted, and
-    drops log.jsonl lines of epochs after the checkpoint's (a run killed between writing an epoch's line
-    and its checkpoint repeats that epoch), so the log holds one line per completed epoch; without a
-    checkpoint, a log left by a run killed before its first one is removed.
-    """
-    path = os.path.join(out, "checkpoint.pt")
+    """The checkpoint.pt in `out` if there is one, after checking it belongs to this run: the same script and the same
+    values of the options that decide the data order and steps (arch, data, subset, seed, batch size, epochs) and of
+    the method's `keys_that_must_match`. Also tidies `out`: removes the temporaries of saves a kill interrupted; drops
+    log.jsonl lines of epochs after the checkpoint's (a run killed between an epoch's line and its checkpoint repeats
+    that epoch: one line per completed epoch); without a checkpoint, removes the log of a run killed before one."""
+    path, log = os.path.join(out, "checkpoint.pt"), os.path.join(out, "log.jsonl")
     is_main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-    if is_main and os.path.isdir(out):
-        for name in os.listdir(out):
-            if re.fullmatch(r".+\.pt\.tmp\d+", name):  # atomic_save's temporaries: only a killed run leaves one
-                os.remove(os.path.join(out, name))
-    log = os.path.join(out, "log.jsonl")
+    for name in os.listdir(out) if is_main and os.path.isdir(out) else []:
+        if re.fullmatch(r".+\.pt\.tmp\d+", name):  # atomic_save's temporaries: only a killed run leaves one
+            os.remove(os.path.join(out, name))
     if not os.path.exists(path):
         if is_main and os.path.exists(log):  # left by a run killed before its first checkpoint: start afresh
             os.remove(log)
@@ -1203,7 +984,7 @@ def load_checkpoint(out, args, keys_that_must_match=()):
                         "use another --out")
     if script != args.script:
         raise UserError(f"{path} is a checkpoint of {script}, not of {args.script}; use another --out")
-    for key in dict.fromkeys(RESUME_KEYS + tuple(keys_that_must_match)):
+    for key in dict.fromkeys(("arch", "data", "subset", "seed", "batch_size", "epochs") + tuple(keys_that_must_match)):
         if key in old and old[key] != getattr(args, key):
             raise UserError(f"{path} was trained with --{key.replace('_', '-')} {old[key]}, not "
                             f"{getattr(args, key)}; use the same options to resume or another --out")
@@ -1218,105 +999,22 @@ def load_checkpoint(out, args, keys_that_must_match=()):
     return ckpt
 
 
-def resume_position(ckpt, iters_per_epoch):
-    """(epoch, step, batches of that epoch already done) to start from; (0, 0, 0) without a checkpoint.
-
-    `ckpt["epoch"]` counts completed epochs and `ckpt["step"]` the steps taken, so a checkpoint written
-    inside an epoch (preemption, --save-every) resumes at its next batch."""
-    if ckpt is None:
-        return 0, 0, 0
-    return ckpt["epoch"], ckpt["step"], ckpt["step"] - ckpt["epoch"] * iters_per_epoch
-
-
-EXIT_STOPPED = 3  # the exit status of a run stopped by SIGTERM / SIGUSR1 after saving: run it again to resume
-
-
-class Preemption:
-    """SIGTERM or SIGUSR1 (clusters stop jobs with them) and `--save-every`: checkpoints inside an epoch.
-
-    `poll(step)` after each optimizer step returns None, "save" or "stop", the same on every process:
-    one rank receiving the signal is enough. Under torchrun the ranks agree through a small all_reduce
-    every `sync_every` steps (the steps at which the loop syncs anyway); one process checks every step,
-    without a host sync. The caller writes its checkpoint on "save" and "stop", then calls `stop()`.
-    """
-
-    def __init__(self, ddp, save_every_minutes=0.0, sync_every=1):
-        self.ddp, self.sync_every, self.signal = ddp, sync_every if ddp.distributed else 1, None
-        self.save_every, self.last_save = 60.0 * save_every_minutes, time.monotonic()
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._received)
-
-    def _received(self, signum, frame):
-        self.signal = signal.Signals(signum).name  # finish the step in progress, then save and stop
-
-    def poll(self, step):
-        if step % self.sync_every:
-            return None
-        due = bool(self.save_every) and time.monotonic() - self.last_save >= self.save_every
-        stop = self.signal is not None
-        if self.ddp.distributed:  # rank 0's clock decides the timed saves; any rank's signal stops everyone
-            flags = torch.tensor([stop, due and self.ddp.is_main], dtype=torch.int32, device=self.ddp.device)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            stop, due = bool(flags[0]), bool(flags[1])
-        if stop or due:
-            self.last_save = time.monotonic()
-        return "stop" if stop else "save" if due else None
-
-    def stop(self, step, out):
-        if self.ddp.distributed:
-            dist.barrier()  # rank 0 has written the checkpoint before any rank exits
-        if self.ddp.is_main:
-            print(f"stopped by {self.signal or 'a signal to another process'} after step {step}: the checkpoint "
-                  f"in {out} holds it; run the same command to resume from that step", file=sys.stderr)
-        sys.exit(EXIT_STOPPED)
-
-
-def write_json_line(path, obj):
-    with open(path, "a") as f:
-        f.write(json.dumps(obj) + "\n")
-
-
-def run_header(args):
-    return {"args": plain_args(args), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "python": platform.python_version(), "cuda": torch.version.cuda,
-            "gpus": torch.cuda.device_count(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-
-
-def peak_memory_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
-
-
-# ----------------------------------------------------------------------------------------------
-# Optimisation: parameter groups, LARS, per-iteration schedules
-# ----------------------------------------------------------------------------------------------
 def param_groups(modules, weight_decay):
     """Weights (ndim >= 2) get weight decay; biases and norm parameters (ndim < 2) get none and are
     excluded from LARS adaptation (`lars_exclude`), as in SimCLR, BYOL, MoCo v3 and t-ReX."""
-    if isinstance(modules, nn.Module):
-        modules = [modules]
-    decay, no_decay = [], []
-    for m in modules:
-        for p in m.parameters():
-            if p.requires_grad:
-                (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True}]
+    params = [p for m in ([modules] if isinstance(modules, nn.Module) else modules) for p in m.parameters()
+              if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lars_exclude": True}]
 
 
 class LARS(torch.optim.Optimizer):
-    """SGD with momentum and layer-wise trust ratios (You et al. 2017), as used by BYOL and MoCo v3.
-
-    update = g + wd * w, scaled by eta * ||w|| / ||update|| (1 if either norm is 0), then
-    momentum: DeepMind's BYOL formula. solo-learn's LARS (EffSSL's) divides by ||g|| + wd ||w|| instead;
-    with r = wd ||w|| / ||g|| the two trust ratios differ by up to 2r / (1 - r) (0.22 at r = 0.1).
-    Groups with `lars_exclude=True` (biases, norms) skip decay and adaptation.
-    `clip=True` caps the layer's rate at the global one (the LARC variant): the scale becomes
-    min(eta * ||w|| / (lr * ||update||), 1), so a step moves a layer by at most eta of its norm
-    whatever the lr; the CIFAR recipes tuned with eta 0.02 (solo-learn's BYOL) assume it.
-    """
+    """SGD with momentum and layer-wise trust ratios (You et al. 2017), as BYOL and MoCo v3 use it: update = g + wd * w,
+    scaled by eta * ||w|| / ||update|| (1 if either norm is 0), then momentum (DeepMind's BYOL formula). solo-learn's
+    LARS (EffSSL's) divides by ||g|| + wd ||w|| instead: with r = wd ||w|| / ||g|| the trust ratios differ by up to 2r /
+    (1 - r) (0.22 at r = 0.1). Groups with `lars_exclude=True` (biases, norms) skip decay and adaptation. `clip=True`
+    (LARC) caps the layer's rate at the global one, scale min(eta * ||w|| / (lr * ||update||), 1): a step moves a layer
+    by at most eta of its norm whatever the lr, as the CIFAR recipes tuned with eta 0.02 (solo-learn's BYOL) assume."""
 
     def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001, clip=False):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
@@ -1332,30 +1030,24 @@ class LARS(torch.optim.Optimizer):
             if not group["lars_exclude"]:
                 if group["weight_decay"]:
                     grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
-                w_norms, g_norms = torch._foreach_norm(params), torch._foreach_norm(grads)
                 trust = [torch.where((w > 0) & (g > 0), group["trust_coefficient"] * w / g, torch.ones_like(w))
-                         for w, g in zip(w_norms, g_norms)]
+                         for w, g in zip(torch._foreach_norm(params), torch._foreach_norm(grads))]
                 if group.get("clip") and group["lr"] > 0:
                     trust = [(t / group["lr"]).clamp(max=1.0) for t in trust]
                 grads = torch._foreach_mul(grads, trust)
-            bufs = []
-            for p, g in zip(params, grads):
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                bufs.append(state["momentum_buffer"])
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            bufs = [self.state[p]["momentum_buffer"] for p in params]
             torch._foreach_mul_(bufs, group["momentum"])
             torch._foreach_add_(bufs, grads)
             torch._foreach_add_(params, bufs, alpha=-group["lr"])
 
 
 def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0.0, warmup_start=0.0, endpoint=True):
-    """Per-iteration values: linear warmup from `warmup_start` to `base`, then cosine to `final`.
-
-    Precomputed as an array (DINO's way) so that a resumed run lands on exactly the same value.
-    `endpoint=False` is MoCo v3's momentum form, final - (final - base)(1 + cos(pi t / T)) / 2 for
-    t = 0 .. T - 1: the value at t = T (after the last step) is `final`.
-    """
+    """Per-iteration values, precomputed (DINO's way: a resumed run lands on exactly the same value): linear warmup from
+    `warmup_start` to `base`, then cosine to `final`. `endpoint=False` is MoCo v3's momentum form, final - (final -
+    base)(1 + cos(pi t / T)) / 2 for t = 0 .. T - 1 (the value at t = T, after the last step, is `final`)."""
     total = int(epochs * iters_per_epoch)
     warmup = min(int(warmup_epochs * iters_per_epoch), total)
     ramp = np.linspace(warmup_start, base, warmup, endpoint=False)
@@ -1375,58 +1067,17 @@ def momentum_update(target_params, online_params, momentum):
 
 
 # ----------------------------------------------------------------------------------------------
-# Progress: throughput and non-finite losses without a host sync on every step
-# ----------------------------------------------------------------------------------------------
-class StepTimer:
-    """Images per second between calls of `rate()` (counts the global batch), and `data_wait`: the
-    fraction of that time the loop spent waiting for `wrap(loader)` to hand over the next batch. Near 0
-    the run is compute-bound; well above 0 it is input-bound, and more --workers would help."""
-
-    def __init__(self, device):
-        self.device, self.t, self.images, self.waited, self.data_wait = device, time.perf_counter(), 0, 0.0, 0.0
-
-    def wrap(self, loader):
-        """Iterate over `loader`, timing how long each batch keeps the loop waiting."""
-        batches = iter(loader)
-        while True:
-            start = time.perf_counter()
-            try:
-                batch = next(batches)
-            except StopIteration:
-                return
-            self.waited += time.perf_counter() - start
-            yield batch
-
-    def add(self, n):
-        self.images += n
-
-    def rate(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        now = time.perf_counter()
-        r = self.images / max(now - self.t, 1e-9)
-        self.data_wait = min(1.0, self.waited / max(now - self.t, 1e-9))
-        self.t, self.images, self.waited = now, 0, 0.0
-        return r
-
-
-def check_finite(losses, step):
-    """Call every --log-every steps with the stacked recent losses: stops with the step named."""
-    if not torch.isfinite(losses).all():
-        raise UserError(f"the loss is not finite at or before step {step}; lower --lr or use --precision fp32")
-
-
-# ----------------------------------------------------------------------------------------------
 # The training-run helper: everything around a method's step
 # ----------------------------------------------------------------------------------------------
-def init_run(args, check_method_args=None):
-    """Processes (one, or torchrun's), the flags (a bad one: one sentence, before anything is read or
-    written), the seeds (one stream per process). Returns the namespace of init_distributed."""
+def init_run(args, check_method_args):
+    """Processes (one, or torchrun's), the flags (common ones, then `check_method_args(args)`; a bad one: one
+    sentence, before anything is read or written), the seeds (one stream per process). Returns init_distributed's."""
     ddp = init_distributed()
     check_common_args(args, ddp.world_size)
-    if check_method_args is not None:
-        check_method_args(args)
-    seed_everything(args.seed + ddp.rank)
+    check_method_args(args)
+    random.seed(args.seed + ddp.rank)
+    np.random.seed((args.seed + ddp.rank) % 2**32)
+    torch.manual_seed(args.seed + ddp.rank)
     return ddp
 
 
@@ -1435,53 +1086,47 @@ def set_lr(optimizer, lr):
         group["lr"] = lr
 
 
-SELF_SUPERVISED_DEMO = (  # printed at the end of the self-supervised demos on the synthetic shapes
-    "what to expect: a few minutes of self-supervised training on the synthetic shapes move the kNN top-1 only a "
-    "few points from random init (the network bootstraps from its own random features); on CIFAR-10, BYOL, "
-    "MoCo v3, UniVIP and SwAV + rotation gain over random init within 2 epochs (README, Results)")
-
-
 class TrainingRun:
-    """The glue around a method's training step, the same in every script (DINO's `restart_from_checkpoint`
-    and `MetricLogger.log_every` in one). A method's `main()` builds its data, model, optimizer and
-    schedules, then writes its step out:
+    """The glue around a method's training step, the same in every script (DINO's `restart_from_checkpoint` and
+    `MetricLogger.log_every` in one). A method's `main()` builds its data, model, optimizer and schedules, then:
 
         run = common.TrainingRun(args, ddp, model, optimizer, loader, autocast=..., scaler=..., ...)
         for step, batch in run.batches():
             ...                             # the method: from the batch to optimizer.step()
             run.log(losses, lr=lr)          # the step's losses (scalar tensors), values to log
 
-    Construction: resume from --out's checkpoint.pt if there is one (the model with its buffers, the
-    optimizer, the grad scaler, each process's RNG, the position inside an epoch); SyncBatchNorm on several
-    GPUs; torch.compile, then DDP (`run.model`, called in the step; `model` stays the plain module); the
-    output folder, log.jsonl's header and the `recipe:` line; the kNN monitor at random init.
-    `batches()` runs the epochs: the sampler's epoch (skipping the batches a stopped run did), the progress
-    bar, images/s and data_wait, the non-finite check every --log-every steps, SIGTERM / SIGUSR1 /
-    --save-every checkpoints inside an epoch; at each epoch's end the means over steps and processes,
-    `evaluate()` (the method's own metrics), the kNN monitor every --eval-every epochs, one log.jsonl line
-    and one epoch line, checkpoint.pt and backbone.pt; at the end the kNN line and the method's `note`.
-    """
+    Construction resumes from --out's checkpoint.pt if there is one (model with buffers, optimizer, grad scaler, each
+    process's RNG, the position in an epoch), then SyncBatchNorm on GPUs, torch.compile, DDP (`run.model`, called in
+    the step; `model` stays the plain module), log.jsonl's header, the `recipe:` line, the kNN monitor at random init.
+    `batches()` runs the epochs: progress, the non-finite check, checkpoints on SIGTERM / SIGUSR1 / --save-every; at
+    each epoch's end the means over steps and processes, `evaluate()` (the method's metrics), the kNN monitor every
+    --eval-every epochs, a log.jsonl line and an epoch line, checkpoint.pt and backbone.pt; the kNN line and `note`."""
 
     def __init__(self, args, ddp, model, optimizer, loader, *, autocast, scaler, backbone, record, knn=None,
                  must_match=(), evaluate=None, recipe=None, note=None, broadcast_buffers=True):
-        self.args, self.ddp, self.loader, self.optimizer, self.autocast, self.scaler = (
-            args, ddp, loader, optimizer, autocast, scaler)
-        self.backbone, self.record, self.knn, self.evaluate, self.note = (
-            backbone, dict(record, arch=args.arch), knn, evaluate, note)
+        self.args, self.ddp, self.loader, self.optimizer, self.autocast, self.scaler, self.backbone, self.knn = (
+            args, ddp, loader, optimizer, autocast, scaler, backbone, knn)
+        self.record, self.evaluate, self.note = dict(record, arch=args.arch), evaluate, note
         if ddp.distributed and ddp.device.type == "cuda":  # shares the parameters: the optimizer's stay valid
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.plain = model
         # where the backbone sits in the model's state dict: checkpoint.pt holds each tensor once
         self.backbone_prefix = next(name for name, m in model.named_modules() if m is backbone) + "."
         ckpt = load_checkpoint(args.out, args, must_match)
-        self.start_epoch, self.step, self.done_in_epoch = resume_position(ckpt, len(loader))
+        # "epoch": epochs completed, "step": steps taken (a checkpoint inside an epoch resumes at its next batch)
+        self.start_epoch, self.step = (ckpt["epoch"], ckpt["step"]) if ckpt else (0, 0)
+        self.done_in_epoch = self.step - self.start_epoch * len(loader)
         self.resumed_totals, self.knn_init, self.knn_last = (ckpt or {}).get("totals", {}), None, None
         if ckpt is not None:
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
             scaler.load_state_dict(ckpt["scaler"])
             self.knn_init = ckpt.get("knn_init")
-            set_rng_states(ckpt["rng"][ddp.rank % len(ckpt["rng"])])
+            rng = ckpt["rng"][ddp.rank % len(ckpt["rng"])]  # this process's own streams
+            torch.set_rng_state(rng["torch"])
+            random.setstate(rng["python"])
+            if torch.cuda.is_available() and rng["cuda"]:
+                torch.cuda.set_rng_state_all(rng["cuda"])
         self.model = torch.compile(model) if args.compile else model  # compile before the DDP wrap
         if ddp.distributed:
             self.model = nn.parallel.DistributedDataParallel(
@@ -1490,17 +1135,24 @@ class TrainingRun:
         self.log_path = os.path.join(args.out, "log.jsonl")
         if ddp.is_main:
             os.makedirs(args.out, exist_ok=True)
-            if ckpt is None:
-                write_json_line(self.log_path, dict(run_header(args), recipe=recipe))
+            if ckpt is None:  # the header: flags, versions, the recipe
+                self._write({
+                    "args": plain_args(args), "torch": torch.__version__, "torchvision": torchvision.__version__,
+                    "python": platform.python_version(), "cuda": torch.version.cuda, "gpus": torch.cuda.device_count(),
+                    "time": time.strftime("%Y-%m-%d %H:%M:%S"), "recipe": recipe})
             if recipe:
                 print("recipe: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in recipe.items()))
         if ckpt is None and knn is not None:
             self.knn_init = knn(backbone, autocast)
             if ddp.is_main and self.knn_init:
-                write_json_line(self.log_path, {"epoch": 0, **self.knn_init})
+                self._write({"epoch": 0, **self.knn_init})
                 print(f"random-init backbone: kNN top-1 {self.knn_init['knn_top1']:.1f}%{knn.where}")
         if ddp.is_main and knn is not None and not knn.enabled:
             print(f"kNN monitor off: {knn.data} has no labelled validation split")
+
+    def _write(self, line):  # one line of log.jsonl
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(line) + "\n")
 
     def log(self, losses, **last):
         """After a step: add its losses to the epoch's sums (no host sync; 'loss' is checked for NaN);
@@ -1511,51 +1163,102 @@ class TrainingRun:
         self.last.update(last)
 
     def batches(self):
-        """Yields (step, batch) for every step of the run; see the class docstring."""
+        """Yields (step, batch) for every step of the run, skipping the batches a stopped run did."""
         args, ddp, loader = self.args, self.ddp, self.loader
-        preemption = Preemption(ddp, args.save_every, sync_every=args.log_every)  # SIGTERM, SIGUSR1
+        self.signal, self.last_save = None, time.monotonic()  # SIGTERM, SIGUSR1: clusters stop jobs with them
+        for sig in (signal.SIGTERM, signal.SIGUSR1):  # finish the step in progress, then save and stop
+            signal.signal(sig, lambda signum, frame: setattr(self, "signal", signal.Signals(signum).name))
         for epoch in range(self.start_epoch, args.epochs):
             skip = self.done_in_epoch if epoch == self.start_epoch else 0
             loader.sampler.set_epoch(epoch, skip=skip * (args.batch_size // ddp.world_size))
             self.model.train()
             self.totals = ({k: v.to(ddp.device) if ddp.is_main else torch.zeros_like(v, device=ddp.device)
                             for k, v in self.resumed_totals.items()} if skip else {})
-            self.recent, self.last = [], {}
-            epoch_timer, bar_timer = StepTimer(ddp.device), StepTimer(ddp.device)
-            bar = tqdm(epoch_timer.wrap(loader), total=len(loader), initial=skip, disable=not ddp.is_main,
+            self.recent, self.last, self.waited = [], {}, 0.0
+            epoch_step = bar_step = self.step
+            epoch_start = bar_start = time.perf_counter()
+            bar = tqdm(self._timed(loader), total=len(loader), initial=skip, disable=not ddp.is_main,
                        desc=f"epoch {epoch + 1}/{args.epochs}", leave=False)
             for batch in bar:
                 yield self.step, batch
-                epoch_timer.add(args.batch_size)
-                bar_timer.add(args.batch_size)
                 self.step += 1
                 if self.step % args.log_every == 0:
-                    check_finite(torch.stack(self.recent), self.step)
-                    bar.set_postfix(loss=f"{self.recent[-1].item():.3f}", img_s=f"{bar_timer.rate():.0f}")
-                    self.recent = []
-                action = preemption.poll(self.step)  # the same answer on every process
-                if action:
-                    self.save(epoch, self.totals)
-                    if action == "stop":
-                        preemption.stop(self.step, args.out)
-            if self.recent:
-                check_finite(torch.stack(self.recent), self.step)
-            self._end_epoch(epoch, epoch_timer.rate(), epoch_timer.data_wait)
-        if ddp.is_main:
-            self._last_lines()
+                    loss, now = self._sync()
+                    rate = (self.step - bar_step) * args.batch_size / max(now - bar_start, 1e-9)
+                    bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}")
+                    bar_step, bar_start = self.step, now
+                self._preempt(epoch)
+            secs = max(self._sync()[1] - epoch_start, 1e-9)
+            self._end_epoch(epoch, (self.step - epoch_step) * args.batch_size / secs, min(1.0, self.waited / secs))
+        if ddp.is_main and self.start_epoch >= args.epochs:
+            print(f"{args.out} already holds a model trained for {args.epochs} epochs")
+        elif ddp.is_main:
+            init, last = self.knn_init, self.knn_last
+            print(f"kNN top-1{self.knn.where}: {last['knn_top1']:.1f}% after training vs {init['knn_top1']:.1f}% at "
+                  f"random init (backbone: {args.out}/backbone.pt)" if init and last else
+                  f"done: backbone saved to {args.out}/backbone.pt")
+            if self.note:
+                print(self.note)
+
+    def _timed(self, loader):
+        """The loader's batches; the time the loop waits for each adds to `self.waited`. data_wait, its share of
+        the epoch: near 0 the run is compute-bound, well above 0 input-bound (more --workers would help)."""
+        start = time.perf_counter()
+        for batch in loader:
+            self.waited += time.perf_counter() - start
+            yield batch
+            start = time.perf_counter()
+
+    def _sync(self):
+        """The loop's host syncs, every --log-every steps and at an epoch's end: stop with the step named if a recent
+        loss is not finite; the GPU's queued work done. Returns (the last loss, time.perf_counter())."""
+        recent, self.recent = torch.stack(self.recent) if self.recent else None, []
+        if recent is not None and not torch.isfinite(recent).all():
+            raise UserError(f"the loss is not finite at or before step {self.step}; lower --lr or use --precision fp32")
+        if self.ddp.device.type == "cuda":
+            torch.cuda.synchronize(self.ddp.device)
+        return None if recent is None else recent[-1], time.perf_counter()
+
+    def _preempt(self, epoch):
+        """After each step: save on a signal or when --save-every is due, then stop on a signal; the same on every
+        process (one rank's signal is enough). Under torchrun the ranks agree by a small all_reduce every
+        --log-every steps, where the loop syncs anyway; one process checks every step, without a host sync."""
+        args, ddp = self.args, self.ddp
+        if ddp.distributed and self.step % args.log_every:
+            return
+        due = bool(args.save_every) and time.monotonic() - self.last_save >= 60.0 * args.save_every
+        stop = self.signal is not None
+        if ddp.distributed:  # rank 0's clock decides the timed saves; any rank's signal stops everyone
+            flags = torch.tensor([stop, due and ddp.is_main], dtype=torch.int32, device=ddp.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            stop, due = bool(flags[0]), bool(flags[1])
+        if not (stop or due):
+            return
+        self.last_save = time.monotonic()
+        self.save(epoch, self.totals)
+        if stop:
+            if ddp.distributed:
+                dist.barrier()  # rank 0 has written the checkpoint before any rank exits
+            if ddp.is_main:
+                print(f"stopped by {self.signal or 'a signal to another process'} after step {self.step}: the "
+                      f"checkpoint in {args.out} holds it; run the same command to resume from that step",
+                      file=sys.stderr)
+            sys.exit(EXIT_STOPPED)
 
     def _end_epoch(self, epoch, images_per_s, data_wait):
         args, ddp = self.args, self.ddp
         names = sorted(self.totals)  # the same order on every process
         means = all_reduce_sum(torch.stack([self.totals[k] for k in names])) / (len(self.loader) * ddp.world_size)
+        peak_mb = (torch.cuda.max_memory_allocated(ddp.device) / 2**20 if ddp.device.type == "cuda" else
+                   resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: kilobytes
         stats = {"epoch": epoch + 1, **dict(zip(names, means.tolist())), **self.last, "images_per_s": images_per_s,
-                 "data_wait": data_wait, "peak_mem_mb": peak_memory_mb(ddp.device)}
+                 "data_wait": data_wait, "peak_mem_mb": peak_mb}
         stats.update(self.evaluate() if self.evaluate else {})
         if self.knn is not None and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
             self.knn_last = self.knn(self.backbone, self.autocast)
             stats.update(self.knn_last or {})
         if ddp.is_main:
-            write_json_line(self.log_path, stats)
+            self._write(stats)
             print(epoch_line(stats, args.epochs))
         self.save(epoch + 1, {})
 
@@ -1563,28 +1266,22 @@ class TrainingRun:
         """checkpoint.pt and backbone.pt (atomic), at an epoch's end or inside one (then with the epoch's
         running sums over all processes, so that its log line stays exact after the resume)."""
         totals = {k: all_reduce_sum(v.clone()) for k, v in totals.items()}  # collectives: every process
-        rng = gather_rng_states()
+        mine = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        rng = [mine]  # the RNG states of every process, in rank order: each resumes its own stream
+        if dist.is_available() and dist.is_initialized():
+            rng = [None] * dist.get_world_size()
+            dist.all_gather_object(rng, mine)
         if not self.ddp.is_main:
             return
         record = backbone_record(self.backbone, **self.record, args=self.args, epoch=epochs_done)
         meta = {k: v for k, v in record.items() if k != "state_dict"}  # the weights are in "model"
         atomic_save({"method": record["method"], "model": self.plain.state_dict(),
-                     "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                     "epoch": epochs_done, "step": self.step, "totals": totals, "args": plain_args(self.args),
-                     "rng": rng, "knn_init": self.knn_init, "backbone": dict(meta, state_dict_prefix=self.backbone_prefix)},
+                     "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "epoch": epochs_done,
+                     "step": self.step, "totals": totals, "args": plain_args(self.args), "rng": rng,
+                     "knn_init": self.knn_init, "backbone": dict(meta, state_dict_prefix=self.backbone_prefix)},
                     os.path.join(self.args.out, "checkpoint.pt"))
         atomic_save(record, os.path.join(self.args.out, "backbone.pt"))
-
-    def _last_lines(self):
-        args, knn_init, knn_last = self.args, self.knn_init, self.knn_last
-        if self.start_epoch >= args.epochs:
-            print(f"{args.out} already holds a model trained for {args.epochs} epochs")
-            return
-        print(f"kNN top-1{self.knn.where}: {knn_last['knn_top1']:.1f}% after training vs {knn_init['knn_top1']:.1f}% "
-              f"at random init (backbone: {args.out}/backbone.pt)" if knn_init and knn_last else
-              f"done: backbone saved to {args.out}/backbone.pt")
-        if self.note:
-            print(self.note)
 
 
 def epoch_line(stats, epochs):

@@ -28,9 +28,11 @@ Commands
 import argparse
 import json
 import os
+import random
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -337,7 +339,9 @@ def main():
         return check_data(args.check_data, args.workers)
     ddp = common.init_distributed()
     check_args(args, ddp.world_size)
-    common.seed_everything(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed % 2**32)
+    torch.manual_seed(args.seed)
     t0 = time.time()
 
     # -------------------------------------------------------------------- checkpoint and data

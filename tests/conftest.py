@@ -40,6 +40,12 @@ def script_env():
     return env
 
 
+def save_backbone(path, backbone, **fields):
+    """Write backbone.pt as a training run does: common.backbone_record (fields: see there), saved atomically."""
+    import common
+    common.atomic_save(common.backbone_record(backbone, **fields), path)
+
+
 def run_script(script, *args, nproc=1, timeout=300, check=True, torchrun=False):
     """Run `python script args` (or torchrun with `nproc` processes, also for one with `torchrun`) in the
     repository; returns the result."""

@@ -17,6 +17,7 @@ from torchvision.transforms import v2
 
 import common
 import eval_linear
+from conftest import save_backbone
 
 
 def test_resnet_tiny_is_small_and_maps_images_to_features():
@@ -63,8 +64,8 @@ def test_vit_is_moco_v3s_fixed_sincos_position_embedding_and_initialisation(tmp_
     assert not fc1.bias.any() and not attention.in_proj_bias.any() and not attention.out_proj.bias.any()
     assert 0 < model.class_token.std().item() < 1e-5
     # backbone.pt still loads into torchvision's VisionTransformer of the same shape
-    common.save_backbone(tmp_path / "backbone.pt", model, method="test", arch="vit_small", small_images=False,
-                         img_size=224, feat_dim=dim, args=argparse.Namespace(x=1), epoch=1)
+    save_backbone(tmp_path / "backbone.pt", model, method="test", arch="vit_small", small_images=False,
+                  img_size=224, feat_dim=dim, args=argparse.Namespace(x=1), epoch=1)
     record = torch.load(tmp_path / "backbone.pt", map_location="cpu", weights_only=True)
     reference = torchvision.models.VisionTransformer(224, 16, 12, 12, 384, 1536)
     result = reference.load_state_dict(record["state_dict"], strict=False)
@@ -90,6 +91,9 @@ def test_native_image_size_is_decided_by_a_sample_not_the_first_image(tmp_path):
     for i in range(5):
         Image.new("RGB", (32, 32)).save(small / f"{i}.png")
     assert common.native_image_size(common.image_folder(tmp_path / "tiny")) == 32 <= common.SMALL_IMAGES
+    (small / "4.png").write_bytes(b"\x89PNG broken")  # its header cannot be read: one sentence, not a traceback
+    with pytest.raises(common.UserError, match=r"^cannot read image .*4\.png \(\w+\); remove or replace the file$"):
+        common.native_image_size(common.image_folder(tmp_path / "tiny"))
 
 
 def test_zero_init_residual_zeroes_the_last_bn_of_every_block():
@@ -101,8 +105,8 @@ def test_zero_init_residual_zeroes_the_last_bn_of_every_block():
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
 def test_backbone_record_loads_into_torchvision_missing_only_fc(arch, tmp_path):
     model, dim = common.build_backbone(arch, small_images=False)
-    common.save_backbone(tmp_path / "backbone.pt", model, method="test", arch=arch, small_images=False,
-                         img_size=224, feat_dim=dim, args=argparse.Namespace(x=1), epoch=3)
+    save_backbone(tmp_path / "backbone.pt", model, method="test", arch=arch, small_images=False,
+                  img_size=224, feat_dim=dim, args=argparse.Namespace(x=1), epoch=3)
     record = torch.load(tmp_path / "backbone.pt", map_location="cpu", weights_only=True)
     assert {"method", "arch", "small_images", "img_size", "mean", "std", "feat_dim", "state_dict", "args",
             "epoch"} <= record.keys()
@@ -121,7 +125,7 @@ def test_load_backbone_accepts_records_checkpoints_and_bare_state_dicts(tmp_path
     model, dim = common.build_backbone("resnet_tiny", True)
     fields = dict(method="m", arch="resnet_tiny", small_images=True, img_size=32, feat_dim=dim,
                   args=argparse.Namespace(), epoch=1)
-    common.save_backbone(tmp_path / "backbone.pt", model, **fields)
+    save_backbone(tmp_path / "backbone.pt", model, **fields)
     record = common.backbone_record(model, **fields)
     common.atomic_save({"model": {}, "backbone": record}, tmp_path / "old_checkpoint.pt")  # earlier layout
     # today's checkpoint.pt: the record without weights, which are the model's entries under the prefix
@@ -143,8 +147,8 @@ def test_load_backbone_rejects_bad_files_with_one_sentence(case, tmp_path):
     if case == "garbage":
         path.write_text("not a checkpoint")
     elif case == "wrong_arch":
-        common.save_backbone(path, model, method="m", arch="resnet_tiny", small_images=True, img_size=32,
-                             feat_dim=dim, args=argparse.Namespace(), epoch=0)
+        save_backbone(path, model, method="m", arch="resnet_tiny", small_images=True, img_size=32,
+                      feat_dim=dim, args=argparse.Namespace(), epoch=0)
     elif case == "bare_without_arch":
         torch.save(model.state_dict(), path)
     elif case == "foreign_dict":
@@ -327,10 +331,71 @@ def test_unlabelled_folder_gives_label_minus_one(tmp_path):
     assert common.build_dataset(str(tmp_path), "val") is None
 
 
-def test_check_finite_names_the_step():
-    common.check_finite(torch.tensor([1.0, 2.0]), 5)
-    with pytest.raises(common.UserError, match="step 7"):
-        common.check_finite(torch.tensor([1.0, math.nan]), 7)
+class _Loader:
+    """What TrainingRun needs of a loader (len, iteration, sampler.set_epoch): the sampler's indices as batches,
+    each after `seconds` of waiting."""
+
+    def __init__(self, n, seconds=0.0):
+        self.sampler, self.seconds = common.EpochSampler(n, seed=1), seconds
+
+    def __len__(self):
+        return len(self.sampler)
+
+    def __iter__(self):
+        for index, _ in self.sampler:
+            time.sleep(self.seconds)
+            yield torch.full((1, 2), index / 10)
+
+
+def _training_run(out, steps=6, epochs=1, loader_seconds=0.0, **flags):
+    """A TrainingRun of a one-layer model on `steps` batches of one image, in `out`."""
+    args = argparse.Namespace(**{**dict(arch="resnet_tiny", data="synthetic", subset=0, seed=0, batch_size=1,
+                                        epochs=epochs, script="test", out=str(out), compile=False, log_every=3,
+                                        save_every=0, eval_every=0), **flags})
+    ddp = common.init_distributed()
+    torch.manual_seed(0)
+    random.seed(0)
+    model = nn.Sequential(nn.Linear(2, 1))
+    autocast, scaler = common.mixed_precision("fp32", ddp.device)
+    return common.TrainingRun(args, ddp, model, torch.optim.SGD(model.parameters(), lr=0.1),
+                              _Loader(steps, loader_seconds), autocast=autocast, scaler=scaler, backbone=model[0],
+                              record=dict(method="test", small_images=True, img_size=2, feat_dim=1))
+
+
+def _train(run, nan_at=None, step_seconds=0.0, each_step=lambda step: None):
+    """Runs the steps; returns [(step, batch index, a draw of torch's and of Python's RNG)]. `nan_at`: the step
+    whose logged loss is NaN."""
+    seen = []
+    for step, x in run.batches():
+        each_step(step)
+        loss = run.model(x).pow(2).mean()
+        run.optimizer.zero_grad()
+        loss.backward()
+        run.optimizer.step()
+        time.sleep(step_seconds)
+        run.log({"loss": loss.detach() * math.nan if step == nan_at else loss.detach()})
+        seen.append((step, round(10 * x[0, 0].item()), torch.rand(()).item(), random.random()))
+    return seen
+
+
+@pytest.fixture
+def signal_handlers():
+    """TrainingRun installs handlers for SIGTERM and SIGUSR1: put pytest's back afterwards."""
+    import signal
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    yield
+    for s, h in handlers.items():
+        signal.signal(s, h)
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step(tmp_path, signal_handlers):
+    # checked every --log-every (3) steps: a NaN at step 1 is caught at the check after step 3
+    with pytest.raises(common.UserError, match="not finite at or before step 3;"):
+        _train(_training_run(tmp_path / "a"), nan_at=1)
+    # at an epoch's end also when it is not a multiple of --log-every: 3 steps pass, the check after 5 does not
+    with pytest.raises(common.UserError, match="not finite at or before step 5;"):
+        _train(_training_run(tmp_path / "b", steps=5), nan_at=4)
+    assert len(_train(_training_run(tmp_path / "c", steps=5))) == 5  # finite losses: no error
 
 
 def test_subset_defaults_to_the_demo_size_on_synthetic_data_only():
@@ -395,10 +460,7 @@ def test_resume_refuses_another_methods_checkpoint_and_tidies_the_output_folder(
         common.load_checkpoint(str(tmp_path), args)
 
 
-def test_resume_position_and_the_sampler_skip_resume_inside_an_epoch():
-    assert common.resume_position(None, 10) == (0, 0, 0)
-    assert common.resume_position({"epoch": 2, "step": 20}, 10) == (2, 20, 0)  # at an epoch's end
-    assert common.resume_position({"epoch": 2, "step": 27}, 10) == (2, 27, 7)  # inside epoch 3
+def test_the_sampler_skip_resumes_inside_an_epoch():
     sampler = common.EpochSampler(50, rank=1, world_size=2, seed=3)
     sampler.set_epoch(4)
     full = list(sampler)
@@ -406,25 +468,42 @@ def test_resume_position_and_the_sampler_skip_resume_inside_an_epoch():
     assert list(sampler) == full[6:] and len(full) == 25 == len(sampler)
 
 
-def test_preemption_polls_signals_and_timed_saves_without_exiting(monkeypatch):
+def test_a_signal_saves_and_stops_and_the_run_resumes_at_the_next_batch(tmp_path, signal_handlers, capsys):
     import signal
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    ddp = common.SimpleNamespace(distributed=False, is_main=True, device=torch.device("cpu"))
-    try:
-        preempt = common.Preemption(ddp, save_every_minutes=0)
-        assert preempt.poll(1) is None
-        os.kill(os.getpid(), signal.SIGUSR1)  # SLURM's --signal=USR1@120
-        assert preempt.poll(2) == "stop" and preempt.signal == "SIGUSR1"
-        timed = common.Preemption(ddp, save_every_minutes=1.0)
-        assert timed.poll(1) is None
-        timed.last_save -= 61.0  # a minute has passed
-        assert timed.poll(2) == "save" and timed.poll(3) is None  # the clock restarts at each save
+    def stopped_run(signal_at):  # the signal arrives during step `signal_at`: that step is finished, then saved
+        run = _training_run(tmp_path, epochs=2)
         with pytest.raises(SystemExit) as stopped:
-            timed.stop(3, "runs/x")
-        assert stopped.value.code == common.EXIT_STOPPED
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
+            _train(run, each_step=lambda step: step == signal_at and os.kill(os.getpid(), signal.SIGUSR1))
+        assert stopped.value.code == common.EXIT_STOPPED  # SLURM's --signal=USR1@120
+        assert f"stopped by SIGUSR1 after step {signal_at + 1}: the checkpoint in {tmp_path}" in capsys.readouterr().err
+        return run
+    full = _train(_training_run(tmp_path / "uninterrupted", epochs=2))
+    assert [s[0] for s in full] == list(range(12))
+    fresh = _training_run(tmp_path, epochs=2)  # no checkpoint: from the start
+    assert (fresh.start_epoch, fresh.step, fresh.done_in_epoch) == (0, 0, 0)
+    stopped_run(signal_at=1)
+    assert torch.load(tmp_path / "checkpoint.pt")["step"] == 2
+    run = _training_run(tmp_path, epochs=2)
+    assert (run.start_epoch, run.step, run.done_in_epoch) == (0, 2, 2)  # inside epoch 1: at its third batch
+    stopped_run(signal_at=7)  # resumed at step 2, stopped inside epoch 2
+    run = _training_run(tmp_path, epochs=2)
+    assert (run.start_epoch, run.step, run.done_in_epoch) == (1, 8, 2)  # the checkpoint: epoch 1 done, 8 steps
+    assert _train(run) == full[8:]  # the same batches and random numbers as the run that was never stopped
+    run = _training_run(tmp_path, epochs=2)  # at the last epoch's end: nothing left to do
+    assert (run.start_epoch, run.step, run.done_in_epoch) == (2, 12, 0) and _train(run) == []
+
+
+def test_save_every_saves_inside_an_epoch_without_stopping(tmp_path, signal_handlers, monkeypatch):
+    real, offset = time.monotonic, [0.0]
+    monkeypatch.setattr(time, "monotonic", lambda: real() + offset[0])
+    def each_step(step):  # 25 s pass per step; note which step checkpoint.pt holds when the step starts
+        saved.append(torch.load(tmp_path / "checkpoint.pt")["step"] if (tmp_path / "checkpoint.pt").exists() else None)
+        offset[0] += 25.0
+    saved = []
+    assert len(_train(_training_run(tmp_path, steps=8, save_every=1.0), each_step=each_step)) == 8
+    # a save after steps 3 (75 s) and 6 (150 s): the clock restarts at each save
+    assert saved == [None, None, None, 3, 3, 3, 6, 6]
+    assert torch.load(tmp_path / "checkpoint.pt")["step"] == 8  # and at the epoch's end
 
 
 @pytest.mark.parametrize("script", ["trex.py", "opera.py", "rotssl.py", "univip.py", "eval_linear.py"])
@@ -455,18 +534,13 @@ def test_knn_monitor_bank_is_a_fixed_seeded_subset_of_the_training_images_in_use
     assert len(bank(bank=0)) == 10_000 and len(bank(bank=common.KNN_BANK)) == 10_000
 
 
-def test_step_timer_measures_the_fraction_of_time_spent_waiting_for_the_loader():
-    def slow_batches(n, seconds):
-        for i in range(n):
-            time.sleep(seconds)
-            yield i
-    input_bound = common.StepTimer(torch.device("cpu"))
-    assert list(input_bound.wrap(slow_batches(5, 0.02))) == [0, 1, 2, 3, 4]  # every batch, in order
-    input_bound.add(5)
-    assert input_bound.rate() > 0 and input_bound.data_wait > 0.8
-    compute_bound = common.StepTimer(torch.device("cpu"))
-    for _ in compute_bound.wrap(range(5)):
-        time.sleep(0.02)  # the training step
-    compute_bound.rate()
-    assert compute_bound.data_wait < 0.2
-    assert compute_bound.rate() == 0 and compute_bound.data_wait == 0  # reset by rate()
+def test_data_wait_is_the_fraction_of_time_spent_waiting_for_the_loader(tmp_path, signal_handlers):
+    def logged(name, **kw):
+        run = _training_run(tmp_path / name, steps=5, loader_seconds=kw.pop("loader_seconds", 0.0))
+        seen = _train(run, **kw)
+        assert [s[:2] for s in seen] == [(i, index) for i, (index, _) in enumerate(run.loader.sampler)]  # in order
+        return json.loads((tmp_path / name / "log.jsonl").read_text().splitlines()[-1])
+    input_bound = logged("input_bound", loader_seconds=0.05)
+    assert input_bound["data_wait"] > 0.8 and 0 < input_bound["images_per_s"] < 1 / 0.05
+    compute_bound = logged("compute_bound", step_seconds=0.05)
+    assert compute_bound["data_wait"] < 0.2 and 0 < compute_bound["images_per_s"] < 1 / 0.05

@@ -9,7 +9,7 @@ import torch.nn as nn
 from torchvision.transforms import v2
 
 import common
-from conftest import run_script
+from conftest import run_script, save_backbone
 
 
 def _eval(ckpt, out, *extra, nproc=1, name="synthetic"):
@@ -63,8 +63,8 @@ def test_supervised_training_beats_random_init_by_20_points(tmp_path):
             loss.backward()
             opt.step()
             step += 1
-    common.save_backbone(tmp_path / "backbone.pt", backbone, method="supervised", arch="resnet_tiny",
-                         small_images=True, img_size=32, feat_dim=dim, args=argparse.Namespace(), epoch=epochs)
+    save_backbone(tmp_path / "backbone.pt", backbone, method="supervised", arch="resnet_tiny",
+                  small_images=True, img_size=32, feat_dim=dim, args=argparse.Namespace(), epoch=epochs)
     trained = _eval(tmp_path / "backbone.pt", tmp_path / "trained", "--subset", "3000", "--epochs", "30")
     random = _eval("random", tmp_path / "random", "--arch", "resnet_tiny", "--subset", "3000", "--epochs", "30")
     assert trained["method"] == "supervised" and trained["trained_epochs"] == epochs
@@ -116,8 +116,8 @@ def _bad_input(tmp_path, case):
         return ["--ckpt", tmp_path / "notes.pt", *data], "not a readable PyTorch checkpoint"
     if case == "arch mismatch":
         model, dim = common.build_backbone("resnet_tiny", True)
-        common.save_backbone(tmp_path / "b.pt", model, method="m", arch="resnet_tiny", small_images=True,
-                             img_size=32, feat_dim=dim, args=argparse.Namespace(), epoch=0)
+        save_backbone(tmp_path / "b.pt", model, method="m", arch="resnet_tiny", small_images=True,
+                      img_size=32, feat_dim=dim, args=argparse.Namespace(), epoch=0)
         return ["--ckpt", tmp_path / "b.pt", "--arch", "resnet18", *data], "holds a resnet_tiny backbone"
     if case == "missing data folder":
         return ["--ckpt", "random", "--arch", "resnet_tiny", "--data", tmp_path / "nodata"], "no such dataset or folder"
