@@ -584,8 +584,9 @@ class ColorAugmentation:
             if self.blur_p > 0:  # the where keeps others exact where TF32 convolutions round a delta kernel
                 x = torch.where(p[:, 9:10] > 0, gaussian_blur(x, p[:, 9], self.kernel_size), x)
             x = solarize(x, torch.where(p[:, 10] > 0, 128 / 255, 2.0))  # as RandomSolarize(128) on uint8
-            # non_blocking: a plain host-to-device copy would synchronise the stream
-            return (x - self.mean.to(x.device, non_blocking=True)) / self.std.to(x.device, non_blocking=True)
+            if self.mean.device != x.device:  # copied once, not on every call (a pageable copy waits for the GPU)
+                self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)
+            return (x - self.mean) / self.std
 
     def view(self, geometric, image):
         """Worker side of one view: `geometric` (PIL -> PIL: crop, flip) -> (uint8 tensor, colour params)."""
@@ -594,9 +595,10 @@ class ColorAugmentation:
     def on_device(self, views, device):
         """Device side: collated views of this pipeline, [(uint8 images (B, 3, h, w), params (B, P)), ...],
         all of one size -> their normalised float images on `device` in one batched call (channels_last on
-        CUDA), split back into one tensor per view: each view still goes through the networks on its own."""
-        images = torch.cat([v[0] for v in views]).to(device, non_blocking=True)
-        x = self(images, torch.cat([v[1] for v in views]).to(device, non_blocking=True))
+        CUDA), split back into one tensor per view: each view still goes through the networks on its own. Each view
+        is copied from the loader's pinned memory (asynchronous), then concatenated on the device."""
+        on = lambda i: torch.cat([v[i].to(device, non_blocking=True) for v in views])
+        x = self(on(0), on(1))
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         return list(x.chunk(len(views)))
@@ -850,6 +852,9 @@ def check_common_args(args, world_size):
         raise UserError("--log-every must be at least 1; --eval-every, --eval-subset, --workers and --save-every "
                         "must not be negative")
     check_out_folder(args.out)
+    if args.compile and world_size > 1 and torch.cuda.is_available():  # SyncBatchNorm traced by torch.compile
+        raise UserError("--compile with several GPU processes has not been run yet (SyncBatchNorm, torch.compile "
+                        "and DDP together); run without --compile, or --compile on one GPU")
     if args.compile and (why := compile_unsupported()):
         raise UserError(f"--compile is not available here: {why}; run without --compile or with a newer torch")
 
@@ -882,9 +887,13 @@ def init_distributed():
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":  # this process's GPU; TF32 matmuls and convs on Ampere and newer; cuDNN's autotuner
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.benchmark = True
+    per_node, gpus = max(int(os.environ.get("LOCAL_WORLD_SIZE", 1)), local_rank + 1), torch.cuda.device_count()
+    if device.type == "cuda" and per_node > gpus:  # every process says it, not only those without a GPU
+        raise UserError(f"{per_node} processes per node need a GPU each, and the number of GPUs visible here is "
+                        f"{gpus}: set torchrun's --nproc_per_node to at most {gpus}")
+    if device.type == "cuda":  # this process's GPU; TF32 convolutions (cuDNN's default; matmuls stay fp32, as the
+        torch.cuda.set_device(device)  # logits and similarities that the docstrings call fp32); cuDNN's autotuner
+        torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.benchmark = True
     if world_size > 1 and not dist.is_initialized():
         # device_id (bind NCCL to this GPU at once) is torch >= 2.3; before, set_device above is what picks it
         bind = device.type == "cuda" and "device_id" in inspect.signature(dist.init_process_group).parameters
@@ -958,37 +967,63 @@ def load_weights_only(path):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_checkpoint(out, args, keys_that_must_match=()):
-    """The checkpoint.pt in `out` if there is one, after checking it belongs to this run: the same script and the same
-    values of the options that decide the data order and steps (arch, data, subset, seed, batch size, epochs) and of
-    the method's `keys_that_must_match`. Also tidies `out`: removes the temporaries of saves a kill interrupted; drops
-    log.jsonl lines of epochs after the checkpoint's (a run killed between an epoch's line and its checkpoint repeats
-    that epoch: one line per completed epoch); without a checkpoint, removes the log of a run killed before one."""
-    path, log = os.path.join(out, "checkpoint.pt"), os.path.join(out, "log.jsonl")
+# Options a resumed run may change (where and how fast it runs, what it monitors); every other one must match.
+FREE_ON_RESUME = ("out", "data_dir", "eval_data_dir", "download", "workers", "compile", "save_every", "log_every",
+                  "eval_every", "eval_subset")
+
+
+def resume_mismatches(ckpt, args, model=None, optimizer=None, scaler=None):
+    """Why checkpoint `ckpt` is not this run, one phrase each, derived from the checkpoint: the values of the options
+    it was trained with (all but FREE_ON_RESUME: data order, recipe, model, method, precision), its model's tensor
+    names and shapes, its optimizer's parameter groups and its grad scaler's state (fp16 or not)."""
+    old, new = ckpt.get("args", {}), plain_args(args)
+    as_list = lambda v: list(v) if isinstance(v, tuple) else v  # argparse gives lists where defaults are tuples
+    found = [f"--{k.replace('_', '-')} {old[k]} there, {new[k]} here" for k in old
+             if k in new and k not in FREE_ON_RESUME and as_list(old[k]) != as_list(new[k])]
+    if model is not None and "model" in ckpt:
+        there, here = ({k: tuple(v.shape) for k, v in sd.items()} for sd in (ckpt["model"], model.state_dict()))
+        if differ := sorted(k for k in there.keys() | here.keys() if there.get(k) != here.get(k)):
+            found.append(f"{len(differ)} of the model's tensors differ ({differ[0]}: {there.get(differ[0], 'none')} "
+                         f"there, {here.get(differ[0], 'none')} here)")
+    if optimizer is not None and "optimizer" in ckpt:
+        there, here = ([len(g["params"]) for g in groups] for groups in (ckpt["optimizer"]["param_groups"],
+                                                                         optimizer.param_groups))
+        if there != here:
+            found.append(f"optimizer parameter groups of {there} tensors there, {here} here")
+    if scaler is not None and "scaler" in ckpt and bool(ckpt["scaler"]) != scaler.is_enabled():
+        fp16 = lambda on: "fp16 (a grad scaler)" if on else "bf16 or fp32 (no grad scaler)"
+        found.append(f"{fp16(ckpt['scaler'])} there, {fp16(scaler.is_enabled())} here")
+    return found
+
+
+def load_checkpoint(out, args, model=None, optimizer=None, scaler=None):
+    """The checkpoint.pt in `out` if there is one, after checking that it belongs to this run (the same script, no
+    resume_mismatches; else one sentence naming each difference, with nothing written). Then tidies `out`: removes
+    the temporaries of saves a kill interrupted; drops log.jsonl lines of epochs after the checkpoint's (a run killed
+    between an epoch's line and its checkpoint repeats that epoch: one line per completed epoch); without a
+    checkpoint, removes the log of a run killed before one."""
+    path, log, ckpt = os.path.join(out, "checkpoint.pt"), os.path.join(out, "log.jsonl"), None
     is_main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    if os.path.exists(path):
+        try:
+            ckpt = load_weights_only(path)
+        except Exception as e:
+            raise UserError(f"{path} cannot be read ({type(e).__name__}); delete it or use another --out") from None
+        script = ckpt.get("args", {}).get("script")  # the method file that wrote it (set by add_common_args)
+        if script is None:
+            raise UserError(f"{path} was written by an older version of these scripts (it does not say which "
+                            "method); use another --out")
+        if script != args.script:
+            raise UserError(f"{path} is a checkpoint of {script}, not of {args.script}; use another --out")
+        if found := resume_mismatches(ckpt, args, model, optimizer, scaler):
+            raise UserError(f"{path} was trained with other options: {'; '.join(found)}; resume with the same "
+                            "options or use another --out")
     for name in os.listdir(out) if is_main and os.path.isdir(out) else []:
         if re.fullmatch(r".+\.pt\.tmp\d+", name):  # atomic_save's temporaries: only a killed run leaves one
             os.remove(os.path.join(out, name))
-    if not os.path.exists(path):
-        if is_main and os.path.exists(log):  # left by a run killed before its first checkpoint: start afresh
-            os.remove(log)
-        return None
-    try:
-        ckpt = load_weights_only(path)
-    except Exception as e:
-        raise UserError(f"{path} cannot be read ({type(e).__name__}); delete it or use another --out") from None
-    old = ckpt.get("args", {})
-    script = old.get("script")  # the method file that wrote it (set by add_common_args)
-    if script is None:
-        raise UserError(f"{path} was written by an older version of these scripts (it does not say which method); "
-                        "use another --out")
-    if script != args.script:
-        raise UserError(f"{path} is a checkpoint of {script}, not of {args.script}; use another --out")
-    for key in dict.fromkeys(("arch", "data", "subset", "seed", "batch_size", "epochs") + tuple(keys_that_must_match)):
-        if key in old and old[key] != getattr(args, key):
-            raise UserError(f"{path} was trained with --{key.replace('_', '-')} {old[key]}, not "
-                            f"{getattr(args, key)}; use the same options to resume or another --out")
-    if is_main and os.path.exists(log):
+    if is_main and os.path.exists(log) and ckpt is None:  # left by a run killed before its first checkpoint
+        os.remove(log)
+    elif is_main and os.path.exists(log):
         with open(log) as f:
             lines = [line for line in f if line.strip()]
         kept = [line for line in lines if json.loads(line).get("epoch", 0) <= ckpt["epoch"]]
@@ -1081,6 +1116,20 @@ def init_run(args, check_method_args):
     return ddp
 
 
+def rng_state(device):
+    """This process's random streams: torch's CPU one, Python's and its own GPU's (not every visible GPU's: a resumed
+    run may see fewer, e.g. under another CUDA_VISIBLE_DEVICES)."""
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if device.type == "cuda" and torch.is_tensor(state["cuda"]):  # a CPU run's checkpoint has none
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def set_lr(optimizer, lr):
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -1103,7 +1152,7 @@ class TrainingRun:
     --eval-every epochs, a log.jsonl line and an epoch line, checkpoint.pt and backbone.pt; the kNN line and `note`."""
 
     def __init__(self, args, ddp, model, optimizer, loader, *, autocast, scaler, backbone, record, knn=None,
-                 must_match=(), evaluate=None, recipe=None, note=None, broadcast_buffers=True):
+                 evaluate=None, recipe=None, note=None, broadcast_buffers=True):
         self.args, self.ddp, self.loader, self.optimizer, self.autocast, self.scaler, self.backbone, self.knn = (
             args, ddp, loader, optimizer, autocast, scaler, backbone, knn)
         self.record, self.evaluate, self.note = dict(record, arch=args.arch), evaluate, note
@@ -1112,7 +1161,7 @@ class TrainingRun:
         self.plain = model
         # where the backbone sits in the model's state dict: checkpoint.pt holds each tensor once
         self.backbone_prefix = next(name for name, m in model.named_modules() if m is backbone) + "."
-        ckpt = load_checkpoint(args.out, args, must_match)
+        ckpt = load_checkpoint(args.out, args, model, optimizer, scaler)  # a run of other options: one sentence
         # "epoch": epochs completed, "step": steps taken (a checkpoint inside an epoch resumes at its next batch)
         self.start_epoch, self.step = (ckpt["epoch"], ckpt["step"]) if ckpt else (0, 0)
         self.done_in_epoch = self.step - self.start_epoch * len(loader)
@@ -1122,11 +1171,7 @@ class TrainingRun:
             optimizer.load_state_dict(ckpt["optimizer"])
             scaler.load_state_dict(ckpt["scaler"])
             self.knn_init = ckpt.get("knn_init")
-            rng = ckpt["rng"][ddp.rank % len(ckpt["rng"])]  # this process's own streams
-            torch.set_rng_state(rng["torch"])
-            random.setstate(rng["python"])
-            if torch.cuda.is_available() and rng["cuda"]:
-                torch.cuda.set_rng_state_all(rng["cuda"])
+            set_rng_state(ckpt["rng"][ddp.rank % len(ckpt["rng"])], ddp.device)  # this process's own streams
         self.model = torch.compile(model) if args.compile else model  # compile before the DDP wrap
         if ddp.distributed:
             self.model = nn.parallel.DistributedDataParallel(
@@ -1211,13 +1256,17 @@ class TrainingRun:
 
     def _sync(self):
         """The loop's host syncs, every --log-every steps and at an epoch's end: stop with the step named if a recent
-        loss is not finite; the GPU's queued work done. Returns (the last loss, time.perf_counter())."""
-        recent, self.recent = torch.stack(self.recent) if self.recent else None, []
-        if recent is not None and not torch.isfinite(recent).all():
+        loss is not finite on any process (all stop together, before a save); the GPU's queued work done. Returns
+        (the last loss, time.perf_counter())."""
+        recent, self.recent = torch.stack(self.recent) if self.recent else torch.zeros(1, device=self.ddp.device), []
+        bad = (~torch.isfinite(recent)).any().int()
+        if self.ddp.distributed:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad:
             raise UserError(f"the loss is not finite at or before step {self.step}; lower --lr or use --precision fp32")
         if self.ddp.device.type == "cuda":
             torch.cuda.synchronize(self.ddp.device)
-        return None if recent is None else recent[-1], time.perf_counter()
+        return recent[-1], time.perf_counter()
 
     def _preempt(self, epoch):
         """After each step: save on a signal or when --save-every is due, then stop on a signal; the same on every
@@ -1266,9 +1315,7 @@ class TrainingRun:
         """checkpoint.pt and backbone.pt (atomic), at an epoch's end or inside one (then with the epoch's
         running sums over all processes, so that its log line stays exact after the resume)."""
         totals = {k: all_reduce_sum(v.clone()) for k, v in totals.items()}  # collectives: every process
-        mine = {"torch": torch.get_rng_state(), "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-        rng = [mine]  # the RNG states of every process, in rank order: each resumes its own stream
+        rng = [mine := rng_state(self.ddp.device)]  # the RNG states of every process, in rank order: each resumes its own stream
         if dist.is_available() and dist.is_initialized():
             rng = [None] * dist.get_world_size()
             dist.all_gather_object(rng, mine)

@@ -310,6 +310,8 @@ def full_linear_probe(backbone, feat_dim, train_set, test_set, num_classes, info
         for images, labels in tqdm(loader, desc=f"linear epoch {epoch + 1}/{epochs}", disable=not ddp.is_main,
                                    leave=False):
             images = images.to(ddp.device, non_blocking=True)
+            if ddp.device.type == "cuda":  # the layout of the backbone's weights (common.to_device)
+                images = images.contiguous(memory_format=torch.channels_last)
             labels = labels.to(ddp.device, non_blocking=True)
             for group in opt.param_groups:
                 group["lr"] = schedule[step]

@@ -220,7 +220,7 @@ def rotate_views(x, k):
     rotated = x
     for r in (1, 2, 3):
         rotated = torch.where((k == r).view(-1, 1, 1, 1), torch.rot90(x, r, dims=(-2, -1)), rotated)
-    return rotated
+    return rotated.contiguous(memory_format=torch.channels_last) if x.is_cuda else rotated  # as the views (cuDNN)
 
 
 class Augmentation:
@@ -360,7 +360,8 @@ class RotSSL(nn.Module):
             logits = self.rotation_head(self.backbone(rotated)).float()  # one backbone call per rotated view
             loss_rot = loss_rot + F.cross_entropy(logits, k)  # summed over the two views (detail 3)
             correct = correct + (logits.argmax(1) == k).float().mean() / 2
-        out.update(loss=loss_base + self.rot_weight * loss_rot, loss_rot=loss_rot, rot_acc=100 * correct)
+        out["loss"] = loss_base + self.rot_weight * loss_rot  # items set one by one: torch 2.1's compiler splits
+        out["loss_rot"], out["rot_acc"] = loss_rot, 100 * correct  # the graph at a dict.update
         return out
 
     def swav_step(self, global_views, local_views, fill_queue=False, use_queue=False):
@@ -452,8 +453,7 @@ def main():
         args, ddp, model, optimizer, loader, autocast=autocast, scaler=scaler, backbone=model.backbone,
         record=dict(method=f"rotssl-{args.base}", small_images=small, img_size=args.global_size, feat_dim=feat_dim,
                     stem_padding=args.stem_padding, **norm),
-        knn=knn, recipe=recipe, note=common.SELF_SUPERVISED_DEMO if args.data == "synthetic" else None,
-        must_match=("base", "rot_weight", "n_prototypes", "queue_length"))
+        knn=knn, recipe=recipe, note=common.SELF_SUPERVISED_DEMO if args.data == "synthetic" else None)
 
     # ---------------------------------------------------------------- the training step (SwAV or BYOL + rotation)
     for step, batch in run.batches():

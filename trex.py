@@ -431,8 +431,6 @@ def main():
         args, ddp, model, optimizer, loader, autocast=autocast, scaler=scaler, backbone=model.backbone,
         record=dict(method="trex", small_images=small, img_size=args.global_size, feat_dim=feat_dim),
         knn=knn, evaluate=evaluate, recipe=recipe,
-        must_match=("projector_layers", "hidden_dim", "bottleneck_dim", "memory_size", "n_local", "global_size",
-                    "local_size"),
         broadcast_buffers=False)  # the memory stays identical by construction (detail 4): no broadcast every step
 
     # ---------------------------------------------------------------- the training step (t-ReX)
