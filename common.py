@@ -891,9 +891,9 @@ def init_distributed():
     if device.type == "cuda" and per_node > gpus:  # every process says it, not only those without a GPU
         raise UserError(f"{per_node} processes per node need a GPU each, and the number of GPUs visible here is "
                         f"{gpus}: set torchrun's --nproc_per_node to at most {gpus}")
-    if device.type == "cuda":  # this process's GPU; TF32 convolutions (cuDNN's default; matmuls stay fp32, as the
-        torch.cuda.set_device(device)  # logits and similarities that the docstrings call fp32); cuDNN's autotuner
-        torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.benchmark = True
+    if device.type == "cuda":  # this process's GPU; cuDNN's autotuner. TF32: convolutions yes (cuDNN's default),
+        torch.cuda.set_device(device)  # matmuls no (torch's): the logits and similarities called fp32 are fp32
+        torch.backends.cudnn.benchmark = True
     if world_size > 1 and not dist.is_initialized():
         # device_id (bind NCCL to this GPU at once) is torch >= 2.3; before, set_device above is what picks it
         bind = device.type == "cuda" and "device_id" in inspect.signature(dist.init_process_group).parameters
@@ -986,10 +986,9 @@ def resume_mismatches(ckpt, args, model=None, optimizer=None, scaler=None):
             found.append(f"{len(differ)} of the model's tensors differ ({differ[0]}: {there.get(differ[0], 'none')} "
                          f"there, {here.get(differ[0], 'none')} here)")
     if optimizer is not None and "optimizer" in ckpt:
-        there, here = ([len(g["params"]) for g in groups] for groups in (ckpt["optimizer"]["param_groups"],
-                                                                         optimizer.param_groups))
-        if there != here:
-            found.append(f"optimizer parameter groups of {there} tensors there, {here} here")
+        groups = ckpt["optimizer"]["param_groups"], optimizer.param_groups
+        there, here = ([len(g["params"]) for g in gs] for gs in groups)
+        found += [f"optimizer parameter groups of {there} tensors there, {here} here"] if there != here else []
     if scaler is not None and "scaler" in ckpt and bool(ckpt["scaler"]) != scaler.is_enabled():
         fp16 = lambda on: "fp16 (a grad scaler)" if on else "bf16 or fp32 (no grad scaler)"
         found.append(f"{fp16(ckpt['scaler'])} there, {fp16(scaler.is_enabled())} here")
@@ -997,11 +996,10 @@ def resume_mismatches(ckpt, args, model=None, optimizer=None, scaler=None):
 
 
 def load_checkpoint(out, args, model=None, optimizer=None, scaler=None):
-    """The checkpoint.pt in `out` if there is one, after checking that it belongs to this run (the same script, no
-    resume_mismatches; else one sentence naming each difference, with nothing written). Then tidies `out`: removes
-    the temporaries of saves a kill interrupted; drops log.jsonl lines of epochs after the checkpoint's (a run killed
-    between an epoch's line and its checkpoint repeats that epoch: one line per completed epoch); without a
-    checkpoint, removes the log of a run killed before one."""
+    """The checkpoint.pt in `out` if there is one and it is this run's (the same script, no resume_mismatches; else one
+    sentence naming each, nothing written). Then tidies `out`: removes the temporaries of saves a kill interrupted;
+    drops log.jsonl lines of epochs after the checkpoint's (a run killed between an epoch's line and its checkpoint
+    repeats that epoch); without a checkpoint, removes the log of a run killed before one."""
     path, log, ckpt = os.path.join(out, "checkpoint.pt"), os.path.join(out, "log.jsonl"), None
     is_main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     if os.path.exists(path):
@@ -1255,14 +1253,10 @@ class TrainingRun:
             start = time.perf_counter()
 
     def _sync(self):
-        """The loop's host syncs, every --log-every steps and at an epoch's end: stop with the step named if a recent
-        loss is not finite on any process (all stop together, before a save); the GPU's queued work done. Returns
-        (the last loss, time.perf_counter())."""
+        """The loop's host syncs, every --log-every steps and at an epoch's end: all processes stop, naming the step, if
+        a recent loss of any is not finite; the GPU's queued work done. Returns (the last loss, time.perf_counter())."""
         recent, self.recent = torch.stack(self.recent) if self.recent else torch.zeros(1, device=self.ddp.device), []
-        bad = (~torch.isfinite(recent)).any().int()
-        if self.ddp.distributed:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad:
+        if all_reduce_sum((~torch.isfinite(recent)).any().int()):  # any process's: all stop at this step
             raise UserError(f"the loss is not finite at or before step {self.step}; lower --lr or use --precision fp32")
         if self.ddp.device.type == "cuda":
             torch.cuda.synchronize(self.ddp.device)
@@ -1315,7 +1309,7 @@ class TrainingRun:
         """checkpoint.pt and backbone.pt (atomic), at an epoch's end or inside one (then with the epoch's
         running sums over all processes, so that its log line stays exact after the resume)."""
         totals = {k: all_reduce_sum(v.clone()) for k, v in totals.items()}  # collectives: every process
-        rng = [mine := rng_state(self.ddp.device)]  # the RNG states of every process, in rank order: each resumes its own stream
+        rng = [mine := rng_state(self.ddp.device)]  # every process's, in rank order: each resumes its own streams
         if dist.is_available() and dist.is_initialized():
             rng = [None] * dist.get_world_size()
             dist.all_gather_object(rng, mine)

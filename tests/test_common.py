@@ -425,7 +425,7 @@ def test_resume_refuses_a_checkpoint_of_other_options(tmp_path):
     saved = argparse.Namespace(arch="resnet_tiny", data="synthetic", subset=300, seed=0, batch_size=8, epochs=2, tau=0.1,
                                script="trex")
     common.atomic_save({"args": common.plain_args(saved), "epoch": 1}, str(tmp_path / "checkpoint.pt"))
-    assert common.load_checkpoint(str(tmp_path), saved, ("tau",))["epoch"] == 1  # the same run resumes
+    assert common.load_checkpoint(str(tmp_path), saved)["epoch"] == 1  # the same run resumes
     assert common.load_checkpoint(str(tmp_path / "elsewhere"), saved) is None  # no checkpoint: a fresh run
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "elsewhere" / "log.jsonl").write_text('{"args": {}}\n')  # killed before its first checkpoint
@@ -434,7 +434,7 @@ def test_resume_refuses_a_checkpoint_of_other_options(tmp_path):
     for key, value in (("subset", 0), ("seed", 1), ("tau", 0.2)):  # a common key, and the method's own
         other = argparse.Namespace(**{**vars(saved), key: value})
         with pytest.raises(common.UserError, match=f"--{key} "):
-            common.load_checkpoint(str(tmp_path), other, ("tau",))
+            common.load_checkpoint(str(tmp_path), other)
 
 
 def test_resume_refuses_another_methods_checkpoint_and_tidies_the_output_folder(tmp_path):
