@@ -1,26 +1,27 @@
 """GPU benchmark of every method: images/s, data_wait, peak memory and a step's cost against the backbone's own.
 
-One command, no dataset, under 8 minutes on one GPU. It writes a fake ImageFolder of ImageNet-sized JPEGs (scenes of
-common.Synthetic's shapes on textures, 500 x 375 px, with their boxes in a --boxes file for univip.py) in a temporary
-folder, then, as a user would launch them:
-  - runs every method (t-ReX, OPERA, SwAV + rotation, BYOL + rotation, UniVIP on the scenes) for two short epochs
-    with resnet50, bf16 autocast, channels_last (on CUDA, always), the paper's crop sizes (224 / 96 px) and as many
-    loader workers as there are free cores, and reads from its log.jsonl the last epoch's images/s, data_wait and
-    peak GPU memory (the first epoch warms up: cuDNN's autotuner, the allocator, torch.compile);
-  - compares each step (wall time, data waits included) with the backbone's own forward and backward on the same
-    batch (the global crops), timed here: the method's cost as a multiple of a plain supervised step;
-  - times the device half of each augmentation (common.ColorAugmentation's colour operations, the rotations) on a
-    batch in pinned memory, as the training loop receives it;
-  - runs OPERA once more under `torchrun --nproc_per_node=1` with `--compile` (--quick: without, TorchInductor's
-    build takes minutes on a small CPU), then tests/test_cuda.py under pytest;
-and prints a Markdown table with the GPU's name, the torch and CUDA versions and the CPU cores used. Not collected by
-pytest (no test_ prefix). Run from the repository root:
+One command, no dataset, sized for under 8 minutes on one GPU (not yet run on one). In a temporary folder it writes
+an ImageFolder of ImageNet-sized JPEGs (scenes of common.Synthetic's shapes on textures, 500 x 375 px, 8 classes;
+their boxes in a --boxes file for univip.py), then:
+  - runs every method as a user launches it (t-ReX, OPERA, SwAV + rotation, BYOL + rotation, UniVIP on the scenes),
+    two epochs each, with resnet50, bf16 autocast, channels_last (the scripts' own on CUDA), the papers' 224 / 96 px
+    crops and a loader worker per free core, and reads the last epoch's images/s, data_wait and peak GPU memory from
+    its log.jsonl (the first epoch warms up: cuDNN's autotuner, the allocator, torch.compile);
+  - sets each step (wall time, data waits included) against the bare backbone's forward and backward on the same
+    batch's global crops, timed here: the method's cost in plain supervised steps;
+  - times each augmentation's device half (common.ColorAugmentation's colour operations, the rotations) on one batch
+    in pinned memory, as the loaders hand it over;
+  - runs OPERA again under `torchrun --nproc_per_node=1` with `--compile` (--quick: without; TorchInductor's build
+    takes minutes on a small CPU), then `pytest tests/test_cuda.py`;
+and prints a Markdown table under the GPU's name, the torch and CUDA versions and the CPU cores used. Run from the
+repository root (no test_ prefix: pytest does not collect it; tests/test_bench_gpu.py runs --quick):
 
-    python tests/bench_gpu.py            # one CUDA GPU: 4,000 JPEGs, batch 128, under 8 minutes
-    python tests/bench_gpu.py --quick    # the same code on the CPU: resnet_tiny, fp32, 64 x 48 px images, ~1 minute
+    python tests/bench_gpu.py            # one CUDA GPU: 4,000 JPEGs, batch 128
+    python tests/bench_gpu.py --quick    # the same code on the CPU: resnet_tiny, fp32, 64 x 48 px images, 32 px crops
 """
 import argparse
 import concurrent.futures
+import contextlib
 import json
 import os
 import re
@@ -123,9 +124,9 @@ def write_dataset(root, count, size, processes):
 # The methods' runs, as a user launches them
 # ----------------------------------------------------------------------------------------------
 def launch(cmd, timeout, threads=None):
-    """Run `cmd` in the repository in a session of its own (on a timeout the whole group goes, torchrun's worker
-    and the loaders included), with `threads` OpenMP threads if given. Returns (return code or None on a timeout,
-    stdout, stderr)."""
+    """Run `cmd` in the repository in a session of its own, with `threads` OpenMP threads if given. Returns (return
+    code or None on a timeout, stdout, stderr). On a timeout or Ctrl-C (which reaches this process only) the session
+    gets SIGTERM, which torchrun passes on to its worker (in a session of its own), then SIGKILL a minute later."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update({"OMP_NUM_THREADS": str(threads)} if threads else {})
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -133,9 +134,13 @@ def launch(cmd, timeout, threads=None):
     try:
         out, err = proc.communicate(timeout=timeout)
         return proc.returncode, out, err
-    except BaseException as e:  # a timeout, or Ctrl-C: that reaches this process only, not the run's own session
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
+    except BaseException as e:
+        for sig, wait in ((signal.SIGTERM, 60), (signal.SIGKILL, None)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                out, err = proc.communicate(timeout=wait)
+                break
         if not isinstance(e, subprocess.TimeoutExpired):
             raise
         return None, out, err
@@ -303,11 +308,13 @@ def main(argv=None):
     print(f"\n{machine}, torch {torch.__version__}; {args.cores} CPU cores ({cpu_name()}), {args.workers} loader "
           f"workers a run")
     print(f"{m.arch}, {m.precision}" + ", channels_last" * gpu + f", batch {args.batch_size}, the last of "
-          f"{args.epochs} epochs over {args.images:,} JPEGs of {m.image[0]} x {m.image[1]} px. step: wall time a "
-          f"step, data waits included; x backbone: over the bare {m.arch}'s forward and backward on the batch's "
-          f"global crops ({unit_ms:.1f} ms); colour ops: the augmentation's device half on one batch\n")
+          f"{args.epochs} epochs over {args.images:,} JPEGs of {m.image[0]} x {m.image[1]} px. data_wait includes "
+          f"the loaders' start of each epoch; step: wall time a step, data waits included; x backbone: over the bare "
+          f"{m.arch}'s forward and backward on the batch's global crops ({unit_ms:.1f} ms); colour ops: the "
+          f"augmentation's device half on one batch\n")
     print_table(table_rows(results, colour, unit_ms, args, gpu))
-    print(f"\ntests/test_cuda.py: {tests or 'not run (--pytest-timeout 0)'}\ntotal: {time.perf_counter() - start:.0f} s")
+    print(f"\ntests/test_cuda.py: {tests or 'not run (--pytest-timeout 0)'}")
+    print(f"total: {time.perf_counter() - start:.0f} s")
     failed = any("error" in stats for _, _, stats in results)
     if failed or tests is not None and (re.search(r"\b(failed|error)", tests) or
                                         not re.search(r"\b(passed|skipped)\b", tests)):
