@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from types import SimpleNamespace
 
 import numpy as np
@@ -221,7 +222,8 @@ def pinned(batch):
 
 
 def colour_ms(args, device, small, folder, boxes):
-    """key: (crops per image, ms of the augmentation's device half on one batch made from 16 of the fake images)."""
+    """key: (crops per image, ms of the augmentation's device half on one batch made from 16 of the fake images, or
+    None where it failed: the traceback is printed and the other methods still timed)."""
     g, l = args.mode.crops
     times, images = {}, [(common.load_rgb(os.path.join(folder, rel)), np.array(boxes[rel], np.float32).reshape(-1, 4))
                          for rel in sorted(boxes)[:16]]
@@ -230,8 +232,18 @@ def colour_ms(args, device, small, folder, boxes):
             torch.manual_seed(0)
             batch = collate([worker(*images[i % len(images)]) for i in range(args.batch_size)])
             batch = pinned(batch) if device.type == "cuda" else batch
-            times[key] = (label.split(", ", 1)[1], milliseconds(lambda: device_half(batch), device, args.mode.reps))
+            times[key] = (label.split(", ", 1)[1], guarded(milliseconds, lambda: device_half(batch), device,
+                                                           args.mode.reps))
     return times
+
+
+def guarded(fn, *args):
+    """fn(*args), or None with the traceback printed: on a GPU's first run, one failure must not hide the rest."""
+    try:
+        return fn(*args)
+    except Exception:
+        traceback.print_exc()
+        return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,14 +253,15 @@ def table_rows(results, colour, unit_ms, args, gpu):
     """Markdown rows: (row, crops, images/s, data_wait, peak GPU memory, step, x backbone, colour ops per batch)."""
     rows = []
     for key, label, stats in results:
-        crops, colour_of = colour[key][0], f"{colour[key][1]:.1f} ms" if label == METHODS[key][0] else "-"
+        crops, ms = colour[key]
+        colour_of = "-" if label != METHODS[key][0] else "failed" if ms is None else f"{ms:.1f} ms"
         if "error" in stats:
             rows.append([label, crops, f"failed: {stats['error']}", "-", "-", "-", "-", colour_of])
             continue
         step = 1000 * args.batch_size / stats["images_per_s"]  # wall time per step, data waits included
         memory = f"{stats['peak_mem_mb'] / 1024:.1f} GB" if gpu else "n/a"
         rows.append([label, crops, f"{stats['images_per_s']:,.0f}", f"{stats['data_wait']:.0%}", memory,
-                     f"{step:.0f} ms", f"{step / unit_ms:.1f}x", colour_of])
+                     f"{step:.0f} ms", "failed" if unit_ms is None else f"{step / unit_ms:.1f}x", colour_of])
     return rows
 
 
@@ -289,11 +302,11 @@ def main(argv=None):
         boxes = write_dataset(root, args.images, m.image, args.cores)
         note(f"wrote {args.images} JPEGs of {m.image[0]} x {m.image[1]} px and their boxes")
         device = common.init_distributed().device  # the scripts' device set-up: TF32, cuDNN's autotuner
-        unit_ms = backbone_ms(args, device, small)
+        unit_ms = guarded(backbone_ms, args, device, small)
         colour = colour_ms(args, device, small, os.path.join(root, "train"), boxes)
         if gpu:
             torch.cuda.empty_cache()  # the runs are processes of their own: leave them the memory
-        note(f"timed the backbone alone ({unit_ms:.1f} ms a step) and the colour operations")
+        note("timed the backbone alone and the colour operations")
         results = []
         for i, (key, label, torchrun, compiled) in enumerate(runs):
             out = os.path.join(tmp, f"run{i}")
@@ -305,17 +318,19 @@ def main(argv=None):
 
     machine = (f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}, cuDNN "
                f"{torch.backends.cudnn.version()}" if gpu else "no GPU (--quick, on the CPU)")
-    print(f"\n{machine}, torch {torch.__version__}; {args.cores} CPU cores ({cpu_name()}), {args.workers} loader "
-          f"workers a run")
-    print(f"{m.arch}, {m.precision}" + ", channels_last" * gpu + f", batch {args.batch_size}, the last of "
-          f"{args.epochs} epochs over {args.images:,} JPEGs of {m.image[0]} x {m.image[1]} px. data_wait includes "
-          f"the loaders' start of each epoch; step: wall time a step, data waits included; x backbone: over the bare "
-          f"{m.arch}'s forward and backward on the batch's global crops ({unit_ms:.1f} ms); colour ops: the "
-          f"augmentation's device half on one batch\n")
+    print(f"\n{machine}, torch {torch.__version__}; {args.cores} CPU cores ({cpu_name()}), loader workers per "
+          f"run: {args.workers}")
+    backbone = f"{unit_ms:.1f} ms" if unit_ms else "failed"
+    print(f"{m.arch}, {m.precision}" + ", channels_last" * gpu + f", batch {args.batch_size}, epoch {args.epochs} "
+          f"of {args.epochs} over {args.images:,} JPEGs of {m.image[0]} x {m.image[1]} px. data_wait includes the "
+          f"loaders' start of each epoch; step: wall time a step, data waits included; x backbone: over the bare "
+          f"{m.arch}'s forward and backward on the batch's global crops ({backbone}); colour ops: the augmentation's "
+          f"device half on one batch\n")
     print_table(table_rows(results, colour, unit_ms, args, gpu))
     print(f"\ntests/test_cuda.py: {tests or 'not run (--pytest-timeout 0)'}")
     print(f"total: {time.perf_counter() - start:.0f} s")
-    failed = any("error" in stats for _, _, stats in results)
+    failed = unit_ms is None or None in [ms for _, ms in colour.values()] or any(
+        "error" in stats for _, _, stats in results)
     if failed or tests is not None and (re.search(r"\b(failed|error)", tests) or
                                         not re.search(r"\b(passed|skipped)\b", tests)):
         sys.exit(1)
