@@ -27,6 +27,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import common, opera, rotssl, trex, univip  # noqa: E402  (the repository's own modules)
 
+BOXES = np.array([[20, 20, 200, 150], [250, 30, 220, 180], [40, 200, 180, 160], [260, 210, 200, 150]], np.float32)
+
 
 def get_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
@@ -70,25 +72,27 @@ def make_jpegs(args):
     return sorted(glob.glob(os.path.join(args.jpeg_dir, "*.jpg")))[:args.images]
 
 
-def pipelines():
-    """name: (worker half on one decoded image, device half on a batch of worker outputs, or None)."""
-    cpu = torch.device("cpu")
-    boxes = np.array([[20, 20, 200, 150], [250, 30, 220, 180], [40, 200, 180, 160], [260, 210, 200, 150]], np.float32)
-    two_view = opera.TwoViewAugmentation(224, 0.08)
-    scenes = univip.SceneInstanceAugmentation(224, 96, 4, 64, (0.08, 1.0))
-    byol = rotssl.Augmentation("byol", 224, 96, 0, rotate=True)
-    swav = rotssl.Augmentation("swav", 224, 96, 6, rotate=True)
-    multi_crop = trex.MultiCropAugmentation(224, 96, 8)
+def pipelines(device=torch.device("cpu"), global_size=224, local_size=96, min_box=64, small=False):
+    """key: (label, worker half: (decoded image, its boxes) -> sample, collate, device half: batch -> views on
+    `device`), each method's augmentation at these crop sizes (bench_gpu.py times the device half on a GPU)."""
+    g, l = global_size, local_size
+    two_view = opera.TwoViewAugmentation(g, 0.08, small)
+    scenes = univip.SceneInstanceAugmentation(g, l, 4, min_box, (0.08, 1.0), small=small)
+    byol = rotssl.Augmentation("byol", g, l, 0, rotate=True, small=small)
+    swav = rotssl.Augmentation("swav", g, l, 6, rotate=True, small=small)
+    multi_crop = trex.MultiCropAugmentation(g, l, 8, small=small)
     return {
-        "JPEG decode alone": (lambda im: im, None),
-        "opera.py, 2 x 224": (lambda im: two_view(im, 0),
-                              lambda s: two_view.on_device(*default_collate(s)[:2], cpu)),
-        "rotssl.py --base byol, 2 x 224 + rotations": (byol, lambda s: byol.on_device(default_collate(s), cpu)),
-        "rotssl.py (SwAV), 2 x 224 + 6 x 96 + rotations": (swav, lambda s: swav.on_device(default_collate(s), cpu)),
-        "trex.py, 1 x 224 + 8 x 96": (lambda im: multi_crop(im, 0),
-                                      lambda s: multi_crop.on_device(default_collate(s)[0], cpu)),
-        "univip.py, 2 x 224 + 2 x 4 x 96": (lambda im: scenes(im, boxes),
-                                            lambda s: scenes.on_device(*univip.collate_scene_pairs(s)[:4], cpu)),
+        "decode": ("JPEG decode alone", lambda im, boxes: im, None, None),
+        "opera": (f"opera.py, 2 x {g}", lambda im, boxes: two_view(im, 0), default_collate,
+                  lambda b: two_view.on_device(*b[:2], device)),
+        "byol_rot": (f"rotssl.py --base byol, 2 x {g} + rotations", lambda im, boxes: byol(im), default_collate,
+                     lambda b: byol.on_device(b, device)),
+        "swav_rot": (f"rotssl.py (SwAV), 2 x {g} + 6 x {l} + rotations", lambda im, boxes: swav(im),
+                     default_collate, lambda b: swav.on_device(b, device)),
+        "trex": (f"trex.py, 1 x {g} + 8 x {l}", lambda im, boxes: multi_crop(im, 0), default_collate,
+                 lambda b: multi_crop.on_device(b[0], device)),
+        "univip": (f"univip.py, 2 x {g} + 2 x 4 x {l}", scenes, univip.collate_scene_pairs,
+                   lambda b: scenes.on_device(*b[:4], device)),
     }
 
 
@@ -110,21 +114,21 @@ def main():
     print(f"CPU: {cpu_name()}, torch {torch.__version__}")
     device_column = f"device half, CPU, ms per {args.batch}"
     print(f"{'pipeline':<48}{'worker images/s per core':>26}{device_column:>30}", flush=True)
-    for name, (worker, device) in pipelines().items():
+    for name, worker, collate, device in pipelines().values():
         torch.manual_seed(0)
         samples, start = [], time.perf_counter()
         while time.perf_counter() - start < args.seconds:
             for path in paths:
-                samples.append(worker(common.load_rgb(path)))
+                samples.append(worker(common.load_rgb(path), BOXES))
                 if len(samples) >= args.batch and time.perf_counter() - start >= args.seconds:
                     break
         rate = len(samples) / (time.perf_counter() - start)
         ms = "-"
         if device is not None:
             batch = samples[:args.batch]
-            device(batch)  # warm-up
+            device(collate(batch))  # warm-up
             start = time.perf_counter()
-            device(batch)
+            device(collate(batch))
             ms = f"{1000 * (time.perf_counter() - start):.0f}"
         print(f"{name:<48}{rate:>26.0f}{ms:>30}", flush=True)
 
