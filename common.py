@@ -967,9 +967,11 @@ def load_weights_only(path):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-# Options a resumed run may change (where and how fast it runs, what it monitors); every other one must match.
+# Options a resumed run may change: where and how fast it runs, what it monitors, and two a user changes on purpose
+# (--lr after a non-finite loss, --epochs to train longer; the schedules are recomputed from them). Every other one
+# must match.
 FREE_ON_RESUME = ("out", "data_dir", "eval_data_dir", "download", "workers", "compile", "save_every", "log_every",
-                  "eval_every", "eval_subset")
+                  "eval_every", "eval_subset", "lr", "epochs")
 
 
 def resume_mismatches(ckpt, args, model=None, optimizer=None, scaler=None):
@@ -1257,7 +1259,7 @@ class TrainingRun:
         a recent loss of any is not finite; the GPU's queued work done. Returns (the last loss, time.perf_counter())."""
         recent, self.recent = torch.stack(self.recent) if self.recent else torch.zeros(1, device=self.ddp.device), []
         if all_reduce_sum((~torch.isfinite(recent)).any().int()):  # any process's: all stop at this step
-            raise UserError(f"the loss is not finite at or before step {self.step}; lower --lr or use --precision fp32")
+            raise UserError(f"the loss is not finite at or before step {self.step}; run the same command with a lower --lr to resume from the last save")
         if self.ddp.device.type == "cuda":
             torch.cuda.synchronize(self.ddp.device)
         return recent[-1], time.perf_counter()

@@ -216,7 +216,7 @@ def test_a_non_finite_loss_on_one_process_stops_every_process_with_the_sentence(
     went on into the next collective and torchrun killed it), and checkpoint.pt is still the last good one."""
     (tmp_path / "run").mkdir()
     mp.spawn(_non_finite_worker, args=(2, 29500 + (os.getpid() + 7) % 1000, str(tmp_path / "run")), nprocs=2)
-    sentence = "the loss is not finite at or before step 9; lower --lr or use --precision fp32"
+    sentence = "the loss is not finite at or before step 9; run the same command with a lower --lr to resume from the last save"
     assert [(tmp_path / "run" / f"rank{r}.txt").read_text() for r in (0, 1)] == [sentence] * 2
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert (ckpt["epoch"], ckpt["step"]) == (1, 6)  # epoch 1's: nothing saved after the NaN

@@ -55,7 +55,7 @@ CHANGES = [
     ("trex", ("--memory-size", "0"), ["--memory-size 64 there, 0 here", "of the model's tensors differ"]),
     ("trex", ("--n-local", "3"), ["--n-local 2 there, 3 here"]),
     ("trex", ("--seed", "1"), ["--seed 0 there, 1 here"]),
-    ("trex", ("--batch-size", "32", "--lr", "0.4"), ["--batch-size 16 there, 32 here", "--lr 0.8 there, 0.4 here"]),
+    ("trex", ("--batch-size", "32", "--lr", "0.4"), ["--batch-size 16 there, 32 here"]),
 ]
 
 
@@ -116,10 +116,10 @@ def test_resuming_with_a_changed_option_is_one_sentence_and_writes_nothing(first
 
 @pytest.mark.parametrize("script", RUNS)
 def test_the_same_options_resume_and_where_and_how_fast_may_change(first_runs, in_process, script, tmp_path):
-    """The first run's command again (with other --log-every, --save-every, --data-dir, --compile): the check
-    passes, and the finished run says so."""
+    """The first run's command again (with other --log-every, --save-every, --data-dir, --eval-subset, and a lower
+    --lr as after a non-finite loss): the check passes, and the finished run says so."""
     out = first_runs(script)
-    free = ("--log-every", "7", "--save-every", "5", "--data-dir", tmp_path, "--eval-subset", "10")
+    free = ("--log-every", "7", "--save-every", "5", "--data-dir", tmp_path, "--eval-subset", "10", "--lr", "0.05")
     status, err = in_process(script, *TINY, *RUNS[script], *free, "--out", out)
     assert status == 0 and "error" not in err, err[-3000:]
 
