@@ -33,7 +33,7 @@ Implementation details (choices the paper leaves open, and how they are made her
  7. Online instances get the view-1 augmentations (blur 1.0, no solarize), target instances the view-2 ones; L_ii is
     one-directional, as written in the paper. One predictor serves all three terms: the paper writes one online
     network f for scenes and instances, and Eq. 4 weighs the instances with f's scene outputs (ORL gives each of its
-    three terms a predictor of its own). Projector and predictor end in a Linear without bias (ORL's).
+    three terms a predictor of its own). Projector and predictor are ORL's: no bias in the last Linear, kaiming init.
  8. SGD decays every parameter (ORL's 1e-4), LARS all but biases and norms (BYOL's); the target network
     (momentum_backbone, momentum_projector) keeps its own batch-norm statistics (train mode), never receives
     gradients and follows the online one after each step, tau rising from --ema 0.99 to 1 on a per-iteration cosine.
@@ -305,9 +305,14 @@ def collate_scene_pairs(samples):
 # Model: BYOL networks shared by scenes and instances, the instance aggregator, the loss (Sec. 3)
 # ----------------------------------------------------------------------------------------------
 def mlp(in_dim, hidden_dim, out_dim):
-    """Projector / predictor: Linear -> BN -> ReLU -> Linear without bias (ORL's, where BYOL's last layer has one)."""
-    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+    """Projector / predictor: Linear -> BN -> ReLU -> Linear without bias (ORL's, where BYOL's last layer has one),
+    initialised as ORL's init_weights(init_linear='kaiming'): weights kaiming normal (fan_in, ReLU gain), biases 0."""
+    head = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
                          nn.Linear(hidden_dim, out_dim, bias=False))
+    for layer in (head[0], head[3]):
+        nn.init.kaiming_normal_(layer.weight, mode="fan_in", nonlinearity="relu")
+    nn.init.zeros_(head[0].bias)
+    return head
 
 
 def distance(a, b):

@@ -145,11 +145,19 @@ def test_crops_are_bilinear_and_the_blur_follows_orl(monkeypatch):
     assert [c.blur_p for c in small.colours] == [0.0] * 2
 
 
-def test_projector_and_predictor_end_without_bias_as_orls():
+def test_projector_and_predictor_are_orls_without_last_bias_and_with_kaiming_init():
+    """ORL's init_weights(init_linear='kaiming'): every Linear kaiming normal (fan_in, std sqrt(2 / fan_in)), bias 0."""
+    torch.manual_seed(0)
     backbone, dim = common.build_backbone("resnet_tiny", True, 32)
-    model = univip.UniVIP(backbone, dim, num_instances=2, hidden_dim=32, proj_dim=16)
+    model = univip.UniVIP(backbone, dim, num_instances=2, hidden_dim=512, proj_dim=64)
     for head in (model.projector, model.predictor, model.momentum_projector):
-        assert head[0].bias is not None and head[-1].bias is None and head[-1].out_features == 16
+        assert head[0].bias is not None and head[-1].bias is None and head[-1].out_features == 64
+        assert torch.equal(head[0].bias, torch.zeros(512))
+        for layer in (head[0], head[-1]):
+            expected = math.sqrt(2 / layer.in_features)
+            print(f"{layer.in_features} -> {layer.out_features}: std {layer.weight.std().item():.4g}, "
+                  f"sqrt(2 / fan_in) {expected:.4g}")
+            assert abs(layer.weight.std().item() / expected - 1) < 0.1 and abs(layer.weight.mean()) < 0.1 * expected
 
 
 # ----------------------------------------------------------------------------------------------
