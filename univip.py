@@ -37,6 +37,7 @@ Implementation details (choices the paper leaves open, and how they are made her
  8. SGD decays every parameter (ORL's 1e-4), LARS all but biases and norms (BYOL's); the target network
     (momentum_backbone, momentum_projector) keeps its own batch-norm statistics (train mode), never receives
     gradients and follows the online one after each step, tau rising from --ema 0.99 to 1 on a per-iteration cosine.
+    The lr is ORL's (orl_lr_schedule): a cosine to 0 that moves once per epoch, after a linear warmup from 1e-4 x.
  9. Crop sizes: the paper's 224 (scenes) and 96 (instances) whatever the images' size, except on small scenes
     (median shorter side of sampled images 128 px or less, e.g. the 96 px synthetic ones): scenes 64, instances 32,
     --min-box 8 (UniVIP's own policy, not common.crop_sizes). Flags override each. Instances of 64 px or less get
@@ -153,8 +154,9 @@ def resolve_recipe(args, native):
                                f"patch size {patch}")
     optimizer = "SGD (momentum 0.9)" if args.optimizer == "sgd" else "LARS (eta 0.001, momentum 0.9)"
     return args.instance_size <= common.SMALL_IMAGES, dict(
-        lr=f"{args.lr * args.batch_size / 512:.4g} ({args.lr} x {args.batch_size}/512, cosine to 0)",
-        wd=args.wd, optimizer=optimizer, warmup=f"{args.warmup_epochs:g} epochs", ema=f"{args.ema} -> 1 (cosine)",
+        lr=f"{args.lr * args.batch_size / 512:.4g} ({args.lr} x {args.batch_size}/512, cosine to 0 by epoch)",
+        wd=args.wd, optimizer=optimizer, warmup=f"{args.warmup_epochs:g} epochs from 1e-4 x",
+        ema=f"{args.ema} -> 1 (cosine)",
         crops=f"scene {args.scene_size} px, instance {args.instance_size} px, boxes from {args.min_box:g} px")
 
 
@@ -418,6 +420,22 @@ class UniVIP(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
+def orl_lr_schedule(base, epochs, iters_per_epoch, warmup_epochs, warmup_ratio=1e-4):
+    """ORL's lr per step (its stage-3 config: mmcv's CosineAnnealing hook, min_lr 0, linear warmup by epoch): at step i
+    of epoch e, base (1 + cos(pi e / epochs)) / 2, times 1 - (1 - i / W)(1 - warmup_ratio) while i < W = warmup_epochs
+    x iters_per_epoch. The cosine moves once per epoch, the warmup per step (from warmup_ratio x base at step 0); as
+    mmcv, the regular lr returns at step W or at the next epoch: a W between two steps keeps the last warmup value."""
+    warmup, out, lr = warmup_epochs * iters_per_epoch, [], base
+    for i in range(epochs * iters_per_epoch):
+        regular = 0.5 * base * (1 + math.cos(math.pi * (i // iters_per_epoch) / epochs))
+        if i < warmup:
+            lr = regular * (1 - (1 - i / warmup) * (1 - warmup_ratio))
+        elif i % iters_per_epoch == 0 or i == warmup:
+            lr = regular
+        out.append(lr)
+    return out
+
+
 def main():
     # ---------------------------------------------------------------- plumbing: processes, flags, seeds
     args = get_args_parser().parse_args()
@@ -454,7 +472,7 @@ def main():
     trained = [p for p in model.parameters() if p.requires_grad]  # not the momentum networks'
     optimizer = (torch.optim.SGD(trained, lr=lr, momentum=0.9, weight_decay=args.wd) if args.optimizer == "sgd"
                  else common.LARS(common.param_groups(model, args.wd), lr=lr, momentum=0.9))  # detail 8
-    lr_schedule = common.cosine_schedule(lr, 0.0, args.epochs, len(loader), args.warmup_epochs)
+    lr_schedule = orl_lr_schedule(lr, args.epochs, len(loader), args.warmup_epochs)  # detail 8
     ema_schedule = common.cosine_schedule(args.ema, 1.0, args.epochs, len(loader))  # BYOL's tau, per step
     autocast, scaler = common.mixed_precision(args.precision, ddp.device)
 

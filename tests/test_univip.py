@@ -402,6 +402,43 @@ def test_recipe_sizes_come_from_the_dataset_and_the_flags_override_them(tmp_path
         assert recipe["lr"].startswith(f"{lr * args.batch_size / 512:.4g} ({lr} x {args.batch_size}/512")
 
 
+def mmcv_cosine_by_epoch(base, epochs, iters_per_epoch, warmup_epochs, ratio=1e-4):
+    """mmcv's CosineAnnealingLrUpdaterHook(min_lr=0, warmup='linear', warmup_by_epoch=True) as ORL's runner calls it:
+    before each epoch the regular lr annealing_cos(base, 0, epoch / epochs) is set; before each iteration (global
+    index i) the warmup lr replaces it while i < the warmup iterations, and i == them sets the regular lr again."""
+    lrs, warmup_iters, lr = [], warmup_epochs * iters_per_epoch, None
+    for epoch in range(epochs):
+        regular = 0.0 + 0.5 * (base - 0.0) * (math.cos(math.pi * epoch / epochs) + 1)  # before_train_epoch
+        lr = regular
+        for i in range(epoch * iters_per_epoch, (epoch + 1) * iters_per_epoch):  # before_train_iter
+            if i == warmup_iters:
+                lr = regular
+            elif i < warmup_iters:
+                lr = regular * (1 - (1 - i / warmup_iters) * (1 - ratio))
+            lrs.append(lr)
+    return lrs
+
+
+@pytest.mark.parametrize("epochs, per_epoch, warmup", [(800, 3, 4.0), (10, 7, 2.0), (5, 4, 1.5), (3, 2, 0.0),
+                                                     (5, 3, 1.5)])  # the last: the warmup ends between steps 4 and 5
+def test_lr_is_orls_stage3_schedule_step_for_step(epochs, per_epoch, warmup):
+    base = 0.4
+    got, ref = univip.orl_lr_schedule(base, epochs, per_epoch, warmup), mmcv_cosine_by_epoch(base, epochs, per_epoch,
+                                                                                              warmup)
+    assert len(got) == len(ref) == epochs * per_epoch
+    np.testing.assert_allclose(got, ref, rtol=1e-12, atol=0)
+    end = math.ceil(warmup * per_epoch)  # the first step past the warmup
+    if end != warmup * per_epoch:  # mmcv keeps the last warmup lr until the epoch ends
+        assert got[end] == got[end - 1] < 0.5 * base * (1 + math.cos(math.pi * (end // per_epoch) / epochs))
+        end = (end // per_epoch + 1) * per_epoch
+    print(f"{epochs} epochs x {per_epoch}, warmup {warmup}: first {got[0]:.6g}, warmup end {got[end]:.6g}, "
+          f"last {got[-1]:.6g}")
+    assert got[0] == pytest.approx(base * (1e-4 if warmup else 1), rel=1e-12)
+    assert got[end] == pytest.approx(0.5 * base * (1 + math.cos(math.pi * (end // per_epoch) / epochs)), rel=1e-12)
+    assert got[-1] == pytest.approx(0.5 * base * (1 + math.cos(math.pi * (epochs - 1) / epochs)), rel=1e-12)
+    assert got[-1] > 0 and all(got[i] == got[i - 1] for i in range(end + 1, len(got)) if i % per_epoch)
+
+
 # ----------------------------------------------------------------------------------------------
 # Whole runs
 # ----------------------------------------------------------------------------------------------
@@ -420,7 +457,7 @@ def test_demo_path_and_eval_linear(tmp_path):
     assert f"random-init backbone: kNN top-1 {init['knn_top1']:.1f}% on synthetic" in result.stdout
     assert (f"kNN top-1 on synthetic: {epoch['knn_top1']:.1f}% after training vs {init['knn_top1']:.1f}% at "
             "random init") in result.stdout
-    assert "recipe: lr 0.2 (3.2 x 32/512, cosine to 0)" in result.stdout
+    assert "recipe: lr 0.2 (3.2 x 32/512, cosine to 0 by epoch)" in result.stdout
     assert "crop sizes: scene 64 px, instance 32 px (images of about 96 px" in result.stdout
     record = eval_linear.load_backbone(str(out / "backbone.pt"))
     assert record["method"] == "univip" and record["small_images"] and record["img_size"] == 32
