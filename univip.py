@@ -15,7 +15,7 @@ which differ without hand-made pairs. `--losses ss` is BYOL on the same data: th
 
 Implementation details (choices the paper leaves open, and how they are made here)
  1. Instances are cropped from the original image before any flip, so a flip never breaks the box correspondence;
-    each box is resized to a square, bilinear (as ORL does; its scene crops are bilinear too).
+    each box is cut out at whole pixels, then resized to a square, bilinear (crop_resize: ORL's, scenes too).
  2. The box filter (min side, aspect ratio <= 3, drop IoU > 0.5 with a kept box) keeps boxes in the order of their
     source: put the best proposals first in a --boxes file.
  3. Fallback when 20 window pairs never hold K boxes (Sec. 3.1): the attempt whose intersection holds the most real
@@ -251,6 +251,14 @@ def sample_scene_pair(width, height, boxes, num_instances=4, min_box=64.0, scale
     return w1, w2, np.array(chosen, np.float32).reshape(-1, 4), True
 
 
+def crop_resize(image, box, size):
+    """ORL's crops (torchvision's resized_crop): the (x, y, w, h) box rounded to whole pixels (at least one), cut out,
+    then resized bilinear to size x size, so that no pixel outside the box enters the edge taps."""
+    x0, y0 = min(round(box[0]), image.width - 1), min(round(box[1]), image.height - 1)
+    x1, y1 = max(round(box[0] + box[2]), x0 + 1), max(round(box[1] + box[3]), y0 + 1)
+    return image.crop((x0, y0, x1, y1)).resize((size, size), Image.BILINEAR)
+
+
 class SceneInstanceAugmentation:
     """(scene image, boxes) -> (scene view 1, scene view 2, online instances (K), target instances (K), fell_back)
     in the worker, each view a cropped and flipped uint8 image with its colour parameters; `on_device` applies the
@@ -274,16 +282,13 @@ class SceneInstanceAugmentation:
         boxes = filter_boxes(boxes, width, height, self.min_box)
         w1, w2, chosen, fell_back = sample_scene_pair(width, height, boxes, self.num_instances, self.min_box,
                                                       self.scale)
-        s = (self.instance_size, self.instance_size)
-        crops = [image.resize(s, Image.BILINEAR, box=(x, y, x + w, y + h)) for x, y, w, h in chosen]
+        crops = [crop_resize(image, box, self.instance_size) for box in chosen]
         online, target = ([colour.view(self.flip, c) for c in crops] for colour in self.colours)
         stack = lambda views: tuple(torch.stack(t) for t in zip(*views))  # (K, 3, s, s) uint8, (K, P)
         return self._scene(image, w1, 0), self._scene(image, w2, 1), stack(online), stack(target), fell_back
 
     def _scene(self, image, window, v):
-        x, y, w, h = window
-        crop = image.resize((self.scene_size, self.scene_size), Image.BILINEAR, box=(x, y, x + w, y + h))
-        return self.colours[v].view(self.flip, crop)
+        return self.colours[v].view(self.flip, crop_resize(image, window, self.scene_size))
 
     def on_device(self, scene1, scene2, online, target, device):
         """Collated views -> normalised float scene views (B, 3, S, S) and instances (B*K, 3, s, s) on `device`."""
