@@ -196,14 +196,16 @@ def filter_boxes(boxes, width, height, min_box, max_ratio=3.0, iou_threshold=0.5
 
 
 def random_window(width, height, scale, ratio=(3 / 4, 4 / 3)):
-    """A RandomResizedCrop window (x, y, w, h): area fraction in `scale`, log-uniform aspect ratio."""
+    """A RandomResizedCrop window (x, y, w, h): area fraction in `scale`, log-uniform aspect ratio; after 10 tries,
+    torchvision's fallback: the centre crop of the image clamped to the ratio bounds."""
     for _ in range(10):
         area = width * height * random.uniform(*scale)
         aspect = math.exp(random.uniform(math.log(ratio[0]), math.log(ratio[1])))
         w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
         if 0 < w <= width and 0 < h <= height:
             return random.randint(0, width - w), random.randint(0, height - h), w, h
-    return 0, 0, width, height
+    w, h = min(width, round(height * ratio[1])), min(height, round(width / ratio[0]))
+    return (width - w) // 2, (height - h) // 2, w, h
 
 
 def random_boxes(region, count, min_side, taken, max_ratio=3.0, iou_threshold=0.5):

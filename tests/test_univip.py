@@ -94,6 +94,19 @@ def test_no_fallback_when_the_boxes_are_there():
         assert not fell_back and len({tuple(b) for b in chosen.tolist()}) == 4
 
 
+@pytest.mark.parametrize("width, height", [(400, 20), (20, 400), (300, 200), (101, 99)])
+def test_random_window_falls_back_as_torchvisions_random_resized_crop(width, height):
+    """After 10 failed tries: the centre crop at the ratio bounds, as RandomResizedCrop.get_params (whole image if its
+    aspect is within them). Scales this large fail every try on the thin images; (1, 1) fails on the near squares."""
+    scale = (0.9, 1.0) if max(width, height) > 5 * min(width, height) else (1.0, 1.0)
+    random.seed(0)
+    torch.manual_seed(0)
+    for ratio in ((3 / 4, 4 / 3), (0.5, 2.0)):
+        top, left, h, w = v2.RandomResizedCrop.get_params(torch.zeros(3, height, width), list(scale), list(ratio))
+        assert (left, top) == ((width - w) // 2, (height - h) // 2)  # torchvision fell back too
+        assert univip.random_window(width, height, scale, ratio) == (left, top, w, h)
+
+
 def test_box_filter_size_aspect_overlap_and_clipping():
     boxes = [[0, 0, 30, 30],      # kept
              [2, 2, 30, 30],      # IoU with the first ~0.77 > 0.5: dropped
