@@ -1046,11 +1046,12 @@ class LARS(torch.optim.Optimizer):
 
 def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0.0, warmup_start=0.0, endpoint=True):
     """Per-iteration values, precomputed (DINO's way: a resumed run lands on exactly the same value): linear warmup from
-    `warmup_start` to `base`, then cosine to `final`. `endpoint=False` is MoCo v3's momentum form, final - (final -
-    base)(1 + cos(pi t / T)) / 2 for t = 0 .. T - 1 (the value at t = T, after the last step, is `final`)."""
+    `warmup_start` towards `base` (its last step short of it), then cosine to `final` on the last step. `endpoint=False`
+    is DINO's, swav's and naver/trex's cosine_scheduler (MoCo v3's momentum form without warmup): the warmup's last
+    step at `base`, then final - (final - base)(1 + cos(pi t / T)) / 2 for t = 0 .. T - 1 (`final` after the last)."""
     total = int(epochs * iters_per_epoch)
     warmup = min(int(warmup_epochs * iters_per_epoch), total)
-    ramp = np.linspace(warmup_start, base, warmup, endpoint=False)
+    ramp = np.linspace(warmup_start, base, warmup, endpoint=not endpoint)
     if endpoint:
         t = np.linspace(0.0, 1.0, total - warmup)  # the last iteration lands exactly on `final`
         cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * t))

@@ -31,7 +31,8 @@ Implementation details (the choices that matter and that papers leave out):
     Each process uses its own L / N rows (swav's) but holds them all (all-gathered) in a buffer: rank 0's
     checkpoint.pt resumes every process exactly; DDP's buffer broadcast changes nothing.
  5. Recipes: the table RECIPES, filled in by resolve_recipe() (set flags win), printed as the `recipe:` line.
-    SwAV: lr not batch-scaled, warmup 0.3 -> 1.2 (`--lr` is the peak), cosine to 0.0012, LARS eta 0.001. BYOL:
+    SwAV: lr not batch-scaled, swav's schedule step for step (warmup 0.3 -> 1.2 = `--lr` on its last step, cosine
+    to 0.0012 after the last step), LARS eta 0.001. BYOL:
     `--lr` x batch / 256, cosine to 0, target momentum `--ema` -> 1 on a per-iteration cosine; above 64 px
     DeepMind's ImageNet recipe (LARS eta 0.001, lr 0.2, wd 1.5e-6, warmup from 0, ema 0.996, blur p 1.0 / 0.1); at
     64 px or less solo-learn's CIFAR recipe in full (eta 0.02, each layer's rate clipped at the global one, lr 1.0,
@@ -437,9 +438,10 @@ def main():
     # ---------------------------------------------------------------- optimizer, schedules, precision
     optimizer = common.LARS(common.param_groups(model, args.wd), momentum=0.9, trust_coefficient=args.lars_eta,
                             clip=args.lars_clip)
-    # SwAV: warmup 0.3 -> 1.2, cosine to 0.0012, not batch-scaled (the reference's); BYOL: lr x batch/256 (detail 5)
+    # SwAV: swav's schedule step for step, not batch-scaled (endpoint=False); BYOL: lr x batch/256 (detail 5)
     lr_schedule = common.cosine_schedule(args.lr if swav else args.lr * args.batch_size / 256, args.final_lr,
-                                         args.epochs, len(loader), args.warmup_epochs, args.warmup_start_lr)
+                                         args.epochs, len(loader), args.warmup_epochs, args.warmup_start_lr,
+                                         endpoint=not swav)
     # BYOL: tau from --ema (0.996; 0.99 on small images) to 1 on a per-iteration cosine
     ema_schedule = None if swav else common.cosine_schedule(args.ema, 1.0, args.epochs, len(loader))
     # SwAV's queue (detail 4): filled from epoch --epoch-queue-starts on, in the codes once full (swav's test)

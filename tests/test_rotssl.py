@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -307,6 +308,36 @@ def test_main_warms_up_from_the_recipes_start_lr_and_updates_the_target_after_th
     (_, lr0), (_, tau0) = events[0], events[2]
     assert lr0 == pytest.approx(3e-5) and lr0 > 0 and tau0 == pytest.approx(0.99)
     assert events[3][1] > lr0  # the warmup rises from there
+
+
+def lrs_of_main(module, argv, monkeypatch):
+    """The lr of every step of a whole in-process run of `module`.main() with `argv`."""
+    lrs, set_lr = [], common.set_lr
+    monkeypatch.setattr(common, "set_lr", lambda opt, lr: (lrs.append(lr), set_lr(opt, lr))[1])
+    monkeypatch.setattr("sys.argv", [f"{module.__name__}.py", *argv])
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # one process, whatever launched pytest
+        monkeypatch.delenv(name, raising=False)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}  # the run installs its own
+    try:
+        module.main()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    return lrs
+
+
+def test_swav_lr_is_swavs_schedule_step_for_step(tmp_path, monkeypatch):
+    """main_swav.py: np.linspace(start_warmup, base_lr, iters x warmup_epochs) (its last step at base_lr), then
+    final_lr + 0.5 (base_lr - final_lr)(1 + cos(pi t / T)) for t = 0 .. T - 1 (final_lr never reached)."""
+    epochs, per_epoch, warmup, base, final, start = 4, 3, 1, 1.2, 0.0012, 0.3
+    lrs = lrs_of_main(rotssl, [*TINY, "--subset", "96", "--epochs", str(epochs), "--warmup-epochs", str(warmup),
+                               "--out", str(tmp_path / "swav")], monkeypatch)
+    total = per_epoch * (epochs - warmup)
+    swav = np.concatenate([np.linspace(start, base, per_epoch * warmup),
+                           [final + 0.5 * (base - final) * (1 + math.cos(math.pi * t / total)) for t in range(total)]])
+    print(f"first {lrs[0]:.6g}, warmup end {lrs[per_epoch * warmup - 1]:.6g}, last {lrs[-1]:.6g}")
+    assert len(lrs) == epochs * per_epoch and np.allclose(lrs, swav, rtol=1e-12, atol=0)
+    assert lrs[0] == start and lrs[per_epoch * warmup - 1] == lrs[per_epoch * warmup] == base and lrs[-1] > final
 
 
 def test_augmentation_blur_scale_and_interpolation_follow_the_references():
