@@ -17,7 +17,7 @@ of OCM; `--n-local 0 --projector-layers 0 --memory-size 0` is the paper's superv
 
 Implementation details (choices that matter and are easy to miss)
 1. The backbone runs once per crop resolution, on all global crops and on all local crops (batch norm
-   statistics are per resolution group); the pooled features are concatenated in crop order
+   statistics are per resolution group; one call if both sizes are equal); the pooled features are in crop order
    [global, local_1 .. local_n] and go through the projector as one batch.
 2. The projector l2-normalises its input; Linear layers start from a truncated normal (std 0.02).
 3. Order inside a step (the reference's): prototypes from the memory as it is (so a batch never scores
@@ -312,8 +312,10 @@ class TReX(nn.Module):
             self.classifier = nn.Linear(dim, num_classes, bias=self.kind == "linear")
 
     def embed(self, crops):
-        """z = g(f(x)) of all crops: one backbone call per resolution, one projector call for all."""
-        features = [self.backbone(torch.cat(group)) for group in (crops[:1], crops[1:]) if group]
+        """z = g(f(x)) of all crops: one backbone call per resolution (one in all if the local crops have the global
+        size, as the reference's MultiCropWrapper), one projector call for all."""
+        one = all(c.shape[-2:] == crops[0].shape[-2:] for c in crops)
+        features = [self.backbone(torch.cat(group)) for group in ([crops] if one else (crops[:1], crops[1:]))]
         return self.projector(torch.cat(features))
 
     def class_logits(self, z, prototypes=None):

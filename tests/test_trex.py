@@ -102,6 +102,22 @@ def test_augmentation_returns_one_global_and_n_local_crops():
     assert [tuple(c.shape) for c, _ in crops] == [(3, 224, 224), (3, 96, 96), (3, 96, 96)]
 
 
+@pytest.mark.parametrize("local_size, calls", [(8, 2), (16, 1)])
+def test_one_backbone_call_per_crop_resolution_as_the_references_multicrop_wrapper(local_size, calls):
+    """naver/trex's MultiCropWrapper (DINO's) calls the backbone once per run of crops of one size: twice for global
+    and local crops, once when --local-size equals --global-size (batch norm then sees all crops together)."""
+    model = tiny_model()
+    crops, labels = tiny_batch(n_local=2)
+    crops = crops[:1] + [torch.randn(4, 3, local_size, local_size) for _ in crops[1:]]
+    sizes = []
+    model.backbone.register_forward_hook(lambda module, args, out: sizes.append(args[0].shape[0]))
+    z = model.embed(crops)
+    assert len(sizes) == calls and sum(sizes) == 12 and z.shape == (12, 8)
+    if calls == 1:  # the one call's output is the concatenated batch's
+        with torch.no_grad():
+            assert torch.allclose(z, model.projector(model.backbone(torch.cat(crops))), atol=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------
 # The order of operations inside one step (spec: prototypes, online, momentum, memory, loss)
 # ----------------------------------------------------------------------------------------------
