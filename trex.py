@@ -31,7 +31,8 @@ Implementation details (choices that matter and are easy to miss)
    (`--ema`), on parameters only, and always runs in train mode (batch statistics).
 6. Logits and the loss are computed in fp32, averaged over all B x (1 + n_local) crop-samples.
 7. SGD (momentum 0.9, not Nesterov), lr 0.1 x batch/256 with a per-iteration linear warmup from 0
-   over 10 % of training (10 of the paper's 100 epochs), then cosine to 1e-6; weight decay 1e-4 on
+   over 10 % of training (10 of the paper's 100 epochs), then cosine to 1e-6, step for step naver/trex's
+   cosine_scheduler (the warmup's last step at the peak, 1e-6 after the last step); weight decay 1e-4 on
    weights (ndim >= 2) only. No label smoothing, mixup, cutmix or gradient clipping. The CPU demo
    network (resnet_tiny) defaults to lr 0.8 and EMA 0.99 instead: a few hundred steps, not 500k.
 8. `--projector-layers 0` removes the projector; without a memory the classifier is then nn.Linear with
@@ -416,7 +417,7 @@ def main():
     # ---------------------------------------------------------------- optimizer, schedules, precision
     optimizer = torch.optim.SGD(common.param_groups(model, args.wd), lr=0.0, momentum=0.9)
     lr_schedule = common.cosine_schedule(args.lr * args.batch_size / 256, args.min_lr, args.epochs, len(loader),
-                                         args.warmup_epochs)
+                                         args.warmup_epochs, endpoint=False)  # naver/trex's, step for step
     autocast, scaler = common.mixed_precision(args.precision, ddp.device)  # the EMA is constant: no schedule
 
     def evaluate():  # detail 9: the model's own classifier; under torchrun, identical replicas
