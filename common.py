@@ -1032,7 +1032,7 @@ class LARS(torch.optim.Optimizer):
                     grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
                 trust = [torch.where((w > 0) & (g > 0), group["trust_coefficient"] * w / g, torch.ones_like(w))
                          for w, g in zip(torch._foreach_norm(params), torch._foreach_norm(grads))]
-                if group.get("clip") and group["lr"] > 0:
+                if group.get("clip"):  # at lr 0, t / 0 = inf: scale 1, as LARC's min(ratio / lr, 1)
                     trust = [(t / group["lr"]).clamp(max=1.0) for t in trust]
                 grads = torch._foreach_mul(grads, trust)
             for p in params:
