@@ -32,12 +32,13 @@ Implementation details (the choices that matter and that papers leave out):
     checkpoint.pt resumes every process exactly; DDP's buffer broadcast changes nothing.
  5. Recipes: the table RECIPES, filled in by resolve_recipe() (set flags win), printed as the `recipe:` line.
     SwAV: lr not batch-scaled, swav's schedule step for step (warmup 0.3 -> 1.2 = `--lr` on its last step, cosine
-    to 0.0012 after the last step), LARS eta 0.001. BYOL:
-    `--lr` x batch / 256, cosine to 0, target momentum `--ema` -> 1 on a per-iteration cosine; above 64 px
-    DeepMind's ImageNet recipe (LARS eta 0.001, lr 0.2, wd 1.5e-6, warmup from 0, ema 0.996, blur p 1.0 / 0.1); at
-    64 px or less solo-learn's CIFAR recipe in full (eta 0.02, each layer's rate clipped at the global one, lr 1.0,
-    wd 1e-5 unless --wd is set, ema 0.99, no blur, CIFAR-10's mean and std, the stem padded by 2, warmup from its
-    3e-5: the clip holds from step 0; eta 0.001 would move weights 20x less).
+    to 0.0012 after the last step), LARS eta 0.001. BYOL: `--lr` x batch / 256, cosine to 0, tau `--ema` -> 1 on a
+    per-iteration cosine; above 64 px DeepMind's ImageNet recipe (LARS eta 0.001, warmup from 0, blur p 1.0 / 0.1),
+    lr, wd and tau from its preset for the shortest run length at or above --epochs (BYOL_PRESETS; 1000 beyond it):
+    40 / 100 / 300 / 1000 epochs, lr 0.45 / 0.45 / 0.3 / 0.2, wd 1e-6 (1.5e-6 at 1000), tau 0.97 / 0.99 / 0.99 /
+    0.996; at 64 px or less solo-learn's CIFAR recipe in full (eta 0.02, each layer's rate clipped at the global one,
+    lr 1.0, wd 1e-5 unless --wd is set, tau 0.99, no blur, CIFAR-10's mean and std, the stem padded by 2, warmup from
+    its 3e-5: the clip holds from step 0; eta 0.001 would move weights 20x less).
  6. Crop sizes follow the median shorter side of a sample of the training images: above 64 px the reference's 224
     and 96 px; at 64 px or less (CIFAR stem) the native size, local crops x 96/224 to a multiple of 8 (32 -> 16 px);
     `--global-size`, `--local-size` override; printed and logged. Blur sigma (0.1 to 2 px at 224) scales with the
@@ -99,15 +100,17 @@ RECIPES = {
     # EffSSL's SwAV: warmup 0.3 -> 1.2 (not batch-scaled), cosine to 0.0012
     "swav": dict(lr=1.2, wd=1e-6, warmup_epochs=10.0, warmup_start_lr=0.3, final_lr=0.0012, lars_eta=0.001,
                  lars_clip=False, **IMAGENET),
-    # DeepMind's ImageNet BYOL: lr 0.2 x batch / 256, warmup from 0, cosine to 0, target momentum 0.996
-    "byol": dict(lr=0.2, wd=1.5e-6, warmup_epochs=10.0, warmup_start_lr=0.0, final_lr=0.0, lars_eta=0.001,
-                 lars_clip=False, ema=0.996, **IMAGENET),
+    # DeepMind's ImageNet BYOL: lr x batch / 256, warmup from 0, cosine to 0; lr, wd, tau from BYOL_PRESETS
+    "byol": dict(warmup_epochs=10.0, warmup_start_lr=0.0, final_lr=0.0, lars_eta=0.001, lars_clip=False, **IMAGENET),
     # solo-learn's CIFAR BYOL: each layer's rate clipped at the global one, from a warmup start above 0; tau 0.99;
     # CIFAR-10's mean and std; its CIFAR stem's 3x3 convolution pads by 2 (34 x 34 feature maps from 32 px)
     "byol_small": dict(lr=1.0, wd=1e-5, warmup_epochs=10.0, warmup_start_lr=3e-5, final_lr=0.0, lars_eta=0.02,
                        lars_clip=True, ema=0.99, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
                        stem_padding=2),
 }
+# DeepMind's byol/configs/byol.py: (lr, wd, tau) per run length in epochs; a run takes the preset of the shortest
+# length at or above its --epochs (1000 beyond): 100 epochs or less but above 40, the 100-epoch preset
+BYOL_PRESETS = {40: (0.45, 1e-6, 0.97), 100: (0.45, 1e-6, 0.99), 300: (0.3, 1e-6, 0.99), 1000: (0.2, 1.5e-6, 0.996)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,7 +121,8 @@ def get_args_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 epilog="--lr, --wd, --warmup-epochs, --warmup-start-lr, --final-lr and --ema default "
                                        f"to the recipe of --base (byol_small: BYOL on images of {common.SMALL_IMAGES} "
-                                       f"px or less; warmup at most a fifth of the run): {RECIPES}")
+                                       f"px or less; warmup at most a fifth of the run): {RECIPES}; byol's lr, wd "
+                                       f"and tau by --epochs (the preset at or above it): {BYOL_PRESETS}")
     # lr, wd, warmup, ema: None = the recipe's (resolve_recipe); the demo: 1 epoch of 10,000 images, 312 steps of 32
     common.add_common_args(p, "rotssl", epochs=1, batch_size=32, lr=None, wd=None, warmup_epochs=None)
     g = p.add_argument_group("rotation task")
@@ -153,8 +157,8 @@ def get_args_parser():
                    "once full); if the loss then rises and stays up, start it later or shorten it (swav)")
     g = p.add_argument_group("BYOL base")
     g.add_argument("--ema", type=float, default=None,
-                   help="initial momentum of the target network, rising to 1 on a cosine (default: DeepMind's 0.996; "
-                        f"solo-learn's 0.99 on {small})")
+                   help="initial momentum of the target network, rising to 1 on a cosine (default: DeepMind's preset "
+                        f"for --epochs, 0.97 to 0.996; solo-learn's 0.99 on {small})")
     return p
 
 
@@ -165,6 +169,10 @@ def resolve_recipe(args, native):
     small, args.global_size, args.local_size = common.crop_sizes(native, args.global_size, args.local_size)
     swav, row = args.base == "swav", "byol_small" if args.base == "byol" and small else args.base
     defaults = dict(RECIPES[row])
+    if row == "byol":  # DeepMind's preset for the run's length (BYOL_PRESETS)
+        preset = min((e for e in BYOL_PRESETS if e >= args.epochs), default=1000)
+        defaults.update(zip(("lr", "wd", "ema"), BYOL_PRESETS[preset]))
+        row = "byol (DeepMind's {}-epoch preset: lr {:g}, wd {:g}, tau {:g})".format(preset, *BYOL_PRESETS[preset])
     defaults["warmup_epochs"] = min(defaults["warmup_epochs"], args.epochs / 5)
     for name, value in defaults.items():
         if getattr(args, name, None) is None:  # lars_eta, lars_clip, mean, std, stem_padding: always the row's
@@ -442,7 +450,7 @@ def main():
     lr_schedule = common.cosine_schedule(args.lr if swav else args.lr * args.batch_size / 256, args.final_lr,
                                          args.epochs, len(loader), args.warmup_epochs, args.warmup_start_lr,
                                          endpoint=not swav)
-    # BYOL: tau from --ema (0.996; 0.99 on small images) to 1 on a per-iteration cosine
+    # BYOL: tau from --ema (DeepMind's preset; 0.99 on small images) to 1 on a per-iteration cosine
     ema_schedule = None if swav else common.cosine_schedule(args.ema, 1.0, args.epochs, len(loader))
     # SwAV's queue (detail 4): filled from epoch --epoch-queue-starts on, in the codes once full (swav's test)
     queue_from = args.epoch_queue_starts * len(loader) if args.queue_length else float("inf")

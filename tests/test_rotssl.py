@@ -243,9 +243,9 @@ def resolved(native, *flags):
 
 def test_image_size_sets_the_crop_sizes_and_the_byol_recipe():
     # images above 64 px: the reference's 224 / 96 px whatever their size, and BYOL's ImageNet recipe
-    small, args, recipe = resolved(375, "--base", "byol")
+    small, args, recipe = resolved(375, "--base", "byol")  # 1 epoch: DeepMind's 40-epoch preset
     assert not small and (args.global_size, args.local_size) == (224, 96)
-    assert (args.lr, args.wd, args.warmup_start_lr, args.final_lr) == (0.2, 1.5e-6, 0.0, 0.0)
+    assert (args.lr, args.wd, args.warmup_start_lr, args.final_lr) == (0.45, 1e-6, 0.0, 0.0)
     assert (args.lars_eta, args.lars_clip) == (0.001, False) and recipe["optimizer"] == "LARS (eta 0.001)"
     small, args, recipe = resolved(375)
     assert (args.global_size, args.local_size, args.n_prototypes, args.wd, args.warmup_start_lr) == (224, 96, 3000,
@@ -276,10 +276,24 @@ def test_image_size_sets_the_crop_sizes_and_the_byol_recipe():
     assert args.n_prototypes == 300 and recipe["queue"] == "3840 from epoch 0"
 
 
+@pytest.mark.parametrize("epochs, preset", [(1, 40), (40, 40), (41, 100), (100, 100), (200, 300), (300, 300),
+                                            (800, 1000), (1000, 1000), (3000, 1000)])
+def test_byol_above_64_px_takes_deepminds_preset_at_or_above_epochs(epochs, preset):
+    """byol/configs/byol.py: lr, wd and tau per run length; the run takes the shortest preset at or above --epochs."""
+    lr, wd, tau = {40: (0.45, 1e-6, 0.97), 100: (0.45, 1e-6, 0.99), 300: (0.3, 1e-6, 0.99),
+                   1000: (0.2, 1.5e-6, 0.996)}[preset]
+    _, args, recipe = resolved(224, "--base", "byol", "--epochs", str(epochs), "--batch-size", "256")
+    assert (args.lr, args.wd, args.ema) == (lr, wd, tau) and recipe["ema"] == f"{tau} -> 1 (cosine)"
+    assert recipe["defaults"] == f"byol (DeepMind's {preset}-epoch preset: lr {lr:g}, wd {wd:g}, tau {tau:g})"
+    assert recipe["lr"] == f"{lr:.4g} ({lr} x 256/256, cosine to 0)"
+    flags = resolved(224, "--base", "byol", "--epochs", str(epochs), "--lr", "0.1", "--wd", "0", "--ema", "0.9")[1]
+    assert (flags.lr, flags.wd, flags.ema) == (0.1, 0.0, 0.9)  # set flags win
+
+
 def test_byol_target_momentum_follows_the_recipe_and_the_flag_overrides():
-    # DeepMind's ImageNet BYOL starts tau at 0.996, solo-learn's CIFAR BYOL at 0.99; --ema wins; SwAV has none
+    # DeepMind's ImageNet BYOL's tau by run length (the 1-epoch run: 0.97), solo-learn's CIFAR BYOL 0.99; --ema wins
     _, args, recipe = resolved(224, "--base", "byol")
-    assert args.ema == 0.996 and recipe["ema"] == "0.996 -> 1 (cosine)" and recipe["defaults"] == "byol"
+    assert args.ema == 0.97 and recipe["ema"] == "0.97 -> 1 (cosine)" and recipe["defaults"].startswith("byol (")
     assert resolved(32, "--base", "byol")[1].ema == 0.99
     assert resolved(224, "--base", "byol", "--ema", "0.99")[1].ema == 0.99
     assert resolved(32, "--base", "byol", "--ema", "0.9")[1].ema == 0.9 and resolved(224)[1].ema is None
