@@ -483,9 +483,8 @@ def grayscale(x):
 
 def gaussian_taps(sigma, kernel_size):
     """Blur weights (n, kernel_size) for sigmas (n,): Lindeberg's discrete Gaussian e^-t I_k(t), t = sigma^2, of
-    variance exactly sigma^2 (before the cut at kernel_size // 2), as PIL's GaussianBlur(radius=sigma) has about; the
-    density sampled at integer taps (torchvision's) is nearly a delta below 0.5 px (std 0.003 at sigma 0.2).
-    I_k(t) is summed as its series sum_j (t/2)^(2j+k) / (j! (j+k)!) in float64, in the log domain."""
+    variance exactly sigma^2 (before the cut at kernel_size // 2), which PIL's box blurs aim at; torchvision's density
+    at integer taps is nearly a delta below 0.5 px. I_k(t): sum_j (t/2)^(2j+k) / (j! (j+k)!), float64, log domain."""
     half = kernel_size // 2
     k = torch.arange(-half, half + 1, dtype=torch.float64, device=sigma.device).abs().view(1, -1, 1)
     j = torch.arange(20 + half * half, dtype=torch.float64, device=sigma.device)  # enough terms up to 3 sigma = half
@@ -498,8 +497,8 @@ def gaussian_taps(sigma, kernel_size):
 def gaussian_blur(x, sigma, kernel_size):
     """Separable blur of variance sigma^2 (gaussian_taps), sigma per image (0: unchanged), odd kernel_size, in one
     grouped conv2d per direction for the whole batch (each image's channels with its kernel). Borders are mirrored
-    with the edge pixel repeated (..., 1, 0 | 0, 1, ...), which is how PIL's box blurs come out: within a level or
-    two of PIL there, where reflecting without the edge pixel, or repeating it, is 10 to 26 levels off."""
+    with the edge pixel repeated (..., 1, 0 | 0, 1, ...), which is how PIL's box blurs come out: as close to PIL there
+    as inside the image (tests/test_color.py), where reflecting without the edge pixel is far off."""
     B, C, H, W = x.shape
     half = kernel_size // 2
     w = gaussian_taps(_per_image(sigma, x).view(-1), kernel_size).to(x.dtype).repeat_interleave(C, 0)
@@ -526,19 +525,23 @@ def _jitter_blend(x, op, b, c, s):
 class ColorAugmentation:
     """SimCLR/BYOL photometric augmentation, batched on the training device, each image with its own draw.
 
-    The same distribution as RandomApply([ColorJitter(*jitter)], jitter_p), RandomGrayscale(gray_p),
-    Gaussian blur (sigma uniform in sigma * blur_scale) with blur_p, RandomSolarize(128, solarize_p),
-    then Normalize(mean, std), split in two so that the images need not be augmented where they are
-    loaded: `sample()` draws one image's parameters (cheap, in the DataLoader worker, with torch's RNG
-    that the worker seeds per image), and `__call__(images, params)` applies a batch of them on the GPU.
-
-    sample() layout (NUM_PARAMS = 11, an op not applied stores its identity, so no branching):
-        0 brightness, 1 contrast, 2 saturation (factors, 1 = identity), 3 hue (shift, 0 = identity),
-        4-7 the jitter order: the op (0 brightness, 1 contrast, 2 saturation, 3 hue) at each position,
-        8 grayscale flag, 9 blur sigma (0 = no blur), 10 solarize flag.
+    The same distribution as RandomApply([ColorJitter(*jitter)], jitter_p), RandomGrayscale(gray_p), Gaussian blur
+    (sigma uniform in sigma * blur_scale) with blur_p, RandomSolarize(128, solarize_p), then Normalize(mean, std), split
+    in two so that the images need not be augmented where they are loaded: `sample()` draws one image's parameters
+    (cheap, in the DataLoader worker, with torch's RNG that the worker seeds per image), and `__call__(images, params)`
+    applies a batch of them on the GPU. sample() layout (NUM_PARAMS = 11, an op not applied stores its identity):
+    0 brightness, 1 contrast, 2 saturation (factors, 1 = identity), 3 hue (shift, 0 = identity), 4-7 the jitter order
+    (the op at each position: 0 brightness, 1 contrast, 2 saturation, 3 hue), 8 grayscale, 9 blur sigma, 10 solarize.
     `blur_scale` (the methods pass crop_size / 224) scales sigma for crops other than 224 px; the kernel spans 3 sigma
     of the largest sigma each side. Every method turns the blur off on images of 64 px or less (solo-learn's CIFAR
-    recipes): the sigma scaled by 32/224 changed pixels by 0.04 levels on average. Ops with probability 0 are skipped.
+    recipes; sigma x 32/224 is at most 0.29 px there). Ops with probability 0 are skipped.
+
+    Where every script here differs from its reference (torchvision's ops on PIL images): PIL rounds to uint8 after
+    every op (jittered images 1.3 levels darker on average) and computes hue in 8-bit HSV (up to 5.6 levels apart at
+    |hue| <= 0.2); solarize here thresholds the unrounded value. PIL's GaussianBlur is three box blurs aiming at
+    variance sigma^2, rounded to uint8 between passes (an image comes out unchanged at sigma 0.1); here one discrete
+    Gaussian of exactly that variance: up to 8.2 levels apart (on 50 CIFAR-10 images: tests/test_color.py prints the
+    figures). On GPUs with bf16 the scripts use bf16 autocast without a grad scaler; the references fp16 with one.
     """
 
     NUM_PARAMS = 11
@@ -1067,7 +1070,7 @@ class LARS(torch.optim.Optimizer):
                     grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
                 trust = [torch.where((w > 0) & (g > 0), group["trust_coefficient"] * w / g, torch.ones_like(w))
                          for w, g in zip(torch._foreach_norm(params), torch._foreach_norm(grads))]
-                if group.get("clip") and group["lr"] > 0:
+                if group.get("clip"):  # at lr 0, t / 0 = inf: scale 1, as LARC's min(ratio / lr, 1)
                     trust = [(t / group["lr"]).clamp(max=1.0) for t in trust]
                 grads = torch._foreach_mul(grads, trust)
             for p in params:
@@ -1080,12 +1083,13 @@ class LARS(torch.optim.Optimizer):
 
 
 def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0.0, warmup_start=0.0, endpoint=True):
-    """Per-iteration values, precomputed (DINO's way: a resumed run lands on exactly the same value): linear warmup from
-    `warmup_start` to `base`, then cosine to `final`. `endpoint=False` is MoCo v3's momentum form, final - (final -
-    base)(1 + cos(pi t / T)) / 2 for t = 0 .. T - 1 (the value at t = T, after the last step, is `final`)."""
+    """Per-iteration values, precomputed (a resumed run lands on exactly the same value): linear warmup from
+    `warmup_start` towards `base`, then cosine to `final` on the last step. `endpoint=False` is DINO's, swav's and
+    naver/trex's cosine_scheduler: the warmup's last step at `base`, then final - (final - base)(1 + cos(pi t / T)) / 2
+    for t = 0 .. T - 1 (`final` after the last step; MoCo v3's momentum without warmup)."""
     total = int(epochs * iters_per_epoch)
     warmup = min(int(warmup_epochs * iters_per_epoch), total)
-    ramp = np.linspace(warmup_start, base, warmup, endpoint=False)
+    ramp = np.linspace(warmup_start, base, warmup, endpoint=not endpoint)
     if endpoint:
         t = np.linspace(0.0, 1.0, total - warmup)  # the last iteration lands exactly on `final`
         cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * t))

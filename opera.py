@@ -19,13 +19,11 @@ all of the paper's comparisons.
 Implementation details (choices the paper leaves to its code)
 1. The loss is the reference code's, not eq. 13 verbatim:
    L = 0.5 (ctr(q1, k2) + ctr(q2, k1)) + w (CE(z1, y) + CE(z2, y)), w = --sup-weight = 0.5,
-   where ctr is MoCo v3's InfoNCE multiplied by 2T. Each InfoNCE term thus weighs T and each class
-   cross-entropy w: 1 : 0.5 for ResNets (T = 1) and 0.2 : 0.5 for ViTs (T = 0.2), where eq. 13 adds
-   the two objectives with equal weights.
+   where ctr is MoCo v3's InfoNCE times 2T: InfoNCE and class terms weigh 1 : 0.5 for ResNets (T = 1) and
+   0.2 : 0.5 for ViTs (T = 0.2), where eq. 13 weighs them equally.
 2. Negatives are the other keys of the global batch, gathered from every process without gradient
-   (no queue); the positive of query i on process r is key i + r * B_local. Gradient reaches the
-   online network only through the local queries, and DDP's gradient averaging then gives exactly
-   the gradient of one process holding the whole batch (tests/test_opera.py checks this).
+   (no queue); the positive of query i on process r is key i + r * B_local. DDP's gradient averaging then
+   gives exactly the gradient of one process holding the whole batch (tests/test_opera.py checks this).
 3. The momentum encoder (backbone + projector, no predictor, no class head) is updated before the
    keys are computed, from the online weights of the current step, with m rising from 0.99 to 1 on a
    per-iteration cosine: m(t) = 1 - (1 - 0.99)(1 + cos(pi t / T_total)) / 2.
@@ -37,41 +35,32 @@ Implementation details (choices the paper leaves to its code)
    without gamma), the predictor does too for ViTs only. The class head Linear-BN-ReLU-Linear reads the
    unnormalised q, and its gradient flows through the predictor, projector and backbone.
 6. ResNets: the last BN of each residual block starts at zero (not the tiny demo network, which then
-   learns several times slower). ViTs are MoCo v3's (common.ViT: ViT-S with 12 heads, a fixed 2-D
-   sin-cos position embedding, MoCo v3's initialisation), and the patch embedding stays random and
-   frozen (MoCo v3, Sec. 5: it removes the training instability of ViTs).
+   learns slower). ViTs are MoCo v3's (common.ViT: ViT-S with 12 heads, a fixed 2-D sin-cos position
+   embedding, MoCo v3's initialisation), the patch embedding random and frozen (MoCo v3, Sec. 5).
 7. Each view goes through each network in a call of its own, as in the reference: BatchNorm (SyncBatchNorm
    on several GPUs) normalises over the B images of one view. One call on both views (2B images) would
-   be faster, but it mixes the views' statistics and changes the gradient (cosine 0.14 to the
-   reference's at batch 8, 0.54 at batch 128, measured at initialisation).
+   be faster, but it mixes the views' statistics and changes the gradient.
 8. lr = base x batch / 256, linear warmup per iteration then cosine to 0. LARS (ResNets) excludes
    biases and BN from weight decay and adaptation; AdamW (ViTs) decays every parameter, as MoCo v3.
 9. `--labeled-fraction F` keeps the label of round(F n) of the n training images in use, chosen by a
    permutation seeded by --seed: the same images on every process, whatever the data order.
 10. Reported each epoch: both loss terms, lr, the momentum (`ema`), images/s, the class head's top-1 on the
-   validation split (online network in eval mode, evaluation transform), and every --eval-every
-   epochs the kNN monitor on backbone features (--eval-every 0 turns both evaluations off).
+   validation split (online network in eval mode), and every --eval-every epochs the kNN monitor (0: neither).
 11. The workers decode, crop and flip; the colour operations run batched on the training device, each
-   image with its own parameters drawn in the worker (common.ColorAugmentation): the distribution of
-   torchvision's transforms, about a third of the worker's time per image, uint8 images to copy.
+   image with its own parameters drawn in the worker (common.ColorAugmentation, torchvision's distributions).
 
 Compared with the reference code (wangck20/OPERA on facebookresearch/moco-v3)
 Equal: the augmentation (bilinear RandomResizedCrop at 224 px, BYOL's asymmetric colour ops), the
 networks and their initialisation, the calls (one per view and network), the loss and its weighting,
 the momentum update before the keys, the schedules. tests/test_opera.py computes a step the
 reference's way, by hand from this file's modules, and checks the loss and every gradient (fp32, 1e-5).
-Deliberate differences: the class loss over partly labelled batches (detail 4; with every image
-labelled it is the reference's mean); on images of 64 px or less (no such recipe in the reference)
+Deliberate differences: the class loss over partly labelled batches (detail 4); on images of 64 px or less (no such recipe in the reference)
 crops at the native size, the CIFAR stem and no blur (common.ColorAugmentation); the cosine lr lands on 0
 at the last step (the reference's per-iteration formula reaches 0 one step after the end); the class
 head has one output per class of the dataset (the reference: 1,000 whatever the data); the validation
 resize is bicubic (the reference's is bilinear); the monitors run every epoch under autocast and report
-no recall@1. Precision: on GPUs with bf16 the default is bf16 autocast without a grad scaler, where the
-references train in fp16 with one. The colour operations run on float images on the device (detail 11)
-where the reference runs them on PIL images, which round to uint8 after every operation (jittered images
-come out about 1.5 levels brighter there) and compute hue in 8-bit HSV (up to 9 levels apart); the blur
-is a discrete Gaussian of variance sigma^2 (PIL's is three box blurs of that variance, within ~4 levels);
-solarize thresholds the unrounded value.
+no recall@1. Colour operations, blur and precision as in every script here (common.ColorAugmentation says
+how they differ).
 
 Commands
     python opera.py                                                   # CPU demo, synthetic shapes, ~2 min

@@ -6,74 +6,60 @@ Reference code: val-iisc/EffSSL (SwAV + rotation, ResNet-50, ImageNet-1K).
 
 The idea. Instance-similarity methods (SwAV, BYOL, ...) pull two random augmentations of one image together.
 Aggressive crops often land on different objects, so that target is noisy and training needs many iterations.
-Predicting which of four rotations (0, 90, 180, 270 degrees) was applied to an image is well posed for any crop (the
-label is exact) and still needs semantic features, so it converges fast. As an auxiliary loss it makes the base
-method learn faster, most visibly at low epoch counts:
-L = L_base + rot_weight * (CE(head(f(rot(x1))), k1) + CE(head(f(rot(x2))), k2)), with x1, x2 the two global views
-of the base method, f the shared backbone and the rotation head on its pooled features. `--rot-weight 0` is the
-plain base method.
+Predicting which of four rotations (0, 90, 180, 270 degrees) was applied is well posed for any crop (the label is
+exact) and needs semantic features, so as an auxiliary loss it makes the base method learn faster, most visibly at
+low epoch counts: L = L_base + rot_weight * (CE(head(f(rot(x1))), k1) + CE(head(f(rot(x2))), k2)), with x1, x2 the
+two global views, f the shared backbone, the rotation head on its pooled features. `--rot-weight 0`: the base alone.
 
-Implementation details (the choices that matter and that papers leave out):
- 1. Rotations: k uniform in {0, 1, 2, 3} (k = 0 is a class too) per image and per view, applied after all
-    augmentation and normalisation (the reference's) and drawn in the augmentation, seeded like the rest of it:
-    identical after a resume and for any number of processes.
+Implementation details (choices the papers leave out):
+ 1. Rotations: k uniform in {0, 1, 2, 3} per image and per view, applied after all augmentation and normalisation
+    (the reference's), drawn in the augmentation, seeded like it: identical after a resume and for any process count.
  2. Each network sees the batches the reference gives it (batch norm normalises over them): SwAV calls the backbone
     once per crop resolution and the projector once on all crops (EffSSL); BYOL calls each network once per view
-    (DeepMind's BYOL, solo-learn); each rotated view is one more backbone call. Rotated images never enter the base
-    loss nor the BYOL target; `--rot-weight 0` builds none.
+    (DeepMind's BYOL, solo-learn); each rotated view is one more backbone call, never in the base loss or the target.
  3. The two cross-entropy terms are summed, not averaged (the reference's `loss_rot1 + loss_rot2`).
- 4. SwAV: prototypes l2-normalised in place before every step, without gradient for the first
-    `--freeze-prototypes-iters` iterations; codes from the two global crops only, by Sinkhorn-Knopp (eps 0.05,
-    3 iterations) with all-reduced row and total sums: N processes x batch B give the codes of one process with
-    batch N*B. swav's queue (off by default, as in EffSSL at batch 1024) takes each step's global-crop z after its
-    codes, from epoch --epoch-queue-starts on; once full, crop s's codes come from Sinkhorn over [queue_s scored by
-    the current prototypes; batch] (B: all rows of all processes), batch rows kept; the loss is on the batch only.
-    Each process uses its own L / N rows (swav's) but holds them all (all-gathered) in a buffer: rank 0's
-    checkpoint.pt resumes every process exactly; DDP's buffer broadcast changes nothing.
+ 4. SwAV: prototypes l2-normalised before every step, frozen for `--freeze-prototypes-iters`; codes from the two
+    global crops by Sinkhorn-Knopp (eps 0.05, 3 iterations) with all-reduced sums: N processes x batch B give the
+    codes of one process with batch N*B. swav's queue (off by default, as in EffSSL at batch 1024) takes each step's
+    global-crop z after its codes from epoch --epoch-queue-starts on; once full, the codes come from Sinkhorn over
+    [queue scored by the current prototypes; batch], batch rows kept. Each process uses its own L / N rows (swav's)
+    but holds them all in a buffer: rank 0's checkpoint.pt resumes every process exactly.
  5. Recipes: the table RECIPES, filled in by resolve_recipe() (set flags win), printed as the `recipe:` line.
-    SwAV: lr not batch-scaled, warmup 0.3 -> 1.2 (`--lr` is the peak), cosine to 0.0012, LARS eta 0.001. BYOL:
-    `--lr` x batch / 256, cosine to 0, target momentum `--ema` -> 1 on a per-iteration cosine; above 64 px
-    DeepMind's ImageNet recipe (LARS eta 0.001, lr 0.2, wd 1.5e-6, warmup from 0, ema 0.996, blur p 1.0 / 0.1); at
-    64 px or less solo-learn's CIFAR recipe in full (eta 0.02, each layer's rate clipped at the global one, lr 1.0,
-    wd 1e-5 unless --wd is set, ema 0.99, no blur, CIFAR-10's mean and std, the stem padded by 2, warmup from its
-    3e-5: the clip holds from step 0; eta 0.001 would move weights 20x less).
+    SwAV: lr not batch-scaled, swav's schedule step for step (warmup 0.3 -> 1.2 = `--lr` on its last step, cosine
+    to 0.0012 after the last step), LARS eta 0.001. BYOL: `--lr` x batch / 256, cosine to 0, tau `--ema` -> 1 on a
+    per-iteration cosine; above 64 px DeepMind's ImageNet recipe (LARS eta 0.001, warmup from 0, blur p 1.0 / 0.1)
+    with lr, wd and tau from its preset for the shortest run at or above --epochs (BYOL_PRESETS: 40, 100, 300 or
+    1000 epochs; 1000 beyond); at 64 px or less solo-learn's CIFAR recipe in full (eta 0.02, each layer's rate
+    clipped at the global one, lr 1.0, wd 1e-5, tau 0.99, no blur, CIFAR-10's mean and std, the stem padded by 2,
+    warmup from 3e-5 so that the clip holds from step 0).
  6. Crop sizes follow the median shorter side of a sample of the training images: above 64 px the reference's 224
     and 96 px; at 64 px or less (CIFAR stem) the native size, local crops x 96/224 to a multiple of 8 (32 -> 16 px);
-    `--global-size`, `--local-size` override; printed and logged. Blur sigma (0.1 to 2 px at 224) scales with the
-    global size for all crops (SwAV blurs 96 px crops like 224 px ones); no blur at 64 px or less (as solo-learn's
-    CIFAR recipes). RandomResizedCrop is bilinear for SwAV (EffSSL), bicubic for BYOL (solo-learn).
- 7. Rotation prediction needs upright images (photos): on the synthetic shapes, half of which look the same after a
-    quarter turn, the demo's rotation accuracy stays near 25 %. LARS (trust 0.001) moves each weight by about
-    lr x 0.001 of its norm per step: the recipes are made for tens of thousands of iterations, not the demo's 312
-    (what limits the demo: README, Results).
- 8. The workers decode, crop, flip and draw the rotations; the colour operations (common.ColorAugmentation, each
-    crop's parameters drawn in the worker) and the rotations of the finished global views run batched on the device.
+    the flags override. Blur sigma (0.1 to 2 px at 224) scales with the global size, for all crops; no blur at 64 px
+    or less. RandomResizedCrop is bilinear for SwAV (EffSSL), bicubic for BYOL (solo-learn).
+ 7. Rotation prediction needs upright images: on the synthetic shapes, half of which look the same after a quarter
+    turn, the demo's rotation accuracy stays near 25 %. LARS (trust 0.001) moves each weight by about lr x 0.001 of
+    its norm per step: the recipes are made for tens of thousands of iterations, not the demo's 312.
+ 8. The workers decode, crop, flip and draw the rotations; the colour operations (common.ColorAugmentation) and the
+    rotations of the finished global views run batched on the device.
 
-Compared with the reference code. The SwAV + rotation step (crops and calls, Sinkhorn, swapped prediction, rotation
-loss, prototype normalisation and freeze) equals EffSSL's: an audit on the same weights and inputs found a loss
-difference of 0 and gradients within 3e-7, and the BYOL loss within 1e-7 of solo-learn's; tests/test_rotssl.py
-recomputes a step of each base (and of SwAV with swav's queue) from the model's modules, called as the reference
-calls them, and checks the loss and every gradient (fp32, CPU, 1e-5 relative). Deliberate differences: the
-small-image recipes (native crops, CIFAR stem, no blur, fewer prototypes; EffSSL is ImageNet only); rotations
-drawn by torch's seeded generator in the augmentation, not Python's `random` in the data set (exact resume);
-LARS's trust ratio eta ||w|| / ||g + wd w|| (DeepMind's BYOL's), where EffSSL's wrapper (solo-learn's) divides by
-||g|| + wd ||w||: up to 2r / (1 - r) apart, r = wd ||w|| / ||g|| (0.22 at r = 0.1);
-normalisation std 0.229 for red where SwAV's has 0.228. Left out today: the references' fp16 with a grad scaler
-(here bf16 autocast without one where the GPU has it: Sinkhorn codes differ from fp32's by about 2.5e-3, in fp16
-by 2.0e-4); PIL's colour arithmetic: the colour operations run on float images (detail 8), where PIL rounds to
-uint8 after every operation (jittered images come out about 1.5 levels brighter), computes hue in 8-bit HSV (up
-to 9 levels off), and blurs with three box blurs (here a discrete Gaussian of the same variance: within ~4 levels).
+Compared with the reference code. The SwAV + rotation step equals EffSSL's and the BYOL step solo-learn's:
+tests/test_rotssl.py recomputes a step of each base (and of SwAV with swav's queue) from the model's modules, called
+as the reference calls them, and checks the loss and every gradient (fp32, 1e-5 relative). Deliberate differences:
+the small-image recipes (EffSSL is ImageNet only); BYOL at 64 px or less takes CIFAR-10's mean and std and stem on
+every such dataset (solo-learn: CIFAR-10 and CIFAR-100 only, CIFAR-100 with its own statistics, std up to 8 %
+larger); BYOL above 64 px takes torchvision's colour operations, where DeepMind's adds brightness (+-0.4, not x 0.6
+to 1.4), contrasts per channel, blurs with 23 zero-padded taps (darker outermost pixels) and solarizes at 0.5;
+rotations drawn by torch's seeded generator in the augmentation, not Python's `random` (exact resume); LARS's trust
+ratio eta ||w|| / ||g + wd w|| (DeepMind's), where EffSSL's (solo-learn's) divides by ||g|| + wd ||w||: up to
+2r / (1 - r) apart, r = wd ||w|| / ||g||; normalisation std 0.229 for red (SwAV's: 0.228). Colour operations, blur
+and precision as in every script here (common.ColorAugmentation says how they differ).
 
 Commands:
-    python rotssl.py                                   # CPU demo: SwAV + rotation on synthetic shapes
-    python rotssl.py --base byol                       # CPU demo: BYOL + rotation
-    python rotssl.py --rot-weight 0                    # the plain SwAV baseline
+    python rotssl.py                   # CPU demo: SwAV + rotation on synthetic shapes (--base byol: BYOL + rotation)
     python rotssl.py --data cifar10 --download --arch resnet18 --epochs 200 --batch-size 256   # one GPU
     python rotssl.py --data /path/to/imagenet --arch resnet50 --epochs 200 --batch-size 256 --lr 0.6 \\
         --final-lr 0.0006 --warmup-epochs 0 --freeze-prototypes-iters 5005 --queue-length 3840 \\
         --epoch-queue-starts 15                        # one GPU: swav's batch-256 recipe, with its queue
-    torchrun --nproc_per_node=4 rotssl.py --data /path/to/imagenet100 --arch resnet50 --epochs 100 \\
-        --batch-size 256                               # several GPUs
     # the reference recipe (ImageNet-1K, ResNet-50, 50 epochs, batch 1024), then a linear probe:
     torchrun --nproc_per_node=8 rotssl.py --data /path/to/imagenet --arch resnet50 --epochs 50 \\
         --batch-size 1024 --workers 10 --eval-every 5 --out runs/swav_rot
@@ -98,15 +84,17 @@ RECIPES = {
     # EffSSL's SwAV: warmup 0.3 -> 1.2 (not batch-scaled), cosine to 0.0012
     "swav": dict(lr=1.2, wd=1e-6, warmup_epochs=10.0, warmup_start_lr=0.3, final_lr=0.0012, lars_eta=0.001,
                  lars_clip=False, **IMAGENET),
-    # DeepMind's ImageNet BYOL: lr 0.2 x batch / 256, warmup from 0, cosine to 0, target momentum 0.996
-    "byol": dict(lr=0.2, wd=1.5e-6, warmup_epochs=10.0, warmup_start_lr=0.0, final_lr=0.0, lars_eta=0.001,
-                 lars_clip=False, ema=0.996, **IMAGENET),
+    # DeepMind's ImageNet BYOL: lr x batch / 256, warmup from 0, cosine to 0; lr, wd, tau from BYOL_PRESETS
+    "byol": dict(warmup_epochs=10.0, warmup_start_lr=0.0, final_lr=0.0, lars_eta=0.001, lars_clip=False, **IMAGENET),
     # solo-learn's CIFAR BYOL: each layer's rate clipped at the global one, from a warmup start above 0; tau 0.99;
     # CIFAR-10's mean and std; its CIFAR stem's 3x3 convolution pads by 2 (34 x 34 feature maps from 32 px)
     "byol_small": dict(lr=1.0, wd=1e-5, warmup_epochs=10.0, warmup_start_lr=3e-5, final_lr=0.0, lars_eta=0.02,
                        lars_clip=True, ema=0.99, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
                        stem_padding=2),
 }
+# DeepMind's byol/configs/byol.py: (lr, wd, tau) per run length in epochs; a run takes the preset of the shortest
+# length at or above its --epochs (1000 beyond): 100 epochs or less but above 40, the 100-epoch preset
+BYOL_PRESETS = {40: (0.45, 1e-6, 0.97), 100: (0.45, 1e-6, 0.99), 300: (0.3, 1e-6, 0.99), 1000: (0.2, 1.5e-6, 0.996)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -117,7 +105,8 @@ def get_args_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 epilog="--lr, --wd, --warmup-epochs, --warmup-start-lr, --final-lr and --ema default "
                                        f"to the recipe of --base (byol_small: BYOL on images of {common.SMALL_IMAGES} "
-                                       f"px or less; warmup at most a fifth of the run): {RECIPES}")
+                                       f"px or less; warmup at most a fifth of the run): {RECIPES}; byol's lr, wd "
+                                       f"and tau by --epochs (the preset at or above it): {BYOL_PRESETS}")
     # lr, wd, warmup, ema: None = the recipe's (resolve_recipe); the demo: 1 epoch of 10,000 images, 312 steps of 32
     common.add_common_args(p, "rotssl", epochs=1, batch_size=32, lr=None, wd=None, warmup_epochs=None)
     g = p.add_argument_group("rotation task")
@@ -152,8 +141,8 @@ def get_args_parser():
                    "once full); if the loss then rises and stays up, start it later or shorten it (swav)")
     g = p.add_argument_group("BYOL base")
     g.add_argument("--ema", type=float, default=None,
-                   help="initial momentum of the target network, rising to 1 on a cosine (default: DeepMind's 0.996; "
-                        f"solo-learn's 0.99 on {small})")
+                   help="initial momentum of the target network, rising to 1 on a cosine (default: DeepMind's preset "
+                        f"for --epochs, 0.97 to 0.996; solo-learn's 0.99 on {small})")
     return p
 
 
@@ -164,6 +153,10 @@ def resolve_recipe(args, native):
     small, args.global_size, args.local_size = common.crop_sizes(native, args.global_size, args.local_size)
     swav, row = args.base == "swav", "byol_small" if args.base == "byol" and small else args.base
     defaults = dict(RECIPES[row])
+    if row == "byol":  # DeepMind's preset for the run's length (BYOL_PRESETS)
+        preset = min((e for e in BYOL_PRESETS if e >= args.epochs), default=1000)
+        defaults.update(zip(("lr", "wd", "ema"), BYOL_PRESETS[preset]))
+        row = "byol (DeepMind's {}-epoch preset: lr {:g}, wd {:g}, tau {:g})".format(preset, *BYOL_PRESETS[preset])
     defaults["warmup_epochs"] = min(defaults["warmup_epochs"], args.epochs / 5)
     for name, value in defaults.items():
         if getattr(args, name, None) is None:  # lars_eta, lars_clip, mean, std, stem_padding: always the row's
@@ -438,10 +431,11 @@ def main():
     # ---------------------------------------------------------------- optimizer, schedules, precision
     optimizer = common.LARS(common.param_groups(model, args.wd), momentum=0.9, trust_coefficient=args.lars_eta,
                             clip=args.lars_clip)
-    # SwAV: warmup 0.3 -> 1.2, cosine to 0.0012, not batch-scaled (the reference's); BYOL: lr x batch/256 (detail 5)
+    # SwAV: swav's schedule step for step, not batch-scaled (endpoint=False); BYOL: lr x batch/256 (detail 5)
     lr_schedule = common.cosine_schedule(args.lr if swav else args.lr * args.batch_size / 256, args.final_lr,
-                                         args.epochs, len(loader), args.warmup_epochs, args.warmup_start_lr)
-    # BYOL: tau from --ema (0.996; 0.99 on small images) to 1 on a per-iteration cosine
+                                         args.epochs, len(loader), args.warmup_epochs, args.warmup_start_lr,
+                                         endpoint=not swav)
+    # BYOL: tau from --ema (DeepMind's preset; 0.99 on small images) to 1 on a per-iteration cosine
     ema_schedule = None if swav else common.cosine_schedule(args.ema, 1.0, args.epochs, len(loader))
     # SwAV's queue (detail 4): filled from epoch --epoch-queue-starts on, in the codes once full (swav's test)
     queue_from = args.epoch_queue_starts * len(loader) if args.queue_length else float("inf")

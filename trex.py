@@ -15,9 +15,9 @@ transfer: t-ReX (3 hidden layers, scale split 0.25) transfers best, t-ReX* (1 hi
 0.40) is the most accurate on ImageNet. `--recipe plain` uses a learnable cosine classifier instead
 of OCM; `--n-local 0 --projector-layers 0 --memory-size 0` is the paper's supervised baseline.
 
-Implementation details (choices that matter and are easy to miss)
+Implementation details (choices that matter)
 1. The backbone runs once per crop resolution, on all global crops and on all local crops (batch norm
-   statistics are per resolution group); the pooled features are concatenated in crop order
+   statistics are per resolution group; one call if both sizes are equal); the pooled features are in crop order
    [global, local_1 .. local_n] and go through the projector as one batch.
 2. The projector l2-normalises its input; Linear layers start from a truncated normal (std 0.02).
 3. Order inside a step (the reference's): prototypes from the memory as it is (so a batch never scores
@@ -30,10 +30,10 @@ Implementation details (choices that matter and are easy to miss)
 5. The momentum encoder (backbone + projector) follows the online one with a constant EMA of 0.999
    (`--ema`), on parameters only, and always runs in train mode (batch statistics).
 6. Logits and the loss are computed in fp32, averaged over all B x (1 + n_local) crop-samples.
-7. SGD (momentum 0.9, not Nesterov), lr 0.1 x batch/256 with a per-iteration linear warmup from 0
-   over 10 % of training (10 of the paper's 100 epochs), then cosine to 1e-6; weight decay 1e-4 on
-   weights (ndim >= 2) only. No label smoothing, mixup, cutmix or gradient clipping. The CPU demo
-   network (resnet_tiny) defaults to lr 0.8 and EMA 0.99 instead: a few hundred steps, not 500k.
+7. SGD (momentum 0.9, not Nesterov), lr 0.1 x batch/256, naver/trex's schedule step for step: a per-iteration
+   linear warmup from 0 over 10 % of training (10 of the paper's 100 epochs) whose last step is at the peak, then
+   a cosine that reaches 1e-6 after the last step; weight decay 1e-4 on weights (ndim >= 2) only. No label
+   smoothing, mixup, cutmix or gradient clipping. resnet_tiny (the CPU demo) defaults to lr 0.8 and EMA 0.99.
 8. `--projector-layers 0` removes the projector; without a memory the classifier is then nn.Linear with
    bias on the pooled features (torchvision's ResNet). The reference's 0-layer projector is Projector(d, 0).
 9. Each epoch (both off with --eval-every 0) the own classifier's top-1 and top-5 on the validation
@@ -41,30 +41,26 @@ Implementation details (choices that matter and are easy to miss)
    learned classifier, as the reference evaluates; under torchrun, a check that every process holds
    the same parameters and memory.
 10. Crop sizes come from the dataset as a whole, never from one image (common.crop_sizes): the
-   reference's 224 / 96 px on images above 64 px, whatever their size; on smaller ones the native size
-   and 96/224 of it, rounded to a multiple of 8 (CIFAR: 32 / 16).
+   reference's 224 / 96 px on images above 64 px, whatever their size; on smaller ones see (c) below.
 11. The workers decode, crop and flip; the colour operations run batched on the training device (one
    call for the global crops, one for the local ones), each crop with its own parameters drawn in the
-   worker (common.ColorAugmentation, torchvision's distributions): a third of a worker's time per image.
+   worker (common.ColorAugmentation, torchvision's distributions).
 
-Compared with the reference code. On the same weights and inputs, a training step (loss and every
-gradient) agrees with naver/trex within 8e-7 relative (an independent audit); the test
-`test_training_step_equals_the_reference_computation` recomputes a step the reference's way from this
-module's parts and checks it within 1e-5. Deliberate differences: (a) the reference starts from a
-memory of random features with random labels, noise in the prototypes for the first K/B steps; here
-empty slots never count (detail 4). (b) Logits in fp32 (the reference's are fp16 under autocast).
-(c) Small images (the reference trains on ImageNet only): native-size crops, the CIFAR stem, no blur
-(common.ColorAugmentation); a --global-size other than 224 scales the blur sigma by global size / 224. (d) The CPU
-demo's values for resnet_tiny (detail 7, 512-wide hidden layers); warmup is 10 % of --epochs (the
-reference: 10 epochs, the same at 100). (e) The validation resize is bicubic (the reference: bilinear).
-(f) The colour operations run on float images on the device (detail 11), the reference's on PIL images,
-which round to uint8 after every operation (jittered images about 1.5 levels brighter) and compute hue in
-8-bit HSV (up to 9 levels apart); the blur is a discrete Gaussian of variance sigma^2 (PIL's: three box
-blurs of that variance, within ~4 levels); solarize acts on the unrounded value. (g) Precision: on
-GPUs with bf16 the default is bf16 autocast without a grad scaler (the reference: fp16 with one). (h) Under
-torchrun, DDP does not broadcast buffers (the memory is identical on every rank by construction), and the
-class prototypes are l2-normalised twice (in class_prototypes, then in cosine_logits: the second changes
-them only by rounding).
+Compared with the reference code. On the same weights and inputs,
+`test_training_step_equals_the_reference_computation` recomputes a training step the reference's way from this
+module's parts and checks the loss and every gradient within 1e-5. Deliberate differences: (a) the reference starts
+from a memory of random features with random labels, noise in the prototypes for the first K/B steps; here empty
+slots never count (detail 4). (b) Logits in fp32 (the reference: fp16 under autocast). (c) Small images (the
+reference trains on ImageNet only): native-size crops, the CIFAR stem, no blur, local crops at the references' 96/224
+of the global size to a multiple of 8, every script's policy (24 px at 64 and 56 px, 16 at 40 and 32; half the global
+size would give 32 at 64 px); a --global-size other than 224 scales the blur sigma by global size / 224. (d) The CPU
+demo's values for resnet_tiny (detail 7, 512-wide hidden layers); warmup is 10 % of --epochs (the reference: 10
+epochs, the same at 100). (e) The validation resize is bicubic (the reference: bilinear). (f) As many classes as the
+dataset has (prototypes, classifier), where the reference has 1,000 whatever the data: the same on ImageNet-1K;
+elsewhere its softmax also spans 1,000 - C classes without images. (g) Colour operations, blur and precision as in
+every script here (common.ColorAugmentation says how they differ). (h) Under torchrun, DDP does not broadcast buffers
+(the memory is identical on every rank by construction), and the class prototypes are l2-normalised twice (in
+class_prototypes, then in cosine_logits: the second changes them only by rounding).
 
 Commands
     python trex.py                                            # CPU demo on synthetic shapes, ~2 minutes on 2 cores
@@ -73,8 +69,7 @@ Commands
     torchrun --nproc_per_node=8 trex.py --data /imagenet --arch resnet50 --epochs 100 --batch-size 256 --recipe trex
     # the ordinary supervised baseline:
     python trex.py --n-local 0 --projector-layers 0 --memory-size 0
-It prints the recipe it trains with, one line per epoch and the kNN top-1 after training vs at random init;
-evaluate the features with `python eval_linear.py --ckpt runs/trex/backbone.pt --data synthetic`.
+Then `python eval_linear.py --ckpt runs/trex/backbone.pt --data synthetic` evaluates the features.
 """
 import argparse
 import copy
@@ -312,8 +307,10 @@ class TReX(nn.Module):
             self.classifier = nn.Linear(dim, num_classes, bias=self.kind == "linear")
 
     def embed(self, crops):
-        """z = g(f(x)) of all crops: one backbone call per resolution, one projector call for all."""
-        features = [self.backbone(torch.cat(group)) for group in (crops[:1], crops[1:]) if group]
+        """z = g(f(x)) of all crops: one backbone call per resolution (one in all if the local crops have the global
+        size, as the reference's MultiCropWrapper), one projector call for all."""
+        one = all(c.shape[-2:] == crops[0].shape[-2:] for c in crops)
+        features = [self.backbone(torch.cat(group)) for group in ([crops] if one else (crops[:1], crops[1:]))]
         return self.projector(torch.cat(features))
 
     def class_logits(self, z, prototypes=None):
@@ -414,7 +411,7 @@ def main():
     # ---------------------------------------------------------------- optimizer, schedules, precision
     optimizer = torch.optim.SGD(common.param_groups(model, args.wd), lr=0.0, momentum=0.9)
     lr_schedule = common.cosine_schedule(args.lr * args.batch_size / 256, args.min_lr, args.epochs, len(loader),
-                                         args.warmup_epochs)
+                                         args.warmup_epochs, endpoint=False)  # naver/trex's, step for step
     autocast, scaler = common.mixed_precision(args.precision, ddp.device)  # the EMA is constant: no schedule
 
     def evaluate():  # detail 9: the model's own classifier; under torchrun, identical replicas

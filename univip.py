@@ -14,60 +14,55 @@ K target ones by optimal transport (Sinkhorn), so the network learns which insta
 which differ without hand-made pairs. `--losses ss` is BYOL on the same data: the paper's baseline.
 
 Implementation details (choices the paper leaves open, and how they are made here)
- 1. Instances are cropped from the original image before any flip, so a flip never breaks the box correspondence;
-    each box is resized to a square, bilinear (as ORL does; its scene crops are bilinear too).
+ 1. Instances are cut from the original image before any flip (a flip never breaks the box correspondence): each box
+    at whole pixels, then resized to a square, bilinear (crop_resize: ORL's, for the scene windows too).
  2. The box filter (min side, aspect ratio <= 3, drop IoU > 0.5 with a kept box) keeps boxes in the order of their
     source: put the best proposals first in a --boxes file.
  3. Fallback when 20 window pairs never hold K boxes (Sec. 3.1): the attempt whose intersection holds the most real
-    boxes (ties: the larger intersection; it must fit a box of --min-box), filled up with random boxes of the
-    filter's size and aspect (IoU <= 0.5 tried 10 times per box, then given up); if no intersection fits a box, both
-    windows are the whole image. The fallback rate is logged.
+    boxes (ties: the larger intersection; it must fit a box of --min-box), filled up with random boxes of the filter's
+    size and aspect (IoU <= 0.5 tried 10 times per box); if no intersection fits a box, both windows are the whole
+    image. The fallback rate is logged.
  4. d(a, b) = 2 - 2 cos(a, b) (BYOL's normalised MSE) where the paper writes -cos: the same minimiser, gradients
     times 2, and the learning rates of the BYOL / ORL code.
  5. The transport plan, its marginals and its cost are computed without gradient, in fp32, by log-domain Sinkhorn
     (no under/overflow at eps = 0.1); the loss gets its gradient through d only.
- 6. Calls as BYOL's code makes them: each scene view goes through the online networks (backbone, projector,
-    predictor) and the target networks in a call of its own, so every BatchNorm normalises over the B images of one
-    view. The instances are two more views, as ORL's patch views: the B*K online crops in one online call, the B*K
-    target crops in one target call.
+ 6. Calls as BYOL's code makes them: each scene view through the online networks (backbone, projector, predictor)
+    and the target networks in a call of its own (every BatchNorm sees the B images of one view); the instances are
+    two more views, as ORL's patch views: the B*K online crops in one online call, the target ones in one target call.
  7. Online instances get the view-1 augmentations (blur 1.0, no solarize), target instances the view-2 ones; L_ii is
-    one-directional, as written in the paper. One predictor serves all three terms: the paper writes one online
-    network f for scenes and instances, and Eq. 4 weighs the instances with f's scene outputs (ORL gives each of its
-    three terms a predictor of its own). Projector and predictor end in a Linear without bias (ORL's).
- 8. SGD decays every parameter (ORL's 1e-4), LARS all but biases and norms (BYOL's); the target network
-    (momentum_backbone, momentum_projector) keeps its own batch-norm statistics (train mode), never receives
-    gradients and follows the online one after each step, tau rising from --ema 0.99 to 1 on a per-iteration cosine.
+    one-directional, as in the paper. One predictor serves all three terms: the paper writes one online network f,
+    and Eq. 4 weighs the instances with f's scene outputs (ORL has a predictor per term). Projector and predictor
+    are ORL's: no bias in the last Linear, kaiming init.
+ 8. SGD decays every parameter (ORL's 1e-4), LARS all but biases and norms (BYOL's); the lr is ORL's
+    (orl_lr_schedule). The target network (momentum_backbone, momentum_projector) keeps its own batch-norm statistics
+    (train mode) and follows the online one after each step, tau from --ema 0.99 to 1 on a per-iteration cosine.
  9. Crop sizes: the paper's 224 (scenes) and 96 (instances) whatever the images' size, except on small scenes
     (median shorter side of sampled images 128 px or less, e.g. the 96 px synthetic ones): scenes 64, instances 32,
-    --min-box 8 (UniVIP's own policy, not common.crop_sizes). Flags override each. Instances of 64 px or less get
-    the CIFAR stem. The kNN monitor uses single-object images (32 px synthetic shapes, or --eval-data), as a linear
-    probe; it is off if --eval-data has no labels or val/.
+    --min-box 8 (UniVIP's own policy, not common.crop_sizes); flags override each. Instances of 64 px or less get
+    the CIFAR stem. The kNN monitor uses single-object images (32 px synthetic shapes, or --eval-data labelled, with
+    val/; otherwise off).
 10. resnet_tiny (the CPU demo) defaults to lr 3.2 per 512 images, not the paper's 0.4: the demo has 128 steps, the
     paper 800 COCO epochs (the tables at the top of the file; the run prints a `recipe:` line).
-11. The workers decode, pick the windows and boxes, crop and flip; the colour operations run batched on the training
-    device, one call per view, each crop with its own parameters drawn in the worker (common.ColorAugmentation,
-    torchvision's distributions). The blur sigma is 0.1 to 2 px on every crop, the 96 px instances too (ORL's and
-    BYOL's); scenes of 128 px or less (instances of 64 px or less) get no blur.
+11. The workers decode, pick the windows and boxes, crop and flip; the colour operations run batched on the device,
+    one call per view, each crop with its own parameters drawn in the worker (common.ColorAugmentation). Blur sigma
+    0.1 to 2 px on every crop, the 96 px instances too (ORL's, BYOL's); none on instances of 64 px or less.
 
 Compared with the reference code (none is public: the paper's equations, and ORL for the calls and the recipe)
-Equal: the three loss terms (Eq. 1 - 5; an audit found them within 6e-8 of the equations) and the calls of detail 6;
-where the paper is silent, ORL's recipe (details 1, 7, 8, 11). tests/test_univip.py checks each term on
-hand-computed values, and a whole step against one written out from this file's modules the BYOL way (loss and every
-gradient, fp32, 1e-5). Deliberate differences: the transport marginals (at their computation in univip_loss); one
-predictor for the three terms (detail 7); details 4, 9, 10; and as in every script here: bf16 autocast without a
-grad scaler on GPUs with bf16 (the BYOL / ORL code: fp16 with one); colour operations on float images (PIL rounds to
-uint8 after each, about 1.5 levels brighter, and its hue is 8-bit HSV); a discrete Gaussian blur of PIL's variance
-(PIL: three box blurs).
+Equal: the three loss terms (Eq. 1 - 5) and the calls of detail 6; where the paper is silent, ORL's recipe (crops,
+init, lr, colour: details 1, 7, 8, 11) and torchvision's RandomResizedCrop windows. tests/test_univip.py checks each
+term on hand-computed values, a whole step against one written out from this file's modules the BYOL way (loss and
+every gradient, fp32, 1e-5), and each ORL part against ORL's formula. Deliberate differences: the transport marginals
+(at their computation in univip_loss); one predictor for the three terms (detail 7); details 4, 9, 10; colour
+operations, blur and precision as in every script here (common.ColorAugmentation says how they differ).
 
 Commands
-  CPU demo (synthetic scenes, about 2 minutes on 2 cores):  python univip.py
-  one GPU, COCO:   python univip.py --data coco --data-dir /datasets/coco --arch resnet50 --batch-size 256 \\
-                       --epochs 800 --eval-data stl10 --eval-data-dir /datasets --eval-every 50
-  several GPUs, the paper's COCO recipe (SGD, lr 0.4 x batch/512, wd 1e-4, 4 warmup epochs, batch 512):
-                   torchrun --nproc_per_node=8 univip.py --data coco --data-dir /datasets/coco --arch resnet50 \\
-                       --batch-size 512 --epochs 800 --workers 10 --eval-data stl10 --eval-data-dir /datasets
-  then a linear probe: python eval_linear.py --ckpt runs/univip/backbone.pt --data /datasets/imagenet --mode full
-  paper recipe, ImageNet with selective-search boxes: torchrun --nnodes=8 --nproc_per_node=8 ... univip.py \\
+  python univip.py                    # CPU demo: synthetic scenes, about 2 minutes on 2 cores
+  python univip.py --data coco --data-dir /datasets/coco --arch resnet50 --batch-size 256 --epochs 800 \\
+      --eval-data stl10 --eval-data-dir /datasets --eval-every 50                                    # one GPU, COCO
+  torchrun --nproc_per_node=8 univip.py --data coco --data-dir /datasets/coco --arch resnet50 --batch-size 512 \\
+      --epochs 800 --workers 10 --eval-data stl10 --eval-data-dir /datasets   # the paper's COCO recipe, 8 GPUs
+  python eval_linear.py --ckpt runs/univip/backbone.pt --data /datasets/imagenet --mode full    # a linear probe
+  the paper's ImageNet recipe, selective-search boxes: torchrun --nnodes=8 --nproc_per_node=8 ... univip.py \\
       --data /datasets/imagenet/train --boxes imagenet_ss.json --arch resnet50 --batch-size 4096 --epochs 200 \\
       --optimizer lars --lr 0.6 --wd 1e-6 --warmup-epochs 10
 """
@@ -107,34 +102,27 @@ def get_args_parser():
     common.add_common_args(p, "univip", epochs=4, batch_size=32, lr=None, wd=1e-4, warmup_epochs=None, eval_every=10,
                            demo_subset=1024)
     g = p.add_argument_group("UniVIP")
-    g.add_argument("--boxes", default=None,
-                   help="JSON file: image path relative to a --data folder -> list of [x, y, w, h] boxes (e.g. "
-                        "selective search); --data coco and synthetic bring their own")
-    g.add_argument("--losses", default="ss,si,ii",
-                   help="comma-separated terms among ss (scene-scene), si (scene-instance), ii (instance-instance, "
-                        "optimal transport); 'ss' alone is BYOL on the same data, the paper's baseline")
+    g.add_argument("--boxes", default=None, help="JSON file: image path relative to a --data folder -> list of [x, "
+                   "y, w, h] boxes (e.g. selective search); --data coco and synthetic bring their own")
+    g.add_argument("--losses", default="ss,si,ii", help="comma-separated terms among ss (scene-scene), si (scene-"
+                   "instance), ii (instance-instance, optimal transport); 'ss' alone is BYOL, the paper's baseline")
     g.add_argument("--num-instances", type=int, default=4, help="K, instances shared by the two scene views")
-    g.add_argument("--scene-size", type=int, default=None,
-                   help="side of the scene views (default 224; 64 if the images' median side is 128 px or less)")
-    g.add_argument("--instance-size", type=int, default=None,
-                   help="side of the instance crops (default 96; 32 if the images' median side is 128 px or less)")
-    g.add_argument("--min-box", type=float, default=None,
-                   help="shortest side of a usable box in image pixels (default 64, as on COCO; 8 for small scenes)")
-    g.add_argument("--scene-scale", type=float, nargs=2, default=(0.08, 1.0),
-                   help="area range of the scene windows (RandomResizedCrop scale)")
+    small = "on scenes of 128 px or less (median shorter side)"
+    g.add_argument("--scene-size", type=int, default=None, help=f"scene view side (default 224; 64 {small})")
+    g.add_argument("--instance-size", type=int, default=None, help=f"instance crop side (default 96; 32 {small})")
+    g.add_argument("--min-box", type=float, default=None, help=f"shortest usable box side, px (default 64; 8 {small})")
+    g.add_argument("--scene-scale", type=float, nargs=2, default=(0.08, 1.0), help="area range of the scene windows")
     g.add_argument("--optimizer", default="sgd", choices=("sgd", "lars"),
                    help="sgd (momentum 0.9, the COCO recipe) or lars (the ImageNet recipe, with --lr 0.6 --wd 1e-6)")
     g.add_argument("--ema", "--momentum-teacher", dest="ema", type=float, default=0.99,
-                   help="base momentum tau of the target network, raised to 1 by a per-iteration cosine")
+                   help="target network's momentum tau, raised to 1 on a per-iteration cosine")
     g.add_argument("--hidden-dim", type=int, default=4096, help="hidden width of projector and predictor")
     g.add_argument("--proj-dim", type=int, default=256, help="output width of projector and predictor")
     g.add_argument("--sinkhorn-eps", type=float, default=0.1, help="entropic regularisation of the transport plan")
     g.add_argument("--sinkhorn-iters", type=int, default=50, help="Sinkhorn iterations")
-    g.add_argument("--eval-data", default="synthetic",
-                   help="single-object dataset of the kNN monitor: synthetic (32 px shapes), cifar10, stl10 or a "
-                        "labelled ImageFolder path with train/ and val/")
-    g.add_argument("--eval-data-dir", default=None,
-                   help="root of the torchvision dataset named by --eval-data (default: --data-dir)")
+    g.add_argument("--eval-data", default="synthetic", help="single-object dataset of the kNN monitor: synthetic "
+                   "(32 px shapes), cifar10, stl10 or a labelled ImageFolder path with train/ and val/")
+    g.add_argument("--eval-data-dir", default=None, help="root of --eval-data's dataset (default: --data-dir)")
     return p
 
 
@@ -153,8 +141,9 @@ def resolve_recipe(args, native):
                                f"patch size {patch}")
     optimizer = "SGD (momentum 0.9)" if args.optimizer == "sgd" else "LARS (eta 0.001, momentum 0.9)"
     return args.instance_size <= common.SMALL_IMAGES, dict(
-        lr=f"{args.lr * args.batch_size / 512:.4g} ({args.lr} x {args.batch_size}/512, cosine to 0)",
-        wd=args.wd, optimizer=optimizer, warmup=f"{args.warmup_epochs:g} epochs", ema=f"{args.ema} -> 1 (cosine)",
+        lr=f"{args.lr * args.batch_size / 512:.4g} ({args.lr} x {args.batch_size}/512, cosine to 0 by epoch)",
+        wd=args.wd, optimizer=optimizer, warmup=f"{args.warmup_epochs:g} epochs from 1e-4 x",
+        ema=f"{args.ema} -> 1 (cosine)",
         crops=f"scene {args.scene_size} px, instance {args.instance_size} px, boxes from {args.min_box:g} px")
 
 
@@ -168,8 +157,7 @@ def check_args(args):
     if any(size is not None and size < 16 for size in (args.scene_size, args.instance_size)):
         raise common.UserError("--scene-size and --instance-size must be at least 16 pixels")
     if not 0 < args.scene_scale[0] <= args.scene_scale[1] <= 1:
-        low, high = args.scene_scale
-        raise common.UserError(f"--scene-scale {low} {high} must satisfy 0 < low <= high <= 1")
+        raise common.UserError("--scene-scale {} {} must satisfy 0 < low <= high <= 1".format(*args.scene_scale))
     if not 0 <= args.ema <= 1 or args.sinkhorn_eps <= 0 or args.sinkhorn_iters < 1:
         raise common.UserError("--ema must be in [0, 1], --sinkhorn-eps positive, --sinkhorn-iters >= 1")
     if args.boxes is not None and args.data in ("synthetic", "coco"):
@@ -194,14 +182,16 @@ def filter_boxes(boxes, width, height, min_box, max_ratio=3.0, iou_threshold=0.5
 
 
 def random_window(width, height, scale, ratio=(3 / 4, 4 / 3)):
-    """A RandomResizedCrop window (x, y, w, h): area fraction in `scale`, log-uniform aspect ratio."""
+    """A RandomResizedCrop window (x, y, w, h): area fraction in `scale`, log-uniform aspect ratio; after 10 tries,
+    torchvision's fallback: the centre crop of the image clamped to the ratio bounds."""
     for _ in range(10):
         area = width * height * random.uniform(*scale)
         aspect = math.exp(random.uniform(math.log(ratio[0]), math.log(ratio[1])))
         w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
         if 0 < w <= width and 0 < h <= height:
             return random.randint(0, width - w), random.randint(0, height - h), w, h
-    return 0, 0, width, height
+    w, h = min(width, round(height * ratio[1])), min(height, round(width / ratio[0]))
+    return (width - w) // 2, (height - h) // 2, w, h
 
 
 def random_boxes(region, count, min_side, taken, max_ratio=3.0, iou_threshold=0.5):
@@ -249,12 +239,19 @@ def sample_scene_pair(width, height, boxes, num_instances=4, min_box=64.0, scale
     return w1, w2, np.array(chosen, np.float32).reshape(-1, 4), True
 
 
+def crop_resize(image, box, size):
+    """ORL's crops (torchvision's resized_crop): the (x, y, w, h) box rounded to whole pixels (at least one), cut out,
+    then resized bilinear to size x size, so that no pixel outside the box enters the edge taps."""
+    x0, y0 = min(round(box[0]), image.width - 1), min(round(box[1]), image.height - 1)
+    x1, y1 = max(round(box[0] + box[2]), x0 + 1), max(round(box[1] + box[3]), y0 + 1)
+    return image.crop((x0, y0, x1, y1)).resize((size, size), Image.BILINEAR)
+
+
 class SceneInstanceAugmentation:
     """(scene image, boxes) -> (scene view 1, scene view 2, online instances (K), target instances (K), fell_back)
     in the worker, each view a cropped and flipped uint8 image with its colour parameters; `on_device` applies the
-    colour operations to a batch on the training device (detail 11). BYOL's asymmetric photometric lists (Sec. 4.1),
-    `colours`: view 1 blur p 1.0 and no solarize, view 2 blur p 0.1 and solarize p 0.2; the instances get the same
-    two, blur sigma 0.1 to 2 px as ORL's 96 px patches; not blurred if `small` (instances of 64 px or less)."""
+    colour operations on the device (detail 11). `colours`, BYOL's asymmetric lists (Sec. 4.1) for views 1 and 2 and
+    the instances: blur p 1.0, no solarize; blur p 0.1, solarize p 0.2; no blur if `small` (instances <= 64 px)."""
 
     def __init__(self, scene_size, instance_size, num_instances, min_box, scale, with_instances=True, small=False):
         self.scene_size, self.instance_size, self.scale = scene_size, instance_size, scale
@@ -272,16 +269,13 @@ class SceneInstanceAugmentation:
         boxes = filter_boxes(boxes, width, height, self.min_box)
         w1, w2, chosen, fell_back = sample_scene_pair(width, height, boxes, self.num_instances, self.min_box,
                                                       self.scale)
-        s = (self.instance_size, self.instance_size)
-        crops = [image.resize(s, Image.BILINEAR, box=(x, y, x + w, y + h)) for x, y, w, h in chosen]
+        crops = [crop_resize(image, box, self.instance_size) for box in chosen]
         online, target = ([colour.view(self.flip, c) for c in crops] for colour in self.colours)
         stack = lambda views: tuple(torch.stack(t) for t in zip(*views))  # (K, 3, s, s) uint8, (K, P)
         return self._scene(image, w1, 0), self._scene(image, w2, 1), stack(online), stack(target), fell_back
 
     def _scene(self, image, window, v):
-        x, y, w, h = window
-        crop = image.resize((self.scene_size, self.scene_size), Image.BILINEAR, box=(x, y, x + w, y + h))
-        return self.colours[v].view(self.flip, crop)
+        return self.colours[v].view(self.flip, crop_resize(image, window, self.scene_size))
 
     def on_device(self, scene1, scene2, online, target, device):
         """Collated views -> normalised float scene views (B, 3, S, S) and instances (B*K, 3, s, s) on `device`."""
@@ -305,9 +299,14 @@ def collate_scene_pairs(samples):
 # Model: BYOL networks shared by scenes and instances, the instance aggregator, the loss (Sec. 3)
 # ----------------------------------------------------------------------------------------------
 def mlp(in_dim, hidden_dim, out_dim):
-    """Projector / predictor: Linear -> BN -> ReLU -> Linear without bias (ORL's, where BYOL's last layer has one)."""
-    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+    """Projector / predictor: Linear -> BN -> ReLU -> Linear without bias (ORL's, where BYOL's last layer has one),
+    initialised as ORL's init_weights(init_linear='kaiming'): weights kaiming normal (fan_in, ReLU gain), biases 0."""
+    head = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
                          nn.Linear(hidden_dim, out_dim, bias=False))
+    for layer in (head[0], head[3]):
+        nn.init.kaiming_normal_(layer.weight, mode="fan_in", nonlinearity="relu")
+    nn.init.zeros_(head[0].bias)
+    return head
 
 
 def distance(a, b):
@@ -353,9 +352,8 @@ def univip_loss(online_scenes, target_scenes, online_instances=None, target_inst
         o, t = online_instances.float(), target_instances.float().detach()
         with torch.no_grad():
             similarity = F.cosine_similarity(o.unsqueeze(2), t.unsqueeze(1), dim=-1)  # S_mn = cos(o_m, t_n)
-            # Masses (Eq. 4): relu(cos) normalised to sum 1, where the paper writes max(o_m . (f_t1 + f_t2) / 2, 0).
-            # Normalised, as the two sides' raw totals differ and no plan can have both as marginals; cosines,
-            # not dot products, so that a mass measures agreement, not an embedding's norm (as the cost 1 - cos).
+            # Masses (Eq. 4): relu(cos) summing to 1, where the paper writes max(o_m . (f_t1 + f_t2) / 2, 0): the raw
+            # totals differ (no plan has both as marginals); cosines measure agreement, not norms (as the cost 1 - cos)
             b = transport_marginal(o, z1 + z2)  # mass of each online instance: its agreement with g's scene
             a = transport_marginal(t, (p1 + p2).detach())  # mass of each target instance: with f's scene
             plan = sinkhorn_plan(1 - similarity, b, a, eps, iters)
@@ -366,10 +364,9 @@ def univip_loss(online_scenes, target_scenes, online_instances=None, target_inst
 
 
 class UniVIP(nn.Module):
-    """Online f = predictor(projector(backbone)), target g = momentum_projector(momentum_backbone), a momentum
-    copy of backbone + projector, and the instance aggregator I = Linear(K * D, D). `forward` is the training
-    step: scene views 1 and 2 (B, 3, S, S) each, online and target instances (B*K, 3, s, s) each or None -> the
-    loss dict."""
+    """Online f = predictor(projector(backbone)), target g = momentum_projector(momentum_backbone) (a momentum copy),
+    the instance aggregator I = Linear(K * D, D). `forward` is the training step: scene views 1 and 2 (B, 3, S, S),
+    online and target instances (B*K, 3, s, s) or None -> the loss dict."""
 
     def __init__(self, backbone, feat_dim, num_instances=4, hidden_dim=4096, proj_dim=256, losses=LOSSES,
                  eps=0.1, iters=50):
@@ -413,6 +410,18 @@ class UniVIP(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
+def orl_lr_schedule(base, epochs, iters_per_epoch, warmup_epochs, ratio=1e-4):
+    """ORL's lr (stage-3 config: mmcv's CosineAnnealing, min_lr 0, linear warmup by epoch): at step i of epoch e,
+    base (1 + cos(pi e / epochs)) / 2, while i < W = warmup_epochs x iters_per_epoch times 1 - (1 - i / W)(1 - ratio);
+    as mmcv, the regular lr is back at step W or at the next epoch (a W between two steps keeps the last warmup lr)."""
+    warmup, out = warmup_epochs * iters_per_epoch, [base]
+    for i in range(epochs * iters_per_epoch):
+        regular = 0.5 * base * (1 + math.cos(math.pi * (i // iters_per_epoch) / epochs))
+        out.append(regular * (1 - (1 - i / warmup) * (1 - ratio)) if i < warmup
+                   else regular if i % iters_per_epoch == 0 or i == warmup else out[-1])
+    return out[1:]
+
+
 def main():
     # ---------------------------------------------------------------- plumbing: processes, flags, seeds
     args = get_args_parser().parse_args()
@@ -449,7 +458,7 @@ def main():
     trained = [p for p in model.parameters() if p.requires_grad]  # not the momentum networks'
     optimizer = (torch.optim.SGD(trained, lr=lr, momentum=0.9, weight_decay=args.wd) if args.optimizer == "sgd"
                  else common.LARS(common.param_groups(model, args.wd), lr=lr, momentum=0.9))  # detail 8
-    lr_schedule = common.cosine_schedule(lr, 0.0, args.epochs, len(loader), args.warmup_epochs)
+    lr_schedule = orl_lr_schedule(lr, args.epochs, len(loader), args.warmup_epochs)  # detail 8
     ema_schedule = common.cosine_schedule(args.ema, 1.0, args.epochs, len(loader))  # BYOL's tau, per step
     autocast, scaler = common.mixed_precision(args.precision, ddp.device)
 

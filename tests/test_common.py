@@ -256,6 +256,19 @@ def test_clipped_lars_caps_the_layer_rate_at_the_global_one():
     assert torch.allclose(moved, torch.tensor([[3.0, 4.0]]) - 0.5 * torch.tensor([[0.006, 0.008]]))
 
 
+def test_clipped_lars_at_lr_0_puts_the_unscaled_update_in_the_buffer_as_larc():
+    """LARC's min(ratio / lr, 1) is 1 at lr 0 (the first step of a warmup from 0): the buffer takes g + wd w, not
+    eta ||w|| / ||g|| times it, and carries it into the next step."""
+    w = nn.Parameter(torch.tensor([[3.0, 4.0]]))
+    w.grad = torch.tensor([[0.006, 0.008]])  # unclipped: eta ||w|| / ||g + wd w|| = 0.02 * 5 / 0.015 = 6.7
+    opt = common.LARS([w], lr=0.0, weight_decay=0.001, momentum=0.9, trust_coefficient=0.02, clip=True)
+    opt.step()
+    update = torch.tensor([[0.006, 0.008]]) + 0.001 * torch.tensor([[3.0, 4.0]])
+    buffer = opt.state[w]["momentum_buffer"]
+    print(f"buffer / (g + wd w) at lr 0: {(buffer / update).flatten().tolist()}")
+    assert torch.equal(w.detach(), torch.tensor([[3.0, 4.0]])) and torch.allclose(buffer, update)
+
+
 def test_param_groups_decay_only_weights():
     m = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
     decay, no_decay = common.param_groups(m, 0.5)

@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -242,9 +243,9 @@ def resolved(native, *flags):
 
 def test_image_size_sets_the_crop_sizes_and_the_byol_recipe():
     # images above 64 px: the reference's 224 / 96 px whatever their size, and BYOL's ImageNet recipe
-    small, args, recipe = resolved(375, "--base", "byol")
+    small, args, recipe = resolved(375, "--base", "byol")  # 1 epoch: DeepMind's 40-epoch preset
     assert not small and (args.global_size, args.local_size) == (224, 96)
-    assert (args.lr, args.wd, args.warmup_start_lr, args.final_lr) == (0.2, 1.5e-6, 0.0, 0.0)
+    assert (args.lr, args.wd, args.warmup_start_lr, args.final_lr) == (0.45, 1e-6, 0.0, 0.0)
     assert (args.lars_eta, args.lars_clip) == (0.001, False) and recipe["optimizer"] == "LARS (eta 0.001)"
     small, args, recipe = resolved(375)
     assert (args.global_size, args.local_size, args.n_prototypes, args.wd, args.warmup_start_lr) == (224, 96, 3000,
@@ -275,10 +276,24 @@ def test_image_size_sets_the_crop_sizes_and_the_byol_recipe():
     assert args.n_prototypes == 300 and recipe["queue"] == "3840 from epoch 0"
 
 
+@pytest.mark.parametrize("epochs, preset", [(1, 40), (40, 40), (41, 100), (100, 100), (200, 300), (300, 300),
+                                            (800, 1000), (1000, 1000), (3000, 1000)])
+def test_byol_above_64_px_takes_deepminds_preset_at_or_above_epochs(epochs, preset):
+    """byol/configs/byol.py: lr, wd and tau per run length; the run takes the shortest preset at or above --epochs."""
+    lr, wd, tau = {40: (0.45, 1e-6, 0.97), 100: (0.45, 1e-6, 0.99), 300: (0.3, 1e-6, 0.99),
+                   1000: (0.2, 1.5e-6, 0.996)}[preset]
+    _, args, recipe = resolved(224, "--base", "byol", "--epochs", str(epochs), "--batch-size", "256")
+    assert (args.lr, args.wd, args.ema) == (lr, wd, tau) and recipe["ema"] == f"{tau} -> 1 (cosine)"
+    assert recipe["defaults"] == f"byol (DeepMind's {preset}-epoch preset: lr {lr:g}, wd {wd:g}, tau {tau:g})"
+    assert recipe["lr"] == f"{lr:.4g} ({lr} x 256/256, cosine to 0)"
+    flags = resolved(224, "--base", "byol", "--epochs", str(epochs), "--lr", "0.1", "--wd", "0", "--ema", "0.9")[1]
+    assert (flags.lr, flags.wd, flags.ema) == (0.1, 0.0, 0.9)  # set flags win
+
+
 def test_byol_target_momentum_follows_the_recipe_and_the_flag_overrides():
-    # DeepMind's ImageNet BYOL starts tau at 0.996, solo-learn's CIFAR BYOL at 0.99; --ema wins; SwAV has none
+    # DeepMind's ImageNet BYOL's tau by run length (the 1-epoch run: 0.97), solo-learn's CIFAR BYOL 0.99; --ema wins
     _, args, recipe = resolved(224, "--base", "byol")
-    assert args.ema == 0.996 and recipe["ema"] == "0.996 -> 1 (cosine)" and recipe["defaults"] == "byol"
+    assert args.ema == 0.97 and recipe["ema"] == "0.97 -> 1 (cosine)" and recipe["defaults"].startswith("byol (")
     assert resolved(32, "--base", "byol")[1].ema == 0.99
     assert resolved(224, "--base", "byol", "--ema", "0.99")[1].ema == 0.99
     assert resolved(32, "--base", "byol", "--ema", "0.9")[1].ema == 0.9 and resolved(224)[1].ema is None
@@ -307,6 +322,36 @@ def test_main_warms_up_from_the_recipes_start_lr_and_updates_the_target_after_th
     (_, lr0), (_, tau0) = events[0], events[2]
     assert lr0 == pytest.approx(3e-5) and lr0 > 0 and tau0 == pytest.approx(0.99)
     assert events[3][1] > lr0  # the warmup rises from there
+
+
+def lrs_of_main(module, argv, monkeypatch):
+    """The lr of every step of a whole in-process run of `module`.main() with `argv`."""
+    lrs, set_lr = [], common.set_lr
+    monkeypatch.setattr(common, "set_lr", lambda opt, lr: (lrs.append(lr), set_lr(opt, lr))[1])
+    monkeypatch.setattr("sys.argv", [f"{module.__name__}.py", *argv])
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # one process, whatever launched pytest
+        monkeypatch.delenv(name, raising=False)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}  # the run installs its own
+    try:
+        module.main()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    return lrs
+
+
+def test_swav_lr_is_swavs_schedule_step_for_step(tmp_path, monkeypatch):
+    """main_swav.py: np.linspace(start_warmup, base_lr, iters x warmup_epochs) (its last step at base_lr), then
+    final_lr + 0.5 (base_lr - final_lr)(1 + cos(pi t / T)) for t = 0 .. T - 1 (final_lr never reached)."""
+    epochs, per_epoch, warmup, base, final, start = 4, 3, 1, 1.2, 0.0012, 0.3
+    lrs = lrs_of_main(rotssl, [*TINY, "--subset", "96", "--epochs", str(epochs), "--warmup-epochs", str(warmup),
+                               "--out", str(tmp_path / "swav")], monkeypatch)
+    total = per_epoch * (epochs - warmup)
+    swav = np.concatenate([np.linspace(start, base, per_epoch * warmup),
+                           [final + 0.5 * (base - final) * (1 + math.cos(math.pi * t / total)) for t in range(total)]])
+    print(f"first {lrs[0]:.6g}, warmup end {lrs[per_epoch * warmup - 1]:.6g}, last {lrs[-1]:.6g}")
+    assert len(lrs) == epochs * per_epoch and np.allclose(lrs, swav, rtol=1e-12, atol=0)
+    assert lrs[0] == start and lrs[per_epoch * warmup - 1] == lrs[per_epoch * warmup] == base and lrs[-1] > final
 
 
 def test_augmentation_blur_scale_and_interpolation_follow_the_references():

@@ -5,8 +5,10 @@ import json
 import math
 import os
 import re
+import signal
 import socket
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -100,6 +102,46 @@ def test_augmentation_returns_one_global_and_n_local_crops():
     assert (small.global_colour.blur_p, small.global_colour.solarize_p, small.local_colour.blur_p) == (0.0, 0.2, 0.0)
     crops, _ = trex.MultiCropAugmentation(n_local=2)(Image.new("RGB", (300, 260), (90, 20, 200)), 0)
     assert [tuple(c.shape) for c, _ in crops] == [(3, 224, 224), (3, 96, 96), (3, 96, 96)]
+
+
+@pytest.mark.parametrize("local_size, calls", [(8, 2), (16, 1)])
+def test_one_backbone_call_per_crop_resolution_as_the_references_multicrop_wrapper(local_size, calls):
+    """naver/trex's MultiCropWrapper (DINO's) calls the backbone once per run of crops of one size: twice for global
+    and local crops, once when --local-size equals --global-size (batch norm then sees all crops together)."""
+    model = tiny_model()
+    crops, labels = tiny_batch(n_local=2)
+    crops = crops[:1] + [torch.randn(4, 3, local_size, local_size) for _ in crops[1:]]
+    sizes = []
+    model.backbone.register_forward_hook(lambda module, args, out: sizes.append(args[0].shape[0]))
+    z = model.embed(crops)
+    assert len(sizes) == calls and sum(sizes) == 12 and z.shape == (12, 8)
+    if calls == 1:  # the one call's output is the concatenated batch's
+        with torch.no_grad():
+            assert torch.allclose(z, model.projector(model.backbone(torch.cat(crops))), atol=1e-6)
+
+
+def test_lr_is_naver_trex_cosine_scheduler_step_for_step(tmp_path, monkeypatch):
+    """naver/trex's utils.cosine_scheduler: np.linspace(0, base, warmup iterations) (its last step at base), then
+    final + 0.5 (base - final)(1 + cos(pi t / T)) for t = 0 .. T - 1 (min_lr never reached)."""
+    lrs, set_lr = [], common.set_lr
+    monkeypatch.setattr(common, "set_lr", lambda opt, lr: (lrs.append(lr), set_lr(opt, lr))[1])
+    monkeypatch.setattr("sys.argv", ["trex.py", "--subset", "96", "--batch-size", "32", "--eval-every", "0",
+                                     "--workers", "0", "--global-size", "16", "--local-size", "8", "--n-local", "2",
+                                     "--epochs", "4", "--warmup-epochs", "1", "--out", str(tmp_path / "run")])
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # one process, whatever launched pytest
+        monkeypatch.delenv(name, raising=False)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}  # the run installs its own
+    try:
+        trex.main()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    base, final, per_epoch, total = 0.8 * 32 / 256, 1e-6, 3, 9  # resnet_tiny's lr 0.8; 3 steps x (4 - 1) epochs
+    reference = np.concatenate([np.linspace(0, base, per_epoch),
+                                final + 0.5 * (base - final) * (1 + np.cos(np.pi * np.arange(total) / total))])
+    print(f"first {lrs[0]:.6g}, warmup end {lrs[per_epoch - 1]:.6g}, last {lrs[-1]:.6g}")
+    assert len(lrs) == 12 and np.allclose(lrs, reference, rtol=1e-12, atol=0)
+    assert lrs[0] == 0 and lrs[per_epoch - 1] == lrs[per_epoch] == base and lrs[-1] > final
 
 
 # ----------------------------------------------------------------------------------------------

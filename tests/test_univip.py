@@ -94,6 +94,19 @@ def test_no_fallback_when_the_boxes_are_there():
         assert not fell_back and len({tuple(b) for b in chosen.tolist()}) == 4
 
 
+@pytest.mark.parametrize("width, height", [(400, 20), (20, 400), (300, 200), (101, 99)])
+def test_random_window_falls_back_as_torchvisions_random_resized_crop(width, height):
+    """After 10 failed tries: the centre crop at the ratio bounds, as RandomResizedCrop.get_params (whole image if its
+    aspect is within them). Scales this large fail every try on the thin images; (1, 1) fails on the near squares."""
+    scale = (0.9, 1.0) if max(width, height) > 5 * min(width, height) else (1.0, 1.0)
+    random.seed(0)
+    torch.manual_seed(0)
+    for ratio in ((3 / 4, 4 / 3), (0.5, 2.0)):
+        top, left, h, w = v2.RandomResizedCrop.get_params(torch.zeros(3, height, width), list(scale), list(ratio))
+        assert (left, top) == ((width - w) // 2, (height - h) // 2)  # torchvision fell back too
+        assert univip.random_window(width, height, scale, ratio) == (left, top, w, h)
+
+
 def test_box_filter_size_aspect_overlap_and_clipping():
     boxes = [[0, 0, 30, 30],      # kept
              [2, 2, 30, 30],      # IoU with the first ~0.77 > 0.5: dropped
@@ -126,30 +139,44 @@ def test_instances_are_cut_from_the_original_image_at_their_boxes():
     assert real > 0
 
 
-def test_crops_are_bilinear_and_the_blur_follows_orl(monkeypatch):
-    """ORL's choices where the paper is silent: bilinear scene and instance crops; sigma 0.1 to 2 px on every crop,
-    the instances too (not scaled with their size); no blur on small scenes (the CIFAR stem, as solo-learn)."""
+def test_crops_are_orls_crop_then_resize_bilinear_and_the_blur_follows_orl(monkeypatch):
+    """ORL's choices where the paper is silent: scene and instance crops as its TF.resized_crop (the integer box cut
+    out, then resized bilinear; a sub-pixel box rounded); sigma 0.1 to 2 px on every crop, the instances too (not
+    scaled with their size); no blur on small scenes (the CIFAR stem, as solo-learn)."""
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 100, 3), dtype=np.uint8))
-    box, window = (10.0, 20.0, 37.0, 29.0), (5, 8, 70, 60)
+    box, window = (10.4, 19.6, 36.8, 29.3), (5, 8, 70, 60)  # the box rounds to x 10..47, y 20..49
     monkeypatch.setattr(univip, "sample_scene_pair", lambda *a, **k: (window, window, np.array([box] * 2), False))
     aug = univip.SceneInstanceAugmentation(48, 24, 2, 8.0, (0.08, 1.0))
     aug.flip = lambda crop: crop
     (scene, _), _, (online, _), _, _ = aug(image, np.array([box]))
-    x, y, w, h = box
-    for got, size, (bx, by, bw, bh) in ((online[0], 24, box), (scene, 48, window)):
-        expected = lambda mode: v2.functional.pil_to_tensor(image.resize((size, size), mode, box=(bx, by, bx + bw,
-                                                                                                 by + bh)))
-        assert torch.equal(got, expected(Image.BILINEAR)) and not torch.equal(got, expected(Image.BICUBIC))
+    for got, size, (x, y, w, h), (top, left, height, width) in ((online[0], 24, box, (20, 10, 29, 37)),
+                                                                (scene, 48, window, (8, 5, 60, 70))):
+        orl = lambda mode: v2.functional.pil_to_tensor(v2.functional.resized_crop(image, top, left, height, width,
+                                                                                   [size, size], mode))
+        assert torch.equal(got, orl(v2.InterpolationMode.BILINEAR))
+        assert not torch.equal(got, orl(v2.InterpolationMode.BICUBIC))
+        in_box = v2.functional.pil_to_tensor(image.resize((size, size), Image.BILINEAR, box=(x, y, x + w, y + h)))
+        ring = (got.float() - in_box.float()).abs()  # resize(box=...) reads pixels outside the box at the edges
+        print(f"{size} px: |crop-then-resize - resize(box=)| mean {ring.mean():.2f}, max {ring.max():.0f} levels")
+        assert ring.max() > 0
     assert [c.blur_p for c in aug.colours] == [1.0, 0.1] and all(c.sigma == (0.1, 2.0) for c in aug.colours)
     small = univip.SceneInstanceAugmentation(64, 32, 2, 8.0, (0.08, 1.0), small=True)
     assert [c.blur_p for c in small.colours] == [0.0] * 2
 
 
-def test_projector_and_predictor_end_without_bias_as_orls():
+def test_projector_and_predictor_are_orls_without_last_bias_and_with_kaiming_init():
+    """ORL's init_weights(init_linear='kaiming'): every Linear kaiming normal (fan_in, std sqrt(2 / fan_in)), bias 0."""
+    torch.manual_seed(0)
     backbone, dim = common.build_backbone("resnet_tiny", True, 32)
-    model = univip.UniVIP(backbone, dim, num_instances=2, hidden_dim=32, proj_dim=16)
+    model = univip.UniVIP(backbone, dim, num_instances=2, hidden_dim=512, proj_dim=64)
     for head in (model.projector, model.predictor, model.momentum_projector):
-        assert head[0].bias is not None and head[-1].bias is None and head[-1].out_features == 16
+        assert head[0].bias is not None and head[-1].bias is None and head[-1].out_features == 64
+        assert torch.equal(head[0].bias, torch.zeros(512))
+        for layer in (head[0], head[-1]):
+            expected = math.sqrt(2 / layer.in_features)
+            print(f"{layer.in_features} -> {layer.out_features}: std {layer.weight.std().item():.4g}, "
+                  f"sqrt(2 / fan_in) {expected:.4g}")
+            assert abs(layer.weight.std().item() / expected - 1) < 0.1 and abs(layer.weight.mean()) < 0.1 * expected
 
 
 # ----------------------------------------------------------------------------------------------
@@ -394,6 +421,43 @@ def test_recipe_sizes_come_from_the_dataset_and_the_flags_override_them(tmp_path
         assert recipe["lr"].startswith(f"{lr * args.batch_size / 512:.4g} ({lr} x {args.batch_size}/512")
 
 
+def mmcv_cosine_by_epoch(base, epochs, iters_per_epoch, warmup_epochs, ratio=1e-4):
+    """mmcv's CosineAnnealingLrUpdaterHook(min_lr=0, warmup='linear', warmup_by_epoch=True) as ORL's runner calls it:
+    before each epoch the regular lr annealing_cos(base, 0, epoch / epochs) is set; before each iteration (global
+    index i) the warmup lr replaces it while i < the warmup iterations, and i == them sets the regular lr again."""
+    lrs, warmup_iters, lr = [], warmup_epochs * iters_per_epoch, None
+    for epoch in range(epochs):
+        regular = 0.0 + 0.5 * (base - 0.0) * (math.cos(math.pi * epoch / epochs) + 1)  # before_train_epoch
+        lr = regular
+        for i in range(epoch * iters_per_epoch, (epoch + 1) * iters_per_epoch):  # before_train_iter
+            if i == warmup_iters:
+                lr = regular
+            elif i < warmup_iters:
+                lr = regular * (1 - (1 - i / warmup_iters) * (1 - ratio))
+            lrs.append(lr)
+    return lrs
+
+
+@pytest.mark.parametrize("epochs, per_epoch, warmup", [(800, 3, 4.0), (10, 7, 2.0), (5, 4, 1.5), (3, 2, 0.0),
+                                                     (5, 3, 1.5)])  # the last: the warmup ends between steps 4 and 5
+def test_lr_is_orls_stage3_schedule_step_for_step(epochs, per_epoch, warmup):
+    base = 0.4
+    got, ref = univip.orl_lr_schedule(base, epochs, per_epoch, warmup), mmcv_cosine_by_epoch(base, epochs, per_epoch,
+                                                                                              warmup)
+    assert len(got) == len(ref) == epochs * per_epoch
+    np.testing.assert_allclose(got, ref, rtol=1e-12, atol=0)
+    end = math.ceil(warmup * per_epoch)  # the first step past the warmup
+    if end != warmup * per_epoch:  # mmcv keeps the last warmup lr until the epoch ends
+        assert got[end] == got[end - 1] < 0.5 * base * (1 + math.cos(math.pi * (end // per_epoch) / epochs))
+        end = (end // per_epoch + 1) * per_epoch
+    print(f"{epochs} epochs x {per_epoch}, warmup {warmup}: first {got[0]:.6g}, warmup end {got[end]:.6g}, "
+          f"last {got[-1]:.6g}")
+    assert got[0] == pytest.approx(base * (1e-4 if warmup else 1), rel=1e-12)
+    assert got[end] == pytest.approx(0.5 * base * (1 + math.cos(math.pi * (end // per_epoch) / epochs)), rel=1e-12)
+    assert got[-1] == pytest.approx(0.5 * base * (1 + math.cos(math.pi * (epochs - 1) / epochs)), rel=1e-12)
+    assert got[-1] > 0 and all(got[i] == got[i - 1] for i in range(end + 1, len(got)) if i % per_epoch)
+
+
 # ----------------------------------------------------------------------------------------------
 # Whole runs
 # ----------------------------------------------------------------------------------------------
@@ -412,7 +476,7 @@ def test_demo_path_and_eval_linear(tmp_path):
     assert f"random-init backbone: kNN top-1 {init['knn_top1']:.1f}% on synthetic" in result.stdout
     assert (f"kNN top-1 on synthetic: {epoch['knn_top1']:.1f}% after training vs {init['knn_top1']:.1f}% at "
             "random init") in result.stdout
-    assert "recipe: lr 0.2 (3.2 x 32/512, cosine to 0)" in result.stdout
+    assert "recipe: lr 0.2 (3.2 x 32/512, cosine to 0 by epoch)" in result.stdout
     assert "crop sizes: scene 64 px, instance 32 px (images of about 96 px" in result.stdout
     record = eval_linear.load_backbone(str(out / "backbone.pt"))
     assert record["method"] == "univip" and record["small_images"] and record["img_size"] == 32
