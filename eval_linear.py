@@ -62,14 +62,15 @@ def get_args_parser():
     p.add_argument("--arch", default=None, choices=common.ARCHS,
                    help="backbone architecture; required for 'random' and checkpoints that do not name it")
     p.add_argument("--prefix", default="auto", help="start of the backbone's keys in another code base's checkpoint, "
-                   "nested keys joined by dots, no 'module.' (e.g. student.backbone.); auto: PREFIXES in turn")
+                   "nested keys joined by dots, no 'module.' (e.g. student.backbone.); auto: eval_linear.PREFIXES")
     p.add_argument("--unsafe-load", action="store_true", help="read a checkpoint that pickles Python objects (DINO's, "
                    "t-ReX's full ones) with weights_only=False, which can run its code: only for files you trust")
-    p.add_argument("--mean", type=float, nargs=3, default=list(common.IMAGENET_MEAN),
+    p.add_argument("--mean", type=float, nargs=3, default=list(common.IMAGENET_MEAN), metavar=("R", "G", "B"),
                    help="normalisation for other code bases' checkpoints and 'random' (a backbone.pt has its own)")
-    p.add_argument("--std", type=float, nargs=3, default=list(common.IMAGENET_STD), help="likewise")
+    p.add_argument("--std", type=float, nargs=3, default=list(common.IMAGENET_STD), metavar=("R", "G", "B"),
+                   help="likewise")
     p.add_argument("--stem-padding", type=int, default=1, choices=(1, 2),
-                   help="padding of a 3x3 CIFAR stem in other code bases' checkpoints (2: solo-learn's)")
+                   help="padding of a 3x3 CIFAR stem in other code bases' checkpoints and 'random' (2: solo-learn's)")
     p.add_argument("--data", default="synthetic",
                    help="synthetic, cifar10, cifar100, stl10, or an ImageFolder root with train/ and val/ or test/")
     p.add_argument("--data-dir", default="data", help="root of the torchvision datasets")
@@ -380,8 +381,7 @@ def full_linear_probe(backbone, feat_dim, train_set, test_set, num_classes, info
 
 
 def check_unchanged(backbone, loaded):
-    """MoCo v3's sanity check: the evaluation must leave every tensor of the backbone bit for bit as it was loaded
-    (a frozen-feature protocol that moved the features would be meaningless)."""
+    """MoCo v3's sanity check: a frozen-feature evaluation leaves every tensor bit for bit as it was loaded."""
     changed = [k for k, v in backbone.state_dict().items() if not torch.equal(v.cpu(), loaded[k].to(v.dtype))]
     if changed:
         raise RuntimeError(f"the backbone changed during the evaluation ({len(changed)} tensors, e.g. {changed[0]}): "
