@@ -102,18 +102,56 @@ def test_zero_init_residual_zeroes_the_last_bn_of_every_block():
                if isinstance(b, torchvision.models.resnet.BasicBlock))
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
-def test_backbone_record_loads_into_torchvision_missing_only_fc(arch, tmp_path):
-    model, dim = common.build_backbone(arch, small_images=False)
-    save_backbone(tmp_path / "backbone.pt", model, method="test", arch=arch, small_images=False,
-                  img_size=224, feat_dim=dim, args=argparse.Namespace(x=1), epoch=3)
+def torchvision_model(r):
+    """The README's recipe: a plain torchvision ResNet holding a backbone.pt record `r`'s weights, loaded strictly."""
+    net = getattr(torchvision.models, r["arch"])()
+    net.fc = nn.Identity()
+    if r["small_images"]:  # the CIFAR stem: conv1 3x3 stride 1 (padding stem_padding), no max-pool
+        net.conv1, net.maxpool = nn.Conv2d(3, 64, 3, 1, r["stem_padding"], bias=False), nn.Identity()
+    net.load_state_dict(r["state_dict"])
+    return net
+
+
+@pytest.mark.parametrize("arch,small,padding", [("resnet18", False, 1), ("resnet18", True, 1), ("resnet18", True, 2),
+                                                ("resnet50", False, 1)])
+def test_backbone_record_loads_strictly_into_torchvision(arch, small, padding, tmp_path):
+    model, dim = common.build_backbone(arch, small, 32 if small else 224, stem_padding=padding)
+    save_backbone(tmp_path / "backbone.pt", model.eval(), method="test", arch=arch, small_images=small,
+                  img_size=32 if small else 224, feat_dim=dim, args=argparse.Namespace(x=1), epoch=3,
+                  stem_padding=padding)
     record = torch.load(tmp_path / "backbone.pt", map_location="cpu", weights_only=True)
-    assert {"method", "arch", "small_images", "img_size", "mean", "std", "feat_dim", "state_dict", "args",
-            "epoch"} <= record.keys()
-    reference = getattr(torchvision.models, arch)()
-    result = reference.load_state_dict(record["state_dict"], strict=False)
-    assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and result.unexpected_keys == []
-    assert torch.equal(reference.layer1[0].conv1.weight, model.layer1[0].conv1.weight)
+    assert {"method", "arch", "small_images", "img_size", "mean", "std", "feat_dim", "stem_padding", "state_dict",
+            "args", "epoch"} <= record.keys()
+    net = torchvision_model(record).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(net(x), model(x))  # the same stem: the same features
+    if not small:  # the ImageNet stem: torchvision's model as it is, missing only fc
+        result = getattr(torchvision.models, arch)().load_state_dict(record["state_dict"], strict=False)
+        assert sorted(result.missing_keys) == ["fc.bias", "fc.weight"] and result.unexpected_keys == []
+    else:  # the CIFAR stem does not fit torchvision's 7x7 conv1: the recipe's replacement is needed
+        with pytest.raises(RuntimeError, match="size mismatch for conv1.weight"):
+            getattr(torchvision.models, arch)().load_state_dict(record["state_dict"], strict=False)
+
+
+def test_resnet_tiny_and_vit_records_load_strictly(tmp_path):
+    """resnet_tiny is no torchvision builder: build_backbone makes the torchvision ResNet it is; a ViT record loads
+    into torchvision's VisionTransformer (its learned position embedding takes the fixed sin-cos table)."""
+    for arch in ("resnet_tiny", "vit_small"):
+        model, dim = common.build_backbone(arch, True, 32)
+        record = common.backbone_record(model.eval(), method="m", arch=arch, small_images=True, img_size=32,
+                                        feat_dim=dim, args=argparse.Namespace(), epoch=1)
+        if arch == "resnet_tiny":
+            net, _ = common.build_backbone(record["arch"], record["small_images"], record["img_size"],
+                                           stem_padding=record["stem_padding"])
+        else:
+            patch = record["state_dict"]["conv_proj.weight"].shape[-1]
+            net = torchvision.models.VisionTransformer(record["img_size"], patch, 12, 12, dim, 4 * dim)
+            net.heads = nn.Identity()
+        net.load_state_dict(record["state_dict"])  # strict
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            assert torch.allclose(net.eval()(x), model(x), atol=1e-5)
 
 
 def test_state_dict_prefixes_of_ddp_and_compile_are_removed():
