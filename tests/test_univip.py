@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torchvision.transforms import v2
 
+import cifar_scenes as cifar_scenes_builder
 import common
 import eval_linear
 import univip
@@ -92,6 +93,52 @@ def test_no_fallback_when_the_boxes_are_there():
     for _ in range(50):  # windows covering the whole image must succeed on the first try
         w1, w2, chosen, fell_back = univip.sample_scene_pair(100, 100, grid, 4, 8.0, scale=(1.0, 1.0))
         assert not fell_back and len({tuple(b) for b in chosen.tolist()}) == 4
+
+
+def fallback_rate(dataset, pairs=300):
+    """The share of `pairs` scene-view pairs (the images in turn) that fall back, with the sampler as univip.py
+    runs it on `dataset`: the defaults of K, --scene-scale and --min-box (resolved from the images' size), 20 tries."""
+    args = univip.get_args_parser().parse_args([])
+    univip.resolve_recipe(args, common.native_image_size(dataset))
+    random.seed(0)
+    fell = 0
+    for i in range(pairs):
+        image, boxes = dataset[i % len(dataset)]
+        boxes = univip.filter_boxes(boxes, *image.size, args.min_box)
+        fell += univip.sample_scene_pair(*image.size, boxes, args.num_instances, args.min_box,
+                                         tuple(args.scene_scale))[3]
+    return fell / pairs
+
+
+def test_the_demo_scenes_hold_k_boxes_in_most_view_pairs():
+    """The synthetic scenes (the demo's): at most one pair in five falls back to random boxes."""
+    assert fallback_rate(common.build_scene_dataset("synthetic")) <= 0.2
+
+
+@pytest.fixture(scope="module")
+def cifar_scenes(tmp_path_factory, cifar10_root):
+    """100 scenes made by the results table's builder (tests/cifar_scenes.py) from the CIFAR-10 training images."""
+    out = tmp_path_factory.mktemp("cifar_scenes") / "scenes"
+    cifar_scenes_builder.build(cifar10_root / "train", str(out), 100)
+    return cifar10_root / "train", out
+
+
+def test_cifar_scenes_boxes_hold_their_images_and_rarely_fall_back(cifar_scenes):
+    source, out = cifar_scenes
+    with open(f"{out}.json") as f, open(f"{out}_sources.json") as g:
+        boxes, sources = json.load(f), json.load(g)
+    assert sorted(boxes) == sorted(sources) == [f"{i:05d}.png" for i in range(100)]
+    sides = set()
+    for name, scene_boxes in boxes.items():
+        scene = Image.open(out / name).convert("RGB")
+        assert scene.size == (128, 128) and len(scene_boxes) == len(sources[name]) >= 6
+        for (x, y, w, h), path in zip(scene_boxes, sources[name]):  # each box's pixels are its image, as pasted
+            pasted = Image.open(source / path).convert("RGB").resize((w, h), Image.BILINEAR)
+            assert np.array_equal(np.asarray(scene.crop((x, y, x + w, y + h))), np.asarray(pasted)), (name, path)
+            sides.add(w)
+    assert sides == {20, 24, 28, 32}
+    dataset = common.build_scene_dataset(str(out), boxes_file=f"{out}.json")
+    assert fallback_rate(dataset) <= 0.2
 
 
 def test_box_filter_size_aspect_overlap_and_clipping():
