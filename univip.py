@@ -94,6 +94,9 @@ DEMO_DEFAULTS = dict(lr=3.2)
 SMALL_SCENES = 128  # px: scenes whose median shorter side is this or less get the small sizes (True)
 SCENE_SIZES = {False: dict(scene_size=224, instance_size=96, min_box=64.0),
                True: dict(scene_size=64, instance_size=32, min_box=8.0)}
+DEMO_NOTE = ("what it shows: UniVIP's three losses on scenes whose two views share K = 4 whole shapes in all but a few "
+             "per cent of pairs (the fallback rate above); the kNN on single shapes moves a few points in 2 minutes, as "
+             "BYOL's demo's; UniVIP against BYOL on CIFAR scenes: bash tests/results_cifar.sh (README, Results)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -457,7 +460,7 @@ def main():
     run = common.TrainingRun(
         args, ddp, model, optimizer, loader, autocast=autocast, scaler=scaler, backbone=model.backbone,
         record=dict(method="univip", small_images=small, img_size=eval_size, feat_dim=feat_dim),
-        knn=knn, recipe=recipe, note=common.SELF_SUPERVISED_DEMO if args.data == "synthetic" else None,
+        knn=knn, recipe=recipe, note=DEMO_NOTE if args.data == "synthetic" else None,
         must_match=("losses", "num_instances", "scene_size", "instance_size", "hidden_dim"))
 
     # ---------------------------------------------------------------- the training step (UniVIP)
