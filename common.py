@@ -194,6 +194,7 @@ PALETTE = np.array([[230, 60, 50], [60, 170, 70], [50, 90, 220], [240, 200, 40],
 # UniVIP's scene views in four held fewer than K = 4 whole shapes in their overlap and fell back to random boxes.
 SCENE_SHAPES, SCENE_RADIUS = (8, 15), (0.05, 0.15)
 
+
 def _texture(rng, size):
     """A background of two palette colours: flat, stripes or a checkerboard, at 4 angles and 2 frequencies."""
     c1 = PALETTE[rng.integers(len(PALETTE))]
@@ -226,9 +227,8 @@ class Synthetic(torch.utils.data.Dataset):
     """Ten shape classes with random colour (from a palette), size, position and rotation (+-30 degrees from
     upright) on textured backgrounds: colour, position and background carry no class information, so a
     representation must learn shape. Every image is a pure function of (seed, split, index): no storage, any
-    worker can build it. `scenes=True` draws 8 to 14 shapes of several sizes, none touching another, on a larger
-    canvas and returns their exact boxes (x, y, w, h in pixels) and classes instead of one label (`boxes_only`: the
-    boxes alone)."""
+    worker can build it. `scenes=True`: 8 to 14 shapes of several sizes, none touching another, on a larger canvas,
+    with their exact boxes (x, y, w, h in pixels) and classes instead of one label (`boxes_only`: the boxes alone)."""
 
     classes = list(SHAPE_NAMES)
 
