@@ -5,10 +5,10 @@ pasted, none over another, into 128 px scenes with their exact boxes, for univip
 
 Each scene tries to place 12 images at sides of 20 to 32 px (32: the image as it is; smaller: resized bilinear, with
 antialiasing) at random spots on a plain background of a random colour; an image that finds no free spot in 50 tries
-is left out (11 placed on average). The images are taken in turn from a shuffled list of all of SOURCE, reshuffled
+is left out (about 11 placed). The images are taken in turn from a shuffled list of all of SOURCE, reshuffled
 when used up, so that more scenes show every image in more places and company (rather than more epochs over fewer
 scenes). Why many small objects: with 9 images of 32 px in a 3 x 3 grid, 78 % of UniVIP's scene-view pairs held fewer
-than K = 4 whole images in their overlap and fell back to random boxes; with these scenes, a few per cent
+than K = 4 whole images in their overlap and fell back to random boxes; with these scenes, 7 to 9 %
 (tests/test_univip.py checks at most 20 %). Writes OUT/NNNNN.png (lossless: a box's pixels are the pasted image),
 OUT.json (file -> [[x, y, w, h], ...], the boxes) and OUT_sources.json (file -> the source image of each box), both
 JSON files last and atomically: a finished build has them.

@@ -8,15 +8,15 @@
 # pretrain on SCENES scenes of 128 px made by tests/cifar_scenes.py from all 25,000 seen-class training
 # images (about 11 per scene, 20 to 32 px, none over another; each image in about 11 scenes at 25,600):
 # 2 epochs over 25,600 scenes is 800 steps, in which UniVIP's sampler falls back to random boxes on about
-# 7 % of the pairs (the `fallback` column; BYOL samples no boxes). Each cell is the mean over the seeds,
+# 7 to 9 % of the pairs (the `fallback` column; BYOL samples no boxes). Each cell is the mean over the seeds,
 # ± half their range; the ablation rows run at the seeds of ABLATION_SEEDS only.
 #
 #   bash tests/results_cifar.sh                  # the whole table, seeds 0 and 1
 #   SEEDS=0 ROWS="random supervised" SUBSET=640 EVAL="--subset 1000 --epochs 5" OUT=runs/results_check \
 #       bash tests/results_cifar.sh              # a check that it runs (a few minutes)
 #   SEEDS="0 1 2" ROWS="byol_scenes univip univip_si univip_ii" OUT=runs/univip_decision \
-#       bash tests/results_cifar.sh              # UniVIP's decision: 3 seeds, the ablations at seed 0 (about 3 hours
-#                                                # on 2 idle cores, estimated from 32 steps: UniVIP ~1.6 s a step, BYOL ~1)
+#       bash tests/results_cifar.sh              # UniVIP's decision: 3 seeds, the ablations at seed 0
+#       (about 3 hours on 2 idle cores, estimated from short runs: UniVIP ~1.6 s a step, BYOL ~1 s)
 #
 # Environment: SEEDS (default "0 1"), ROWS (default all, in table order), EPOCHS (2), SUBSET (10000),
 # SCENES (25600), ABLATION_SEEDS (0), EXTRA (flags added to every pretraining run), EVAL (flags added to
