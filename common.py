@@ -189,6 +189,11 @@ SHAPE_NAMES = tuple(SHAPES)
 PALETTE = np.array([[230, 60, 50], [60, 170, 70], [50, 90, 220], [240, 200, 40], [150, 60, 190], [40, 190, 200],
                     [240, 130, 30], [235, 235, 235], [30, 30, 30], [130, 130, 130]], np.float32)
 
+# Scenes: shapes per scene (low, high exclusive) and radius range (a fraction of the side, log-uniform). Many small
+# shapes, as COCO has many objects per image: with fewer, larger ones (3 to 6 of radius 0.09 to 0.17) three pairs of
+# UniVIP's scene views in four held fewer than K = 4 whole shapes in their overlap and fell back to random boxes.
+SCENE_SHAPES, SCENE_RADIUS = (8, 15), (0.05, 0.15)
+
 
 def _texture(rng, size):
     """A background of two palette colours: flat, stripes or a checkerboard, at 4 angles and 2 frequencies."""
@@ -222,8 +227,8 @@ class Synthetic(torch.utils.data.Dataset):
     """Ten shape classes with random colour (from a palette), size, position and rotation (+-30 degrees from
     upright) on textured backgrounds: colour, position and background carry no class information, so a
     representation must learn shape. Every image is a pure function of (seed, split, index): no storage, any
-    worker can build it. `scenes=True` draws 3 to 6 shapes with limited overlap on a larger canvas and returns
-    their exact boxes (x, y, w, h in pixels) and classes instead of one label (`boxes_only`: the boxes alone)."""
+    worker can build it. `scenes=True`: 8 to 14 shapes of several sizes, none touching another, on a larger canvas,
+    with their exact boxes (x, y, w, h in pixels) and classes instead of one label (`boxes_only`: the boxes alone)."""
 
     classes = list(SHAPE_NAMES)
 
@@ -243,27 +248,23 @@ class Synthetic(torch.utils.data.Dataset):
             cx, cy = rng.uniform(radius, big - radius, 2)
             _draw_shape(mask, rng, label, cx, cy, radius)
             return self._finish(_paint(image, np.asarray(mask, np.float32)[..., None] / 255, rng)), label
-        boxes, labels = [], []
-        for _ in range(int(rng.integers(3, 7))):
-            for _attempt in range(20):  # place the shape where it overlaps the others by IoU <= 0.2
-                radius = big * rng.uniform(0.09, 0.17)
-                cx, cy = rng.uniform(radius, big - radius, 2)
-                box = np.array([cx - radius, cy - radius, 2 * radius, 2 * radius])
-                if all(box_iou(box, b) <= 0.2 for b in boxes):
+        boxes, labels, taken = [], [], np.zeros((big, big), bool)  # taken: the pixels of the shapes so far
+        for _ in range(int(rng.integers(*SCENE_SHAPES))):
+            for _attempt in range(20):  # a shape that touches none drawn before: its box holds it alone, exactly
+                radius = big * math.exp(rng.uniform(*np.log(SCENE_RADIUS)))  # several sizes, small ones as often
+                label, shape = int(rng.integers(len(SHAPE_NAMES))), Image.new("L", (big, big), 0)
+                _draw_shape(shape, rng, label, *rng.uniform(radius, big - radius, 2), radius)
+                x0, y0, x1, y1 = shape.getbbox()  # of the mask as the canvas clips it: the object's bounding box
+                m = np.asarray(shape.crop((x0, y0, x1, y1))) > 0
+                if not (m & taken[y0:y1, x0:x1]).any():
                     break
             else:
                 continue
-            x0, y0, side = int(cx - 1.2 * radius), int(cy - 1.2 * radius), int(2.4 * radius) + 2  # a local window
-            label, shape = int(rng.integers(len(SHAPE_NAMES))), Image.new("L", (side, side), 0)
-            _draw_shape(shape, rng, label, cx - x0, cy - y0, radius)
-            bx0, by0, bx1, by1 = shape.getbbox()
-            ys, xs = slice(max(y0, 0), min(y0 + side, big)), slice(max(x0, 0), min(x0 + side, big))
-            m = np.asarray(shape, np.float32)[ys.start - y0: ys.stop - y0, xs.start - x0: xs.stop - x0, None] / 255
-            image[ys, xs] = _paint(image[ys, xs], m, rng)
-            (x_lo, y_lo), (x_hi, y_hi) = (max(x0 + bx0, 0), max(y0 + by0, 0)), (min(x0 + bx1, big), min(y0 + by1, big))
-            boxes.append(np.array([x_lo, y_lo, x_hi - x_lo, y_hi - y_lo], np.float64))
+            taken[y0:y1, x0:x1] |= m
+            image[y0:y1, x0:x1] = _paint(image[y0:y1, x0:x1], m[..., None].astype(np.float32), rng)
+            boxes.append([x0, y0, x1 - x0, y1 - y0])
             labels.append(label)
-        boxes = np.stack(boxes).astype(np.float32) / 2  # coordinates of the downsampled image
+        boxes = np.array(boxes, np.float32).reshape(-1, 4) / 2  # coordinates of the downsampled image
         return self._finish(image), boxes if self.boxes_only else {"boxes": boxes, "labels": np.array(labels)}
 
     def _finish(self, array):

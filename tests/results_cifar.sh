@@ -3,35 +3,44 @@
 #
 # Every method and its paper's baseline pretrain resnet_tiny on five CIFAR-10 classes (seen: airplane,
 # automobile, bird, cat, deer) for one budget (2 epochs over a fixed 10,000 of the 25,000 seen-class
-# training images, batch 64; UniVIP and its BYOL baseline: those images pasted 9 per scene into 1,111
-# scenes of 128 px), then eval_linear.py (kNN and fast linear probe) evaluates the frozen backbone on
-# the seen classes and on the other five (unseen). Each cell is the mean over the seeds, ± half their range.
+# training images, batch 64), then eval_linear.py (kNN and fast linear probe) evaluates the frozen
+# backbone on the seen classes and on the other five (unseen). UniVIP, its BYOL baseline and its ablations
+# pretrain on SCENES scenes of 128 px made by tests/cifar_scenes.py from all 25,000 seen-class training
+# images (about 11 per scene, 20 to 32 px, none over another; each image in about 11 scenes at 25,600):
+# 2 epochs over 25,600 scenes is 800 steps, in which UniVIP's sampler falls back to random boxes on about
+# 7 to 9 % of the pairs (the `fallback` column; BYOL samples no boxes). Each cell is the mean over the seeds,
+# ± half their range; the ablation rows run at the seeds of ABLATION_SEEDS only.
 #
-#   bash tests/results_cifar.sh                  # the whole table, seeds 0 and 1: about 64 minutes on 2 CPU cores
+#   bash tests/results_cifar.sh                  # the whole table, seeds 0 and 1
 #   SEEDS=0 ROWS="random supervised" SUBSET=640 EVAL="--subset 1000 --epochs 5" OUT=runs/results_check \
 #       bash tests/results_cifar.sh              # a check that it runs (a few minutes)
-#   ROWS="random byol_scenes univip" EPOCHS=20 EXTRA="--num-instances 2" OUT=runs/univip_vs_byol \
-#       bash tests/results_cifar.sh              # UniVIP vs BYOL on scenes with a 10x budget
+#   SEEDS="0 1 2" ROWS="byol_scenes univip univip_si univip_ii" OUT=runs/univip_decision \
+#       bash tests/results_cifar.sh              # UniVIP's decision: 3 seeds, the ablations at seed 0
+#       (about 3 hours on 2 idle cores, estimated from short runs: UniVIP ~1.6 s a step, BYOL ~1 s)
 #
 # Environment: SEEDS (default "0 1"), ROWS (default all, in table order), EPOCHS (2), SUBSET (10000),
-# EXTRA (flags added to every pretraining run), EVAL (flags added to every eval_linear.py run),
-# OUT (runs/results), CIFAR_TAR (the CIFAR-10 JPEG tarball, ../shared/data/cifar10-jpeg.tar.gz).
-# Finished rows are not run again: delete OUT/seedS/NAME to redo one.
+# SCENES (25600), ABLATION_SEEDS (0), EXTRA (flags added to every pretraining run), EVAL (flags added to
+# every eval_linear.py run), OUT (runs/results), CIFAR_TAR (the CIFAR-10 JPEG tarball,
+# ../shared/data/cifar10-jpeg.tar.gz). Finished rows are not run again: delete OUT/seedS/NAME to redo one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SEEDS=${SEEDS:-0 1}
 EPOCHS=${EPOCHS:-2}
 SUBSET=${SUBSET:-10000}
+SCENES=${SCENES:-25600}
+ABLATION_SEEDS=${ABLATION_SEEDS:-0}
 EXTRA=${EXTRA:-}
 EVAL=${EVAL:-}
 OUT=${OUT:-runs/results}
 CIFAR_TAR=${CIFAR_TAR:-../shared/data/cifar10-jpeg.tar.gz}
-ALL="random supervised trex trex_star mocov3 opera opera_10 swav swav_rot byol byol_rot byol_scenes univip"
+ALL="random supervised trex trex_star mocov3 opera opera_10 swav swav_rot byol byol_rot byol_scenes univip univip_si univip_ii"
+ABLATIONS="univip_si univip_ii"
 ROWS=${ROWS:-$ALL}
 
 D="--data data/cifar5_seen --subset $SUBSET"
-S="--data data/cifar5_scenes --boxes data/cifar5_scenes.json"
+SC=data/cifar5_scenes_$SCENES  # named by their count: a build of another size is never reused
+S="--data $SC --boxes $SC.json"
 declare -A LABEL RUN
 LABEL[random]="random init";                                         RUN[random]=""
 LABEL[supervised]="supervised baseline (one crop, linear classifier)"; RUN[supervised]="trex.py $D --n-local 0 --projector-layers 0 --memory-size 0"
@@ -46,13 +55,14 @@ LABEL[byol]="BYOL";                                                  RUN[byol]="
 LABEL[byol_rot]="BYOL + rotation";                                   RUN[byol_rot]="rotssl.py $D --base byol"
 LABEL[byol_scenes]="BYOL on scenes (\`univip.py --losses ss\`)";     RUN[byol_scenes]="univip.py $S --losses ss"
 LABEL[univip]="UniVIP on scenes";                                    RUN[univip]="univip.py $S"
+LABEL[univip_si]="UniVIP without L_ii (\`--losses ss,si\`)";         RUN[univip_si]="univip.py $S --losses ss,si"
+LABEL[univip_ii]="UniVIP without L_si (\`--losses ss,ii\`)";         RUN[univip_ii]="univip.py $S --losses ss,ii"
 for name in $ROWS; do
   [ -n "${LABEL[$name]+set}" ] || { echo "unknown row '$name'; the rows are: $ALL" >&2; exit 2; }
 done
 
 echo "CIFAR-10 results: rows: $ROWS"
-echo "seeds: $SEEDS; resnet_tiny, $EPOCHS epochs, batch 64, --subset $SUBSET (scenes: all 1,111)${EXTRA:+, extra flags: $EXTRA}; output in $OUT"
-echo "(the whole table with seeds 0 and 1 took 64 minutes on 2 Intel Xeon cores)"
+echo "seeds: $SEEDS (ablations: $ABLATION_SEEDS); resnet_tiny, $EPOCHS epochs, batch 64, --subset $SUBSET (scenes: all $SCENES)${EXTRA:+, extra flags: $EXTRA}; output in $OUT"
 
 # ---------------------------------------------------------------- data: CIFAR-10, its two halves, the scenes
 mkdir -p data "$OUT"
@@ -66,36 +76,23 @@ for split in train test; do
   for c in airplane automobile bird cat deer; do ln -sfn "$PWD/data/cifar10/$split/$c" data/cifar5_seen/$split/$c; done
   for c in dog frog horse ship truck; do ln -sfn "$PWD/data/cifar10/$split/$c" data/cifar5_unseen/$split/$c; done
 done
-if [[ " $ROWS " == *" byol_scenes "* || " $ROWS " == *" univip "* ]] && [ ! -f data/cifar5_scenes.json ]; then
-  echo "making 1,111 scenes of 9 seen-class training images (3 x 3 grid on a 128 px canvas) with their boxes"
-  python - <<'EOF'
-import json, os, random
-from PIL import Image
-rng, root = random.Random(0), "data/cifar5_seen/train"
-paths = sorted(os.path.join(c, f) for c in os.listdir(root) for f in os.listdir(os.path.join(root, c)))
-rng.shuffle(paths)
-os.makedirs("data/cifar5_scenes", exist_ok=True)
-boxes, cells = {}, [(x, y) for x in (4, 48, 92) for y in (4, 48, 92)]
-for i in range(1111):
-    canvas = Image.new("RGB", (128, 128), tuple(rng.randrange(256) for _ in range(3)))
-    for path, (x, y) in zip(paths[9 * i: 9 * i + 9], cells):
-        canvas.paste(Image.open(os.path.join(root, path)).convert("RGB"), (x, y))
-    canvas.save(f"data/cifar5_scenes/{i:04d}.png")
-    boxes[f"{i:04d}.png"] = [[x, y, 32, 32] for x, y in cells]
-with open("data/cifar5_scenes.json.tmp", "w") as f:
-    json.dump(boxes, f)
-os.replace("data/cifar5_scenes.json.tmp", "data/cifar5_scenes.json")
-EOF
+if [[ " $ROWS " == *" byol_scenes "* || " $ROWS " == *" univip"* ]] && [ ! -f $SC.json ]; then
+  echo "making $SCENES scenes of seen-class training images with their boxes (tests/cifar_scenes.py)"
+  python tests/cifar_scenes.py data/cifar5_seen/train $SC "$SCENES"
 fi
 
 # ---------------------------------------------------------------- pretrain, then evaluate on both halves
 knn() {  # the kNN top-1 of an eval file
   python -c "import json, sys; print(round(json.load(open(sys.argv[1]))['knn']['top1'], 1))" "$1"
 }
+row_seeds() {  # the seeds of a row: SEEDS, for an ablation row only those also in ABLATION_SEEDS
+  for s in $SEEDS; do [[ " $ABLATIONS " == *" $1 "* && " $ABLATION_SEEDS " != *" $s "* ]] || printf '%s ' "$s"; done
+}
 for seed in $SEEDS; do
   R=$OUT/seed$seed
   mkdir -p "$R"
   for name in $ROWS; do
+    [[ " $(row_seeds "$name") " == *" $seed "* ]] || continue
     if [ -f "$R/$name/eval_cifar5_unseen.json" ]; then echo "seed $seed $name: done before"; continue; fi
     if [ "$name" = random ]; then
       for half in seen unseen; do
@@ -120,7 +117,7 @@ done
 
 # ---------------------------------------------------------------- the table: mean over the seeds ± half their range
 echo
-for name in $ROWS; do printf '%s\t%s\n' "$name" "${LABEL[$name]}"; done > "$OUT/rows.tsv"
+for name in $ROWS; do printf '%s\t%s\t%s\n' "$name" "${LABEL[$name]}" "$(row_seeds "$name")"; done > "$OUT/rows.tsv"
 OUT="$OUT" SEEDS="$SEEDS" python - <<'EOF'
 import json, os
 out, seeds = os.environ["OUT"], os.environ["SEEDS"].split()
@@ -129,24 +126,31 @@ with open(f"{out}/rows.tsv") as f:
 def mean_spread(values):
     return f"{sum(values) / len(values):.1f} ±{(max(values) - min(values)) / 2:.1f}"
 print(f"| row ({len(seeds)} seed{'s' * (len(seeds) > 1)}) | seen kNN | seen linear | unseen kNN | unseen linear "
-      "| images/s | wall time |")
-print("|---|---|---|---|---|---|---|")
-for name, label in rows:
-    runs = [f"{out}/seed{s}/{name}" for s in seeds]
+      "| fallback | images/s | wall time |")
+print("|---|---|---|---|---|---|---|---|")
+for name, label, row_seeds in rows:
+    if not row_seeds.split():  # an ablation row none of whose ABLATION_SEEDS is in SEEDS
+        continue
+    if row_seeds.split() != seeds:  # an ablation row: fewer seeds
+        label += f", seed{'s' * (len(row_seeds.split()) > 1)} {', '.join(row_seeds.split())}"
+    runs = [f"{out}/seed{s}/{name}" for s in row_seeds.split()]
     cells = []
     for half in ("seen", "unseen"):
         evals = [json.load(open(f"{r}/eval_cifar5_{half}.json")) for r in runs]
         cells += [mean_spread([e[m]["top1"] for e in evals]) for m in ("knn", "linear")]
-    speeds, times = [], []
+    speeds, times, fallbacks = [], [], []
     for r in runs:
         if os.path.exists(f"{r}/log.jsonl"):
             with open(f"{r}/log.jsonl") as f:
-                last = [json.loads(line) for line in f][-1]
-            if last.get("images_per_s") is not None:
-                speeds.append(last["images_per_s"])
+                epochs = [json.loads(line) for line in f][1:]
+            if epochs[-1].get("images_per_s") is not None:
+                speeds.append(epochs[-1]["images_per_s"])
+            if "fallback_rate" in epochs[-1]:  # UniVIP's: pairs whose views lacked K whole boxes, over the run
+                fallbacks.append(sum(e["fallback_rate"] for e in epochs) / len(epochs))
             with open(f"{r}.seconds") as f:
                 times.append(int(f.read()))
     speed = f"{sum(speeds) / len(speeds):.0f}" if speeds else "-"
     wall = f"{sum(times) // len(times) // 60} min {sum(times) // len(times) % 60} s" if times else "-"
-    print(f"| {label} | {' | '.join(cells)} | {speed} | {wall} |")
+    fallback = f"{100 * sum(fallbacks) / len(fallbacks):.0f} %" if fallbacks else "-"
+    print(f"| {label} | {' | '.join(cells)} | {fallback} | {speed} | {wall} |")
 EOF

@@ -207,17 +207,29 @@ def test_synthetic_images_are_deterministic_balanced_and_differ():
     assert len(ds) == 10_000 and len(common.Synthetic("val")) == 2_000
 
 
-def test_synthetic_scenes_have_exact_boxes_inside_the_image():
-    ds = common.Synthetic("train", scenes=True)
+def test_synthetic_scenes_boxes_are_the_shapes_bounding_boxes(monkeypatch):
+    """Drawn at twice the size (before the downsampling), a scene differs from its background (the texture alone,
+    the first draw of the image's generator) inside the boxes only, and each box touches changed pixels on all four
+    sides: each box is the bounding box of what was drawn, to the pixel."""
+    image, first_boxes = common.Synthetic("train", scenes=True, boxes_only=True)[0]
+    assert image.size == (96, 96)
+    monkeypatch.setattr(common.Synthetic, "_finish", lambda self, array: array)
+    ds, sizes = common.Synthetic("train", scenes=True), []
     for i in range(30):
-        image, target = ds[i]
-        boxes, labels = target["boxes"], target["labels"]
-        assert 3 <= len(boxes) <= 6 and len(labels) == len(boxes) and image.size == (96, 96)
-        assert (boxes[:, :2] >= 0).all() and (boxes[:, 0] + boxes[:, 2] <= 96).all()
-        assert (boxes[:, 1] + boxes[:, 3] <= 96).all() and (boxes[:, 2:] > 4).all()
-        pixels = np.asarray(image).astype(float)
-        x, y, w, h = boxes[0].astype(int)  # the first shape is inside its box: the box is not empty texture
-        assert pixels[y:y + h, x:x + w].std() > 0
+        drawing, target = ds[i]
+        boxes, big = target["boxes"] * 2, drawing.shape[0]
+        assert big == 192 and np.array_equal(boxes, boxes.round()) and len(target["labels"]) == len(boxes) >= 4
+        changed = (drawing != common._texture(np.random.default_rng([0, 0, i]), big)).any(-1)
+        covered = np.zeros_like(changed)
+        for x, y, w, h in boxes.astype(int):
+            assert x >= 0 and y >= 0 and x + w <= big and y + h <= big
+            rows, cols = np.nonzero(changed[y:y + h, x:x + w])
+            assert (rows.min(), cols.min(), rows.max(), cols.max()) == (0, 0, h - 1, w - 1)
+            covered[y:y + h, x:x + w] = True
+            sizes.append(max(w, h) / 2)
+        assert changed.any() and not (changed & ~covered).any()
+    assert min(sizes) < 14 and max(sizes) > 24  # several sizes (in the 96 px image)
+    assert np.array_equal(first_boxes, ds[0][1]["boxes"])  # boxes_only: the same boxes
 
 
 def test_epoch_sampler_partitions_the_subset_across_ranks_and_reshuffles():
