@@ -113,8 +113,7 @@ RECIPES = {
 # Options
 # ----------------------------------------------------------------------------------------------
 def get_args_parser():
-    p = argparse.ArgumentParser("rotssl", description=__doc__.split("\n\n")[0],
-                                formatter_class=common.HelpFormatter,
+    p = argparse.ArgumentParser("rotssl", description=__doc__.split("\n\n")[0], formatter_class=common.HelpFormatter,
                                 epilog="--lr, --wd, --warmup-epochs, --warmup-start-lr, --final-lr and --ema default "
                                        f"to the recipe of --base (byol_small: BYOL on images of {common.SMALL_IMAGES} "
                                        f"px or less; warmup at most a fifth of the run): {RECIPES}")
