@@ -2,6 +2,7 @@
 (backbones, datasets, the crop-size policy, batched colour augmentation, loaders, features and kNN), then, under a
 banner, the plumbing (flags, processes, checkpoints, resume, LARS and the schedules, and `TrainingRun`, the glue around
 each method's training step). Everything specific to one method lives in that method's file."""
+import argparse
 import inspect
 import json
 import math
@@ -801,10 +802,18 @@ def destroy_process_group():
         dist.destroy_process_group()
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's `(default: X)`, or the help's own text where it gives the default (a rule: per --arch,
+    per base, per image size, for flags left at None that the recipe sets)."""
+    def _get_help_string(self, action):
+        return action.help if "default" in (action.help or "") else super()._get_help_string(action)
+
+
 def add_common_args(parser, method, *, epochs, batch_size, lr, wd, warmup_epochs, arch="resnet_tiny",
                     eval_every=10, demo_subset=0):
-    """The flags of DESIGN.md. Defaults: the method's paper values, except data, arch, epochs, batch size
-    and `demo_subset` (images of --data synthetic used by default), which size the CPU demo."""
+    """The flags every training script shares. Defaults: the paper's values, except data, arch, epochs, batch size and
+    `demo_subset` (images of --data synthetic used by default): the CPU demo's. `lr`, `wd`, `warmup_epochs`: a number,
+    or the rule by which the method's recipe sets them (shown by --help)."""
     g = parser.add_argument_group("common options (same in every script)")
     g.add_argument("--data", default="synthetic", help="synthetic (embedded, no download), cifar10, cifar100, stl10, "
                    "or the path of an ImageFolder root with train/ and val/ (or test/)")
@@ -815,17 +824,18 @@ def add_common_args(parser, method, *, epochs, batch_size, lr, wd, warmup_epochs
     parser.set_defaults(demo_subset=demo_subset, script=method)  # `script`: which method wrote a checkpoint
     g.add_argument("--arch", default=arch, choices=ARCHS, help="backbone; resnet_tiny is the CPU demo network")
     g.add_argument("--epochs", type=int, default=epochs, help="number of training epochs")
-    g.add_argument("--batch-size", type=int, default=batch_size,
-                   help="global batch size, split evenly across processes")
-    g.add_argument("--lr", type=float, default=lr, help="base learning rate (see the method's docstring for scaling)")
-    g.add_argument("--wd", type=float, default=wd, help="weight decay")
-    g.add_argument("--warmup-epochs", type=float, default=warmup_epochs, help="linear warmup length, per iteration")
-    g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader processes per GPU")
+    g.add_argument("--batch-size", type=int, default=batch_size, help="global batch, split evenly across processes")
+    recipe = lambda value, what: (dict(default=None, help=f"{what} (default: {value})") if isinstance(value, str)
+                                  else dict(default=value, help=what))  # a rule (str): the recipe sets it later
+    g.add_argument("--lr", type=float, **recipe(lr, "base learning rate (the method's docstring says how it scales)"))
+    g.add_argument("--wd", type=float, **recipe(wd, "weight decay"))
+    g.add_argument("--warmup-epochs", type=float, **recipe(warmup_epochs, "linear warmup length, per iteration"))
+    g.add_argument("--workers", type=int, default=(workers := min(8, os.cpu_count() or 1)),
+                   help=f"data loader processes per GPU (default: the CPU count up to 8, here {workers})")
     g.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
                    help="auto = bf16 on GPUs that support it, fp16 with a grad scaler on older GPUs, fp32 on CPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the networks (before the DDP wrap)")
-    g.add_argument("--out", default=f"runs/{method}",
-                   help="output folder; if it holds a checkpoint.pt, training resumes from it")
+    g.add_argument("--out", default=f"runs/{method}", help="output folder; training resumes from its checkpoint.pt")
     g.add_argument("--seed", type=int, default=0, help="random seed")
     g.add_argument("--save-every", type=float, default=0, metavar="MINUTES",
                    help="also write checkpoint.pt every this many minutes inside an epoch, for machines that die "

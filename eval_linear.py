@@ -52,15 +52,18 @@ FAST_WDS = (0.0, 1e-4, 1e-3)
 
 def get_args_parser():
     p = argparse.ArgumentParser("eval_linear", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=common.HelpFormatter)
     p.add_argument("--check-data", metavar="DIR", default=None,
                    help="only decode every image under DIR (with --workers processes) and list the unreadable "
-                        "ones; exit status 1 if there are any. Run it once on a new dataset before training")
+                        "ones; exit status 1 if there are any. Run it once on a new dataset before training "
+                        "(default: off)")
     p.add_argument("--ckpt", default=None,
                    help="backbone.pt or checkpoint.pt of any method, a checkpoint of MoCo v3, OPERA, SwAV, DINO, BYOL "
-                        "or t-ReX, a torchvision state dict, or 'random' for a randomly initialised backbone")
+                        "or t-ReX, a torchvision state dict, or 'random' for a randomly initialised backbone; no default: "
+                        "required")
     p.add_argument("--arch", default=None, choices=common.ARCHS,
-                   help="backbone architecture; required for 'random' and checkpoints that do not name it")
+                   help="backbone architecture (default: the checkpoint's; required for 'random' and "
+                        "checkpoints that do not name it)")
     p.add_argument("--prefix", default="auto", help="start of the backbone's keys in another code base's checkpoint, "
                    "nested keys joined by dots, no 'module.' (e.g. student.backbone.); auto: eval_linear.PREFIXES")
     p.add_argument("--unsafe-load", action="store_true", help="read a checkpoint that pickles Python objects (DINO's, "
@@ -81,18 +84,23 @@ def get_args_parser():
                         "with a CIFAR stem the data's own size if at most 64 px; for 'random' the latter rule)")
     p.add_argument("--mode", default="fast", choices=("fast", "full"),
                    help="fast: linear layer on cached features with an lr/wd sweep; full: MoCo v3 protocol on augmented images")
-    p.add_argument("--epochs", type=int, default=0, help="linear-probe epochs (0 = 100 in fast mode, 90 in full mode)")
+    p.add_argument("--epochs", type=int, default=0, help="linear-probe epochs (default: 100 in fast mode, 90 in full mode)")
     p.add_argument("--lr", type=float, default=0.0,
-                   help="fast: fix the lr instead of sweeping it; full: base lr, scaled by batch/256 (0 = 0.1)")
-    p.add_argument("--wd", type=float, default=-1.0, help="fast: fix the weight decay instead of sweeping it; full: default 0")
+                   help="fast: a fixed lr instead of the sweep; full: the base lr, scaled by batch/256 (default: fast "
+                        f"mode sweeps {', '.join(f'{v:g}' for v in FAST_LRS)}; full mode 0.1)")
+    p.add_argument("--wd", type=float, default=-1.0, help="fast: a fixed weight decay instead of the sweep (default: "
+                   f"fast mode sweeps {', '.join(f'{v:g}' for v in FAST_WDS)}; full mode 0)")
     p.add_argument("--batch-size", type=int, default=256, help="global batch size of the linear probe and of feature extraction")
     p.add_argument("--knn-k", type=int, default=20, help="number of neighbours of the kNN classifier")
     p.add_argument("--knn-t", type=float, default=0.07, help="temperature of the kNN votes")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="data loader processes per GPU")
+    workers = min(8, os.cpu_count() or 1)
+    p.add_argument("--workers", type=int, default=workers,
+                   help=f"data loader processes per GPU (default: the CPU count up to 8, here {workers})")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
                    help="feature extraction precision (auto = bf16 on GPUs that support it, fp32 on CPU)")
     p.add_argument("--seed", type=int, default=0, help="random seed (held-out split, subset, linear init)")
-    p.add_argument("--out", default=None, help="folder of eval_<data>.json (default: the checkpoint's folder)")
+    p.add_argument("--out", default=None,
+                   help="folder of eval_<data>.json (default: the checkpoint's; runs/eval_random_ARCH for 'random')")
     return p
 
 

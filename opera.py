@@ -100,23 +100,24 @@ DEMO_DEFAULTS = dict(lr=2.4, warmup_epochs=1, crop_min=0.5)
 # Options
 # ----------------------------------------------------------------------------------------------
 def get_args_parser():
-    parser = argparse.ArgumentParser(
-        description="OPERA (MoCo v3 + a class head): omni-supervised pretraining",
-        epilog="--lr, --wd, --warmup-epochs, --temperature, --optimizer and --crop-min default to the "
-               f"paper's ResNet or ViT column, chosen from --arch: {PAPER_DEFAULTS}; the demo network "
-               f"resnet_tiny changes {DEMO_DEFAULTS}.")
-    common.add_common_args(parser, "opera", epochs=8, batch_size=64, lr=None, wd=None, warmup_epochs=None,
-                           eval_every=4, demo_subset=3200)
+    parser = argparse.ArgumentParser(description="OPERA (MoCo v3 + a class head): omni-supervised pretraining",
+                                     formatter_class=common.HelpFormatter)
+    by_arch = lambda name: (f"by --arch: ResNet {PAPER_DEFAULTS['resnet'][name]}, ViT {PAPER_DEFAULTS['vit'][name]}"
+                            + (f", resnet_tiny {DEMO_DEFAULTS[name]}" if name in DEMO_DEFAULTS else ""))
+    common.add_common_args(parser, "opera", epochs=8, batch_size=64, lr=by_arch("lr"), wd=by_arch("wd"),
+                           warmup_epochs=by_arch("warmup_epochs"), eval_every=4, demo_subset=3200)
     g = parser.add_argument_group("OPERA options")
     g.add_argument("--sup-weight", type=float, default=0.5,
                    help="weight w of the class terms w (CE(z1, y) + CE(z2, y)); 0 = plain MoCo v3 (no class head)")
     g.add_argument("--labeled-fraction", type=float, default=1.0,
                    help="fraction of the training images that keep their label (seeded); the others get only "
                         "the self-supervised term (the omni-supervised setting, paper's Table 8)")
-    g.add_argument("--temperature", type=float, default=None, help="InfoNCE temperature T (ResNet 1.0, ViT 0.2)")
-    g.add_argument("--optimizer", choices=("lars", "adamw"), default=None, help="ResNet: lars, ViT: adamw")
+    g.add_argument("--temperature", type=float, default=None,
+                   help=f"InfoNCE temperature T (default: {by_arch('temperature')})")
+    g.add_argument("--optimizer", choices=("lars", "adamw"), default=None,
+                   help=f"optimizer (default: {by_arch('optimizer')})")
     g.add_argument("--crop-min", type=float, default=None,
-                   help="smallest RandomResizedCrop scale (ResNet 0.2, ViT 0.08)")
+                   help=f"smallest RandomResizedCrop scale (default: {by_arch('crop_min')})")
     g.add_argument("--crop-size", type=int, default=None,
                    help="side of both views (default: 224, or the native size of images of 64 px or less)")
     g.add_argument("--ema", "--base-momentum", dest="ema", type=float, default=0.99,

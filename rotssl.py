@@ -101,14 +101,14 @@ BYOL_PRESETS = {40: (0.45, 1e-6, 0.97), 100: (0.45, 1e-6, 0.99), 300: (0.3, 1e-6
 # Options
 # ----------------------------------------------------------------------------------------------
 def get_args_parser():
-    p = argparse.ArgumentParser("rotssl", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = argparse.ArgumentParser("rotssl", description=__doc__.split("\n\n")[0], formatter_class=common.HelpFormatter,
                                 epilog="--lr, --wd, --warmup-epochs, --warmup-start-lr, --final-lr and --ema default "
                                        f"to the recipe of --base (byol_small: BYOL on images of {common.SMALL_IMAGES} "
                                        f"px or less; warmup at most a fifth of the run): {RECIPES}; byol's lr, wd "
                                        f"and tau by --epochs (the preset at or above it): {BYOL_PRESETS}")
     # lr, wd, warmup, ema: None = the recipe's (resolve_recipe); the demo: 1 epoch of 10,000 images, 312 steps of 32
-    common.add_common_args(p, "rotssl", epochs=1, batch_size=32, lr=None, wd=None, warmup_epochs=None)
+    common.add_common_args(p, "rotssl", epochs=1, batch_size=32, lr="by --base and image size, below",
+                           wd="by --base and image size, below", warmup_epochs="10, at most --epochs / 5")
     g = p.add_argument_group("rotation task")
     g.add_argument("--base", default="swav", choices=("swav", "byol"),
                    help="the self-supervised method the rotation task is added to (swav = the reference code)")

@@ -101,10 +101,12 @@ DEMO_DEFAULTS = dict(lr=0.8, ema=0.99, hidden_dim=512)  # for --arch resnet_tiny
 def get_args_parser():
     p = argparse.ArgumentParser("trex", description="t-ReX / t-ReX*: supervised training with multi-crop, "
                                 "an expendable projector and online class-mean prototypes",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=common.HelpFormatter)
     # the CPU demo: 4 epochs of 4,000 synthetic images (248 steps of 64) fit the 3-minute budget on 2 cores
-    common.add_common_args(p, "trex", epochs=4, batch_size=64, lr=None, wd=1e-4, warmup_epochs=None,
+    common.add_common_args(p, "trex", epochs=4, batch_size=64, wd=1e-4, warmup_epochs="a tenth of --epochs",
+                           lr=f"the paper's {PAPER_DEFAULTS['lr']}, resnet_tiny {DEMO_DEFAULTS['lr']}",
                            eval_every=4, demo_subset=4000)
+    by_recipe = lambda name: ", ".join(f"{r} {v[name]}" for r, v in RECIPES.items())
     g = p.add_argument_group("t-ReX options (unset ones follow --recipe)")
     g.add_argument("--recipe", default="trex", choices=tuple(RECIPES),
                    help="trex: 3 hidden projector layers, scale split 0.25, OCM (best transfer); trex_star: 1 "
@@ -112,20 +114,23 @@ def get_args_parser():
                         "learnable cosine classifier instead of OCM")
     g.add_argument("--projector-layers", type=int, default=None,
                    help="hidden layers of the projector (more layers: better transfer, lower top-1); "
-                        "0 = no projector, the classifier reads the pooled features")
+                        "0 = no projector, the classifier reads the pooled features (default: by --recipe: "
+                        f"{by_recipe('projector_layers')})")
     g.add_argument("--hidden-dim", type=int, default=None,
-                   help="width of the projector's hidden layers (paper: 2048; default 512 for resnet_tiny)")
+                   help="width of the projector's hidden layers (default: the paper's "
+                        f"{PAPER_DEFAULTS['hidden_dim']}, resnet_tiny {DEMO_DEFAULTS['hidden_dim']})")
     g.add_argument("--bottleneck-dim", type=int, default=256, help="output dimension of the projector")
     g.add_argument("--memory-size", type=int, default=None,
-                   help="entries of the OCM memory (paper: 8192); 0 = a learned classifier instead of prototypes")
+                   help="entries of the OCM memory; 0 = a learned classifier instead of prototypes (default: by "
+                        f"--recipe: {by_recipe('memory_size')})")
     g.add_argument("--tau", type=float, default=0.1, help="temperature of the cosine softmax")
     g.add_argument("--ema", "--momentum", dest="ema", type=float, default=None,
-                   help="momentum of the encoder that fills the memory (constant, no schedule; paper: 0.999, "
-                        "resnet_tiny: 0.99)")
+                   help="momentum of the encoder that fills the memory (constant, no schedule; default: the paper's "
+                        f"{PAPER_DEFAULTS['ema']}, resnet_tiny {DEMO_DEFAULTS['ema']})")
     g.add_argument("--n-local", type=int, default=8, help="local crops per image (0 = single-crop training)")
     g.add_argument("--scale-split", type=float, default=None,
-                   help="global crops take (s, 1) of the image area, local crops (0.05, s); without local "
-                        "crops the default is 0.08, the standard RandomResizedCrop range")
+                   help="global crops take (s, 1) of the image area, local crops (0.05, s) (default: by --recipe: "
+                        f"{by_recipe('scale_split')}; without local crops 0.08, RandomResizedCrop's own)")
     g.add_argument("--global-size", type=int, default=None,
                    help="global crop side (default: the reference's 224, whatever the images' size; the native "
                         f"size on datasets of images of {common.SMALL_IMAGES} px or less, e.g. 32 on CIFAR)")

@@ -99,14 +99,13 @@ DEMO_NOTE = ("what it shows: UniVIP's three losses on scenes whose two views sha
 # ----------------------------------------------------------------------------------------------
 def get_args_parser():
     p = argparse.ArgumentParser("UniVIP", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                epilog=f"--lr (per 512 images), --warmup-epochs (at most epochs / 5): the paper's "
-                                       f"{PAPER_DEFAULTS}; resnet_tiny changes {DEMO_DEFAULTS}.")
-    common.add_common_args(p, "univip", epochs=4, batch_size=32, lr=None, wd=1e-4, warmup_epochs=None, eval_every=10,
-                           demo_subset=1024)
+                                formatter_class=common.HelpFormatter)
+    common.add_common_args(p, "univip", epochs=4, batch_size=32, wd=1e-4, eval_every=10, demo_subset=1024,
+                           lr=f"the paper's {PAPER_DEFAULTS['lr']} per 512 images, resnet_tiny {DEMO_DEFAULTS['lr']}",
+                           warmup_epochs=f"the paper's {PAPER_DEFAULTS['warmup_epochs']:g}, at most --epochs / 5")
     g = p.add_argument_group("UniVIP")
     g.add_argument("--boxes", default=None, help="JSON file: image path relative to a --data folder -> list of [x, "
-                   "y, w, h] boxes (e.g. selective search); --data coco and synthetic bring their own")
+                   "y, w, h] boxes (e.g. selective search); --data coco and synthetic bring their own (default: none)")
     g.add_argument("--losses", default="ss,si,ii", help="comma-separated terms among ss (scene-scene), si (scene-"
                    "instance), ii (instance-instance, optimal transport); 'ss' alone is BYOL, the paper's baseline")
     g.add_argument("--num-instances", type=int, default=4, help="K, instances shared by the two scene views")

@@ -15,7 +15,6 @@ import glob
 import os
 import platform
 import sys
-import tarfile
 import time
 
 import numpy as np
@@ -25,22 +24,22 @@ from torch.utils.data import default_collate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-import common, opera, rotssl, trex, univip  # noqa: E402  (the repository's own modules)
+import cifar10_jpeg, common, opera, rotssl, trex, univip  # noqa: E402  (the repository's own modules)
 
 BOXES = np.array([[20, 20, 200, 150], [250, 30, 220, 180], [40, 200, 180, 160], [260, 210, 200, 150]], np.float32)
 
 
 def get_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=common.HelpFormatter)
     parser.add_argument("--seconds", type=float, default=10.0, help="time spent on each pipeline's worker half")
     parser.add_argument("--batch", type=int, default=64, help="images in the batch of the device half")
     parser.add_argument("--images", type=int, default=200, help="number of 500 x 375 JPEGs to make and cycle over")
     parser.add_argument("--quick", action="store_true", help="--seconds 1 --batch 8: a check that it runs")
     parser.add_argument("--cifar", default=os.path.join(REPO, "data", "cifar10"),
-                        help="CIFAR-10 ImageFolder (train/<class>/*.jpg); extracted from --tarball if missing")
-    parser.add_argument("--tarball", default=os.path.join(REPO, "..", "shared", "data", "cifar10-jpeg.tar.gz"),
-                        help="the CIFAR-10 JPEG tarball")
+                        help="CIFAR-10 ImageFolder (train/<class>/*.jpg); made by tests/cifar10_jpeg.py if missing")
+    parser.add_argument("--tarball", default=None, help="offline, for the project's tests: a tarball of that folder to "
+                        "extract if it is missing (default: none, torchvision's download into data/)")
     parser.add_argument("--jpeg-dir", default=os.path.join(REPO, "data", "bench_jpeg"),
                         help="where the upscaled JPEGs are written (reused when present)")
     args = parser.parse_args()
@@ -55,15 +54,7 @@ def make_jpegs(args):
     if len(paths) >= args.images:
         return paths[:args.images]
     if not glob.glob(os.path.join(args.cifar, "train", "*", "*.jpg")):
-        if not os.path.exists(args.tarball):
-            sys.exit(f"no CIFAR-10 images in {args.cifar} and no tarball at {args.tarball}: give --cifar or --tarball")
-        print(f"extracting {args.tarball} into {os.path.dirname(args.cifar)}", flush=True)
-        with tarfile.open(args.tarball) as tar:
-            destination = os.path.dirname(os.path.abspath(args.cifar))
-            try:
-                tar.extractall(destination, filter="data")
-            except TypeError:  # Python before 3.10.12 / 3.11.4: no extraction filters
-                tar.extractall(destination)
+        cifar10_jpeg.make(args.cifar, os.path.join(REPO, "data"), args.tarball)
     sources = sorted(glob.glob(os.path.join(args.cifar, "train", "*", "*.jpg")))[::250][:args.images]
     os.makedirs(args.jpeg_dir, exist_ok=True)
     for i, path in enumerate(sources):
@@ -134,4 +125,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

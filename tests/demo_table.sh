@@ -4,7 +4,9 @@
 # For every seed: eval_linear.py on a random-init resnet_tiny (--ckpt random), then each demo with that seed and
 # eval_linear.py on its backbone.pt. kNN top-1 % (k = 20) on the synthetic validation split, with the whole
 # synthetic training split as the memory bank (the demos' own monitors use the --subset in use, so t-ReX and
-# OPERA print lower numbers there).
+# OPERA print lower numbers there). BYOL's demo trains solo-learn's CIFAR variant (CIFAR-10 mean and std, stem
+# padding 2), not the network of --ckpt random: its gain is over its own random init, its monitor's first line
+# (log.jsonl; the same kNN on the whole training split, as rotssl.py trains on all of it).
 #
 #   bash tests/demo_table.sh                         # 3 seeds x 5 demos (each 1.5 to 2.5 min, each evaluation 25 s)
 #   SEEDS=0 DEMOS="trex" FLAGS="--epochs 1 --subset 256" EVAL="--subset 500 --epochs 5" OUT=runs/demos_check \
@@ -68,7 +70,13 @@ print("| demo | " + " | ".join(f"seed {s}" for s in seeds) + " |")
 print("|---|" + "---|" * len(seeds))
 print("| random init (`eval_linear.py --ckpt random --arch resnet_tiny --seed S`) | "
       + " | ".join(f"{random[s]:.1f}" for s in seeds) + " |")
+def init(name, seed):  # BYOL's own random init (its monitor's first line), the others': --ckpt random's
+    if name != "byol_rot":
+        return random[seed]
+    with open(f"{out}/{name}_s{seed}/log.jsonl") as f:
+        return next(r["knn_top1"] for r in map(json.loads, f) if r.get("epoch") == 0)
 for name, command in demos:
-    cells = [f"{knn(f'{name}_s{s}'):.1f} ({knn(f'{name}_s{s}') - random[s]:+.1f})" for s in seeds]
+    cells = [f"{knn(f'{name}_s{s}'):.1f} ({knn(f'{name}_s{s}') - init(name, s):+.1f}"
+             + (f" over its init {init(name, s):.1f})" if name == "byol_rot" else ")") for s in seeds]
     print(f"| `python {command}` | " + " | ".join(cells) + " |")
 EOF

@@ -20,8 +20,9 @@
 #
 # Environment: SEEDS (default "0 1"), ROWS (default all, in table order), EPOCHS (2), SUBSET (10000),
 # SCENES (25600), ABLATION_SEEDS (0), EXTRA (flags added to every pretraining run), EVAL (flags added to
-# every eval_linear.py run), OUT (runs/results), CIFAR_TAR (the CIFAR-10 JPEG tarball,
-# ../shared/data/cifar10-jpeg.tar.gz). Finished rows are not run again: delete OUT/seedS/NAME to redo one.
+# every eval_linear.py run), OUT (runs/results). Without data/cifar10, tests/cifar10_jpeg.py makes it from
+# torchvision's download (CIFAR_TAR, for the project's own tests offline: a tarball of that folder to extract
+# instead). Finished rows are not run again: delete OUT/seedS/NAME to redo one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,7 +34,7 @@ ABLATION_SEEDS=${ABLATION_SEEDS:-0}
 EXTRA=${EXTRA:-}
 EVAL=${EVAL:-}
 OUT=${OUT:-runs/results}
-CIFAR_TAR=${CIFAR_TAR:-../shared/data/cifar10-jpeg.tar.gz}
+CIFAR_TAR=${CIFAR_TAR:-}
 ALL="random supervised trex trex_star mocov3 opera opera_10 swav swav_rot byol byol_rot byol_scenes univip univip_si univip_ii"
 ABLATIONS="univip_si univip_ii"
 ROWS=${ROWS:-$ALL}
@@ -66,9 +67,8 @@ echo "seeds: $SEEDS (ablations: $ABLATION_SEEDS); resnet_tiny, $EPOCHS epochs, b
 
 # ---------------------------------------------------------------- data: CIFAR-10, its two halves, the scenes
 mkdir -p data "$OUT"
-if [ ! -d data/cifar10/train ]; then
-  [ -f "$CIFAR_TAR" ] || { echo "no data/cifar10 and no $CIFAR_TAR: set CIFAR_TAR to the CIFAR-10 JPEG tarball" >&2; exit 1; }
-  tar -xzf "$CIFAR_TAR" -C data
+if [ ! -d data/cifar10/train ]; then  # CIFAR-10 as JPEGs in data/cifar10/{train,test}/<class>/
+  python tests/cifar10_jpeg.py --out data/cifar10 --data-dir data ${CIFAR_TAR:+--tarball "$CIFAR_TAR"}
 fi
 # seen = the five pretraining classes, unseen = the other five (t-ReX's transfer setting, as ImageNet-CoG)
 for split in train test; do
