@@ -62,12 +62,12 @@ CLASSES = 8
 def get_args(argv=None):
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=common.HelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="the same code on the CPU: resnet_tiny, fp32, 64 x 48 px images, 32 / 16 px crops, 64 "
                              "images, batch 16 (a check that the benchmark runs)")
-    parser.add_argument("--images", type=int, default=None, help="JPEGs to write (default 4000; --quick 64)")
-    parser.add_argument("--batch-size", type=int, default=None, help="batch of every run (default 128; --quick 16)")
+    parser.add_argument("--images", type=int, default=None, help="JPEGs to write (default: 4000; --quick 64)")
+    parser.add_argument("--batch-size", type=int, default=None, help="batch of every run (default: 128; --quick 16)")
     parser.add_argument("--epochs", type=int, default=2, help="epochs of each run; the table reports the last one")
     parser.add_argument("--workers", type=int, default=max(1, cores - 1),
                         help="loader processes of each run (default: the cores this process may use, less one)")
