@@ -212,6 +212,13 @@ class PartiallyLabeled(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------------------------
 # Model: MoCo v3's online and momentum networks plus OPERA's class head; the loss
 # ----------------------------------------------------------------------------------------------
+# Copy kit: mlp, contrastive_loss, class_loss, OPERA (build_model: zero-init residuals), TwoViewAugmentation for the
+# views; from common: all_gather_nograd and all_reduce_sum (no-ops in one process), momentum_update, cosine_schedule.
+# OPERA does not move its momentum encoder: the loop calls common.momentum_update(*model.momentum_pairs(), m) before
+# each forward (MoCo v3's order), m on a per-step cosine; forgotten, the keys come from the random init, no error.
+# forward changes no other state than BatchNorm's running statistics. Label -1 = no label (PartiallyLabeled): that
+# image gets the contrastive term only. Several GPUs: DDP after nn.SyncBatchNorm.convert_sync_batchnorm (done by
+# common.TrainingRun when several CUDA processes run); the losses assume DDP's gradient averaging (details 2, 4).
 def mlp(num_layers, in_dim, hidden_dim, out_dim, last_bn):
     """Linear (no bias) -> BN -> ReLU blocks, then a last Linear (no bias), optionally BN(affine=False)."""
     layers = []

@@ -269,6 +269,13 @@ class Augmentation:
 # ----------------------------------------------------------------------------------------------
 # Heads and losses
 # ----------------------------------------------------------------------------------------------
+# Copy kit: mlp, rotation_head, sinkhorn_codes, swav_loss, byol_loss, RotSSL, and rotate_views and Augmentation for the
+# views; from common: LARS, param_groups, cosine_schedule, momentum_update (BYOL), all_gather_nograd and all_reduce_sum
+# (no-ops in one process). SwAV: the loop calls model.normalize_prototypes() before each forward and drops the
+# prototypes' gradient for --freeze-prototypes-iters steps; forward writes the queue only with fill_queue=True and
+# reads it with use_queue=True. BYOL: RotSSL does not move its target: common.momentum_update(*model.momentum_pairs(),
+# tau) after each optimizer step; forgotten, the target stays at its random init, no error. No labels. Several GPUs:
+# nn.SyncBatchNorm (common.TrainingRun converts when several CUDA processes run); Sinkhorn's sums are all-reduced.
 def mlp(in_dim, hidden_dim, out_dim):
     return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
                          nn.Linear(hidden_dim, out_dim))

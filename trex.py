@@ -218,6 +218,14 @@ class MultiCropAugmentation:
 # ----------------------------------------------------------------------------------------------
 # Model: projector, classifiers, OCM memory, the training step
 # ----------------------------------------------------------------------------------------------
+# Copy kit: Projector, cosine_logits, class_prototypes, multicrop_cross_entropy, OCMMemory, TReX, and
+# MultiCropAugmentation for the crops; from common: momentum_update, all_gather_nograd (no-op in one process),
+# cosine_schedule (the lr). TReX.forward(crops, labels) changes state: after the online logits it moves the momentum
+# encoder by the constant `ema` and writes the global crops' keys to the memory (update_memory, detail 3). Call it
+# once per training step, on the training batch; evaluate with `predict` (no state change): a second forward, even in
+# eval mode, advances the EMA and the memory again. Labels are class indices >= 0 (-1: the memory's empty slots).
+# Several GPUs: nn.SyncBatchNorm (common.TrainingRun converts when several CUDA processes run), DDP with
+# broadcast_buffers=False: every rank writes the same gathered batch, so the memories agree without a broadcast.
 class Projector(nn.Module):
     """The expendable projector g (Sec. 3.2): l2-normalise, L x [Linear -> BatchNorm -> GELU], then a
     bias-free Linear bottleneck. Thrown away after training: transfer uses the backbone's features."""
