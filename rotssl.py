@@ -325,8 +325,7 @@ def byol_loss(p1, p2, z1, z2):
 
 class RotSSL(nn.Module):
     """The online networks, the base method's heads, the rotation head, (BYOL) the momentum target and (SwAV) the
-    queue. `forward` is the training step: a batch of the Augmentation's samples -> the losses. `backbone` is the
-    network that is kept (backbone.pt)."""
+    queue. `forward` is the training step: a batch of the Augmentation's samples -> the losses."""
 
     def __init__(self, backbone, feat_dim, base="swav", rot_weight=0.1, n_prototypes=3000,
                  temperature=0.1, epsilon=0.05, sinkhorn_iters=3, queue_length=0):
