@@ -212,6 +212,13 @@ class PartiallyLabeled(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------------------------
 # Model: MoCo v3's online and momentum networks plus OPERA's class head; the loss
 # ----------------------------------------------------------------------------------------------
+# Copy kit: mlp, contrastive_loss, class_loss, OPERA (build_model: zero-init residuals), TwoViewAugmentation for the
+# views; from common: all_gather_nograd and all_reduce_sum (no-ops in one process), momentum_update, cosine_schedule.
+# OPERA does not move its momentum encoder: the loop calls common.momentum_update(*model.momentum_pairs(), m) before
+# each forward (MoCo v3's order), m on a per-step cosine; forgotten, the keys come from the random init, no error.
+# forward changes no other state than BatchNorm's running statistics. Label -1 = no label (PartiallyLabeled): that
+# image gets the contrastive term only. Several GPUs: DDP after nn.SyncBatchNorm.convert_sync_batchnorm (done by
+# common.TrainingRun when several CUDA processes run); the losses assume DDP's gradient averaging (details 2, 4).
 def mlp(num_layers, in_dim, hidden_dim, out_dim, last_bn):
     """Linear (no bias) -> BN -> ReLU blocks, then a last Linear (no bias), optionally BN(affine=False)."""
     layers = []
@@ -238,11 +245,9 @@ def contrastive_loss(q, k, temperature):
 
 
 def class_loss(logits, labels):
-    """Cross-entropy over the labelled samples (label -1 = none) of the global batch, in fp32.
-
-    Divided by the global number of labelled samples times the number of processes, so that after
-    DDP averages the gradients, the result equals one process holding the whole batch (detail 4).
-    """
+    """Cross-entropy over the labelled samples (label -1 = none) of the global batch, in fp32, divided by their
+    global count times the number of processes: after DDP's gradient averaging, one process holding the whole batch
+    (detail 4)."""
     with torch.autocast(logits.device.type, enabled=False):
         total = F.cross_entropy(logits.float(), labels, ignore_index=-1, reduction="sum")
     count = common.all_reduce_sum((labels >= 0).sum().float())  # no gradient needed through the count
@@ -369,8 +374,7 @@ def main():
         view1, view2 = augmentation.on_device(view1, view2, ddp.device)  # colour ops, batched (detail 11)
         labels = labels.to(ddp.device, non_blocking=True)
         common.set_lr(optimizer, lr_schedule[step])
-        # MoCo v3 (and OPERA's code) update the momentum encoder before computing the keys, from the
-        # online weights of this step (detail 3)
+        # MoCo v3's and OPERA's order: the momentum encoder moves before the keys, to this step's weights (detail 3)
         common.momentum_update(momentum_params, online_params, ema_schedule[step])
         with autocast():
             losses = run.model(view1, view2, labels)  # run.model: model, compiled and in DDP

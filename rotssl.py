@@ -269,6 +269,13 @@ class Augmentation:
 # ----------------------------------------------------------------------------------------------
 # Heads and losses
 # ----------------------------------------------------------------------------------------------
+# Copy kit: mlp, rotation_head, sinkhorn_codes, swav_loss, byol_loss, RotSSL, and rotate_views and Augmentation for the
+# views; from common: LARS, param_groups, cosine_schedule, momentum_update (BYOL), all_gather_nograd and all_reduce_sum
+# (no-ops in one process). SwAV: the loop calls model.normalize_prototypes() before each forward and drops the
+# prototypes' gradient for --freeze-prototypes-iters steps; forward writes the queue only with fill_queue=True and
+# reads it with use_queue=True. BYOL: RotSSL does not move its target: common.momentum_update(*model.momentum_pairs(),
+# tau) after each optimizer step; forgotten, the target stays at its random init, no error. No labels. Several GPUs:
+# nn.SyncBatchNorm (common.TrainingRun converts when several CUDA processes run); Sinkhorn's sums are all-reduced.
 def mlp(in_dim, hidden_dim, out_dim):
     return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
                          nn.Linear(hidden_dim, out_dim))
@@ -318,8 +325,7 @@ def byol_loss(p1, p2, z1, z2):
 
 class RotSSL(nn.Module):
     """The online networks, the base method's heads, the rotation head, (BYOL) the momentum target and (SwAV) the
-    queue. `forward` is the training step: a batch of the Augmentation's samples -> the losses. `backbone` is the
-    network that is kept (backbone.pt)."""
+    queue. `forward` is the training step: a batch of the Augmentation's samples -> the losses."""
 
     def __init__(self, backbone, feat_dim, base="swav", rot_weight=0.1, n_prototypes=3000,
                  temperature=0.1, epsilon=0.05, sinkhorn_iters=3, queue_length=0):

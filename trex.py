@@ -218,6 +218,13 @@ class MultiCropAugmentation:
 # ----------------------------------------------------------------------------------------------
 # Model: projector, classifiers, OCM memory, the training step
 # ----------------------------------------------------------------------------------------------
+# Copy kit: Projector, cosine_logits, class_prototypes, multicrop_cross_entropy, OCMMemory, TReX, MultiCropAugmentation
+# for the crops; from common: momentum_update, all_gather_nograd (no-op in one process), cosine_schedule (the lr).
+# TReX.forward(crops, labels) changes state: after the online logits it moves the momentum encoder by the constant
+# `ema` and writes the global crops' keys to the memory (update_memory, detail 3). Call it once per training step;
+# evaluate with `predict` (no state change): another forward, even in eval mode, advances the EMA and the memory.
+# Labels are class indices >= 0 (-1: the memory's empty slots). Several GPUs: nn.SyncBatchNorm (common.TrainingRun
+# converts when several CUDA processes run), DDP with broadcast_buffers=False (the memories agree by construction).
 class Projector(nn.Module):
     """The expendable projector g (Sec. 3.2): l2-normalise, L x [Linear -> BatchNorm -> GELU], then a
     bias-free Linear bottleneck. Thrown away after training: transfer uses the backbone's features."""
@@ -262,11 +269,9 @@ def multicrop_cross_entropy(logits, labels):
 
 
 class OCMMemory(nn.Module):
-    """FIFO memory of (feature, label) pairs written with the features of every process, as naver/trex's:
-    a write that would run past the last slot fills it and drops the rest of the batch; the next write
-    starts at slot 0. Empty slots hold label -1 and never count. Every rank writes the same gathered batch
-    (rank order) at the same pointer: identical memories, and N processes x batch B write what 1 x N*B writes.
-    """
+    """naver/trex's FIFO memory of (feature, label) pairs (detail 4: a write past the last slot drops the rest, empty
+    slots hold -1). Every rank writes the same gathered batch (rank order) at the same pointer: identical memories,
+    and N processes x batch B write what 1 x N*B writes."""
 
     def __init__(self, size, dim):
         super().__init__()
@@ -440,9 +445,8 @@ def main():
         crops = augmentation.on_device(crops, ddp.device)  # the colour operations, batched (detail 11)
         labels = labels.to(ddp.device, non_blocking=True)
         common.set_lr(optimizer, lr_schedule[step])
-        # prototypes, online logits, momentum update and forward of the global crops, memory write, loss (detail 3)
-        with autocast():
-            loss = run.model(crops, labels)  # run.model: model, compiled and in DDP
+        with autocast():  # run.model: model, compiled and in DDP; it moves the EMA and the memory (detail 3)
+            loss = run.model(crops, labels)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

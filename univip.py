@@ -300,6 +300,12 @@ def collate_scene_pairs(samples):
 # ----------------------------------------------------------------------------------------------
 # Model: BYOL networks shared by scenes and instances, the instance aggregator, the loss (Sec. 3)
 # ----------------------------------------------------------------------------------------------
+# Copy kit: mlp, distance, sinkhorn_plan, transport_marginal, univip_loss, UniVIP; SceneInstanceAugmentation,
+# collate_scene_pairs and the box helpers above for the data; from common: momentum_update, cosine_schedule (tau),
+# LARS, param_groups. UniVIP does not move its target: after each optimizer step (BYOL's order) the loop calls
+# common.momentum_update(*model.momentum_pairs(), tau); forgotten, the target stays at its random init, no error.
+# forward changes only BatchNorm's running statistics. No labels. Several GPUs: nn.SyncBatchNorm (common.TrainingRun
+# converts when several CUDA processes run); the loss has no collective: DDP's gradient averaging is all it needs.
 def mlp(in_dim, hidden_dim, out_dim):
     """Projector / predictor: Linear -> BN -> ReLU -> Linear without bias (ORL's, where BYOL's last layer has one),
     initialised as ORL's init_weights(init_linear='kaiming'): weights kaiming normal (fan_in, ReLU gain), biases 0."""
