@@ -1,50 +1,45 @@
 """UniVIP: scene-scene, scene-instance and instance-instance self-supervision with optimal transport.
 
-Paper: "UniVIP: A Unified Framework for Self-Supervised Visual Pre-training", Zhaowen Li, Yousong Zhu,
-Fan Yang, Wei Li, Chaoyang Zhao, Yingying Chen, Zhiyang Chen, Jiahao Xie, Liwei Wu, Rui Zhao, Ming Tang
-and Jinqiao Wang, CVPR 2022, arXiv 2203.06965. There is no official code; the closest reference is the
-ORL code of the same group (Jiahao000/ORL, BYOL-based), whose COCO protocol UniVIP reuses.
+Paper: "UniVIP: A Unified Framework for Self-Supervised Visual Pre-training", Zhaowen Li, Yousong Zhu, Fan Yang, Wei Li,
+Chaoyang Zhao, Yingying Chen, Zhiyang Chen, Jiahao Xie, Liwei Wu, Rui Zhao, Ming Tang and Jinqiao Wang, CVPR 2022, arXiv
+2203.06965. No official code; ORL (Jiahao000/ORL, BYOL-based, same group) is nearest: UniVIP reuses its COCO protocol.
 
-The idea. BYOL assumes that two random crops of an image show the same object, which fails on scene
-images such as COCO. UniVIP samples two scene views that are guaranteed to contain the same K object
-instances (boxes from selective search, annotations, ...) and trains one BYOL network pair at three
-levels: (1) scene-scene, the two views agree (BYOL); (2) scene-instance, an aggregate of the K instances
-agrees with each scene view; (3) instance-instance, the K online instance embeddings are matched to the
-K target ones by optimal transport (Sinkhorn), so the network learns which instances are the same and
-which differ without hand-made pairs. `--losses ss` is BYOL on the same data: the paper's baseline.
+The idea. BYOL assumes that two random crops of an image show the same object, which fails on scene images such as COCO.
+UniVIP samples two scene views sure to contain the same K object instances (boxes from selective search, annotations,
+...) and trains one BYOL network pair at three levels: (1) scene-scene, the two views agree (BYOL); (2) scene-instance,
+an aggregate of the K instances agrees with each scene view; (3) instance-instance, the K online instance embeddings are
+matched to the K target ones by optimal transport (Sinkhorn), so the network learns which instances match without
+hand-made pairs. `--losses ss` is BYOL on the same data: the paper's baseline.
 
 Implementation details (choices the paper leaves open, and how they are made here)
- 1. Instances are cut from the original image before any flip (a flip never breaks the box correspondence): each box
-    at whole pixels, then resized to a square, bilinear (crop_resize: ORL's, for the scene windows too).
+ 1. Instances are cut from the original image before any flip (a flip never breaks the box correspondence): each box at
+    whole pixels, then resized to a square, bilinear (crop_resize: ORL's, for the scene windows too).
  2. The box filter (min side, aspect ratio <= 3, drop IoU > 0.5 with a kept box) keeps boxes in the order of their
     source: put the best proposals first in a --boxes file.
- 3. Fallback when 20 window pairs never hold K boxes (Sec. 3.1): the attempt whose intersection holds the most real
-    boxes (ties: the larger intersection; it must fit a box of --min-box), filled up with random boxes of the filter's
-    size and aspect (IoU <= 0.5 tried 10 times per box); if no intersection fits a box, both windows are the whole
-    image. The fallback rate is logged.
+ 3. Fallback when 20 window pairs never hold K boxes (Sec. 3.1): the pair whose intersection holds the most real boxes
+    (ties: the larger one; it must fit a box of --min-box), filled up with random boxes of the filter's size and aspect
+    (IoU <= 0.5, 10 tries per box); if none fits a box, both windows are the whole image. The fallback rate is logged.
  4. d(a, b) = 2 - 2 cos(a, b) (BYOL's normalised MSE) where the paper writes -cos: the same minimiser, gradients
     times 2, and the learning rates of the BYOL / ORL code.
- 5. The transport plan, its marginals and its cost are computed without gradient, in fp32, by log-domain Sinkhorn
-    (no under/overflow at eps = 0.1); the loss gets its gradient through d only.
- 6. Calls as BYOL's code makes them: each scene view through the online networks (backbone, projector, predictor)
-    and the target networks in a call of its own (every BatchNorm sees the B images of one view); the instances are
-    two more views, as ORL's patch views: the B*K online crops in one online call, the target ones in one target call.
- 7. Online instances get the view-1 augmentations (blur 1.0, no solarize), target instances the view-2 ones; L_ii is
-    one-directional, as in the paper. One predictor serves all three terms: the paper writes one online network f,
-    and Eq. 4 weighs the instances with f's scene outputs (ORL has a predictor per term). Projector and predictor
-    are ORL's: no bias in the last Linear, kaiming init.
- 8. SGD decays every parameter (ORL's 1e-4), LARS all but biases and norms (BYOL's); the lr is ORL's
-    (orl_lr_schedule). The target network (momentum_backbone, momentum_projector) keeps its own batch-norm statistics
-    (train mode) and follows the online one after each step, tau from --ema 0.99 to 1 on a per-iteration cosine.
- 9. Crop sizes: the paper's 224 (scenes) and 96 (instances) whatever the images' size, except on small scenes
-    (median shorter side of sampled images 128 px or less, e.g. the 96 px synthetic ones): scenes 64, instances 32,
-    --min-box 8 (UniVIP's own policy, not common.crop_sizes); flags override each. Instances of 64 px or less get
-    the CIFAR stem. The kNN monitor uses single-object images (32 px synthetic shapes, or --eval-data labelled, with
-    val/; otherwise off).
-10. resnet_tiny (the CPU demo) defaults to lr 3.2 per 512 images, not the paper's 0.4: the demo has 128 steps, the
-    paper 800 COCO epochs (the tables at the top of the file; the run prints a `recipe:` line).
-11. The workers decode, pick the windows and boxes, crop and flip; the colour operations run batched on the device,
-    one call per view, each crop with its own parameters drawn in the worker (common.ColorAugmentation). Blur sigma
+ 5. The transport plan, its marginals and its cost are computed without gradient, in fp32, by log-domain Sinkhorn (no
+    under/overflow at eps = 0.1); the loss gets its gradient through d only.
+ 6. Calls as BYOL's code makes them: each scene view through the online networks (backbone, projector, predictor) and
+    the target networks in a call of its own (every BatchNorm sees the B images of one view); the instances are two more
+    views, as ORL's patch views: the B*K online crops in one online call, the target ones in one target call.
+ 7. Online instances get view 1's augmentations (blur 1.0, no solarize), target instances view 2's; L_ii is one-way, as
+    in the paper. One predictor for all three terms: the paper has one online network f, and Eq. 4 weighs the instances
+    with f's scene outputs (ORL: one per term). Projector, predictor: ORL's (last Linear without bias, kaiming init).
+ 8. SGD decays every parameter (ORL's 1e-4), LARS all but biases and norms (BYOL's); the lr is ORL's (orl_lr_schedule).
+    The target network (momentum_backbone, momentum_projector) keeps its own batch-norm statistics (train mode) and
+    follows the online one after each step, tau from --ema 0.99 to 1 on a per-iteration cosine.
+ 9. Crop sizes: the paper's 224 (scenes) and 96 (instances) whatever the images' size, except on small scenes (median
+    shorter side of sampled images <= 128 px, e.g. the 96 px synthetic ones): scenes 64, instances 32, --min-box 8
+    (UniVIP's own policy, not common.crop_sizes); flags override each. Instances <= 64 px get the CIFAR stem. The kNN
+    monitor uses single-object images (32 px synthetic shapes, or --eval-data labelled, with val/; else off).
+10. resnet_tiny (the CPU demo) defaults to lr 3.2 per 512 images, not the paper's 0.4: the demo has 128 steps, the paper
+    800 COCO epochs (the tables at the top of the file; the run prints a `recipe:` line).
+11. The workers decode, pick the windows and boxes, crop and flip; the colour operations run batched on the device, one
+    call per view, each crop with its own parameters drawn in the worker (common.ColorAugmentation). Blur sigma
     0.1 to 2 px on every crop, the 96 px instances too (ORL's, BYOL's); none on instances of 64 px or less.
 
 Compared with the reference code (none is public: the paper's equations, and ORL for the calls and the recipe)
@@ -90,8 +85,8 @@ SMALL_SCENES = 128  # px: scenes whose median shorter side is this or less get t
 SCENE_SIZES = {False: dict(scene_size=224, instance_size=96, min_box=64.0),
                True: dict(scene_size=64, instance_size=32, min_box=8.0)}
 DEMO_NOTE = ("what it shows: UniVIP's three losses on scenes whose two views share K = 4 whole shapes in all but a few "
-             "per cent of pairs (the fallback rate above); the kNN on single shapes moves a few points in 2 minutes, as "
-             "BYOL's demo's; UniVIP against BYOL on CIFAR scenes: bash tests/results_cifar.sh (README, Results)")
+             "per cent of pairs (the fallback rate above); the kNN on single shapes moves a few points in 2 minutes, "
+             "as BYOL's demo's; UniVIP against BYOL on CIFAR scenes: bash tests/results_cifar.sh (README, Results)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,9 +129,7 @@ def resolve_recipe(args, native):
     defaults = dict(PAPER_DEFAULTS, **(DEMO_DEFAULTS if args.arch == "resnet_tiny" else {}),
                     **SCENE_SIZES[native <= SMALL_SCENES])
     defaults["warmup_epochs"] = min(defaults["warmup_epochs"], args.epochs / 5)
-    for name, value in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    vars(args).update({name: value for name, value in defaults.items() if getattr(args, name) is None})
     patch = common.vit_patch_size(args.scene_size)
     if args.arch.startswith("vit") and (args.scene_size % patch or args.instance_size % patch):
         raise common.UserError(f"with {args.arch}, --scene-size and --instance-size must be multiples of the "
@@ -214,13 +207,10 @@ def random_boxes(region, count, min_side, taken, max_ratio=3.0, iou_threshold=0.
 
 
 def sample_scene_pair(width, height, boxes, num_instances=4, min_box=64.0, scale=(0.08, 1.0), tries=20):
-    """Two independent scene windows whose intersection holds `num_instances` boxes (Sec. 3.1).
-
-    `boxes`: the filtered (n, 4) x, y, w, h boxes of the image. Up to `tries` pairs of RandomResizedCrop
-    windows are drawn until at least K boxes lie fully inside both; K of them are chosen at random.
-    Otherwise the fallback of detail 3 fills up with random boxes. Returns (window1, window2, (K, 4)
-    float32 boxes, fell_back) with windows as integer (x, y, w, h).
-    """
+    """Two independent scene windows whose intersection holds K = `num_instances` of `boxes`, the image's filtered
+    (n, 4) x, y, w, h boxes (Sec. 3.1): up to `tries` pairs of RandomResizedCrop windows are drawn until at least K
+    boxes lie fully inside both, K of them chosen at random; otherwise detail 3's fallback fills up with random boxes.
+    Returns (window1, window2, (K, 4) float32 boxes, fell_back) with windows as integer (x, y, w, h)."""
     min_side = min(min_box, width, height)  # an image smaller than --min-box still gets K boxes
     best, best_key = None, None
     for _ in range(tries):
@@ -269,8 +259,7 @@ class SceneInstanceAugmentation:
             w1, w2 = random_window(width, height, self.scale), random_window(width, height, self.scale)
             return self._scene(image, w1, 0), self._scene(image, w2, 1), None, None, False
         boxes = filter_boxes(boxes, width, height, self.min_box)
-        w1, w2, chosen, fell_back = sample_scene_pair(width, height, boxes, self.num_instances, self.min_box,
-                                                      self.scale)
+        w1, w2, chosen, fell_back = sample_scene_pair(*image.size, boxes, self.num_instances, self.min_box, self.scale)
         crops = [crop_resize(image, box, self.instance_size) for box in chosen]
         online, target = ([colour.view(self.flip, c) for c in crops] for colour in self.colours)
         stack = lambda views: tuple(torch.stack(t) for t in zip(*views))  # (K, 3, s, s) uint8, (K, P)
@@ -287,9 +276,8 @@ class SceneInstanceAugmentation:
 
 
 def collate_scene_pairs(samples):
-    """-> scene views 1 and 2 (B images each), online and target instances (B*K each; None without
-    instances), each as (uint8 images, colour parameters), and fell_back (B,) bool: one batch per view, as
-    the networks are called (detail 6)."""
+    """-> scene views 1 and 2 (B images each), online and target instances (B*K each; None without instances), each
+    as (uint8 images, colour parameters), and fell_back (B,) bool: one batch per network call (detail 6)."""
     s1, s2, online, target, fell_back = zip(*samples)
     stack = lambda views: tuple(torch.stack(t) for t in zip(*views))
     cat = lambda views: tuple(torch.cat(t) for t in zip(*views))
@@ -344,10 +332,9 @@ def transport_marginal(instances, scene):
 
 def univip_loss(online_scenes, target_scenes, online_instances=None, target_instances=None, aggregate=None,
                 losses=LOSSES, eps=0.1, iters=50):
-    """The UniVIP objective, per image and averaged over the batch, in fp32. Inputs:
-    online_scenes = (f(s1), f(s2)) and target_scenes = (g(s1), g(s2)), each (B, D); online_instances o
-    (B, K, D) and target_instances t (B, K, D); aggregate I (B, D) = aggregator(concat(o_1 .. o_K)).
-    Returns {"loss", "loss_ss", "loss_si", "loss_ii"} (only the terms named in `losses`)."""
+    """The UniVIP objective, per image and averaged over the batch, in fp32. Inputs: online_scenes = (f(s1), f(s2)) and
+    target_scenes = (g(s1), g(s2)), each (B, D); online_instances o and target_instances t, each (B, K, D); aggregate
+    I (B, D) = aggregator(concat(o_1 .. o_K)). Returns {"loss", "loss_ss", "loss_si", "loss_ii"} (only `losses`)."""
     p1, p2 = [x.float() for x in online_scenes]  # lists, not generators: torch 2.1's compiler splits the graph there
     z1, z2 = [x.float().detach() for x in target_scenes]
     out = {}
@@ -390,9 +377,8 @@ class UniVIP(nn.Module):
 
     def momentum_pairs(self):
         """(momentum network parameters, matching online parameters), for common.momentum_update."""
-        online = [*self.backbone.parameters(), *self.projector.parameters()]
-        momentum = [*self.momentum_backbone.parameters(), *self.momentum_projector.parameters()]
-        return momentum, online
+        return ([*self.momentum_backbone.parameters(), *self.momentum_projector.parameters()],
+                [*self.backbone.parameters(), *self.projector.parameters()])
 
     def online(self, x):
         return self.predictor(self.projector(self.backbone(x)))
@@ -408,10 +394,8 @@ class UniVIP(nn.Module):
         o = t = agg = None
         if online_instances is not None and ("si" in self.losses or "ii" in self.losses):
             o = self.online(online_instances).unflatten(0, (-1, self.num_instances))  # (B, K, D)
-            if "ii" in self.losses:
-                t = self.target(target_instances).unflatten(0, (-1, self.num_instances))
-            if self.aggregator is not None:
-                agg = self.aggregator(o.flatten(1))
+            t = self.target(target_instances).unflatten(0, (-1, self.num_instances)) if "ii" in self.losses else None
+            agg = self.aggregator(o.flatten(1)) if self.aggregator is not None else None
         return univip_loss((p1, p2), (z1, z2), o, t, agg, self.losses, self.eps, self.iters)
 
 
