@@ -169,8 +169,7 @@ def _ngon(n, radius, phase=0.0):
 
 # Each shape is a list of (polygon in unit coordinates, fill): 255 adds, 0 cuts a hole.
 SHAPES = {
-    "disc": [(_ngon(40, 1.0), 255)],
-    "ring": [(_ngon(40, 1.0), 255), (_ngon(40, 0.55), 0)],
+    "disc": [(_ngon(40, 1.0), 255)], "ring": [(_ngon(40, 1.0), 255), (_ngon(40, 0.55), 0)],
     "square": [(_ngon(4, 1.0, math.pi / 4), 255)],
     "frame": [(_ngon(4, 1.0, math.pi / 4), 255), (_ngon(4, 0.55, math.pi / 4), 0)],
     "triangle": [(_ngon(3, 1.1, -math.pi / 2), 255)],
@@ -372,8 +371,7 @@ def build_scene_dataset(data, data_dir="data", boxes_file=None, split="train"):
         return Synthetic(split, scenes=True, boxes_only=True)
     if data == "coco":
         year_split = "train2017" if split == "train" else "val2017"
-        ann = _read_json(os.path.join(data_dir, "annotations", f"instances_{year_split}.json"),
-                         "COCO annotation file")
+        ann = _read_json(os.path.join(data_dir, "annotations", f"instances_{year_split}.json"), "COCO annotation file")
         try:
             files = {im["id"]: im["file_name"] for im in ann["images"]}
             boxes = {i: [] for i in files}
@@ -397,8 +395,7 @@ def build_scene_dataset(data, data_dir="data", boxes_file=None, split="train"):
         if not (isinstance(bs, list) and all(isinstance(b, list) and len(b) == 4 for b in bs)):
             raise UserError(f"box file {boxes_file}: the entry of {rel} is not a list of [x, y, w, h] boxes")
     paths = [os.path.join(data, rel) for rel in sorted(table)]
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
+    if missing := [p for p in paths if not os.path.isfile(p)]:
         raise UserError(f"box file {boxes_file} names {len(missing)} images missing under {data}, e.g. {missing[0]}")
     return SceneBoxes(paths, [table[rel] for rel in sorted(table)])
 
@@ -422,10 +419,9 @@ def native_image_size(dataset, sample=64, seed=0):
 
 
 def crop_sizes(native, global_size=None, local_size=None):
-    """The crop-size policy of every script, from the dataset's shorter side `native` (native_image_size):
-    images of SMALL_IMAGES px or less (CIFAR) are cropped at their native size, local crops at the
-    references' 96/224 of it (a multiple of 8: 32 -> 16 px); larger images get the references' 224 and 96 px,
-    whatever their own size. Flags that are set win. Returns (small_images, global size, local size)."""
+    """Every script's crop sizes, from the images' shorter side `native` (native_image_size): images <= SMALL_IMAGES px
+    (CIFAR) are cropped at native size, local crops at 96/224 of it (a multiple of 8: 32 -> 16 px); larger ones get the
+    references' 224 and 96 px, whatever their size. Set flags win. -> (small_images, global, local size)."""
     small = native <= SMALL_IMAGES
     global_size = global_size or (native if small else 224)
     local_size = local_size or (max(8, 8 * round(global_size * 96 / 224 / 8)) if small else 96)
@@ -433,8 +429,7 @@ def crop_sizes(native, global_size=None, local_size=None):
 
 
 def describe_sizes(native, small, why=None, **sizes):
-    """The line every script prints about the crop sizes it chose; `why` the stem was chosen, if not the
-    images' own size."""
+    """The line every script prints about its crop sizes; `why`: the stem's reason, if not the images' own size."""
     chosen = ", ".join(f"{name.replace('_', ' ')} {px} px" for name, px in sizes.items())
     kind = why or (f"{SMALL_IMAGES} px or less: CIFAR stem" if small else f"above {SMALL_IMAGES} px: ImageNet stem")
     return f"crop sizes: {chosen} (images of about {native} px, {kind})"
@@ -543,8 +538,7 @@ class ColorAugmentation:
     |hue| <= 0.2); solarize here thresholds the unrounded value. PIL's GaussianBlur is three box blurs aiming at
     variance sigma^2, rounded to uint8 between passes (an image comes out unchanged at sigma 0.1); here one discrete
     Gaussian of exactly that variance: up to 8.2 levels apart (on 50 CIFAR-10 images: tests/test_color.py prints the
-    figures). On GPUs with bf16 the scripts use bf16 autocast without a grad scaler; the references fp16 with one.
-    """
+    figures). On GPUs with bf16 the scripts use bf16 autocast without a grad scaler; the references fp16 with one."""
 
     NUM_PARAMS = 11
 
@@ -554,8 +548,7 @@ class ColorAugmentation:
         self.low = torch.tensor([max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h])
         self.high = torch.tensor([1 + b, 1 + c, 1 + s, h])
         self.jitter_p, self.gray_p, self.blur_p, self.solarize_p = jitter_p, gray_p, blur_p, solarize_p
-        self.hue = h > 0
-        self.sigma = (sigma[0] * blur_scale, sigma[1] * blur_scale)
+        self.hue, self.sigma = h > 0, (sigma[0] * blur_scale, sigma[1] * blur_scale)
         self.kernel_size = max(3, 2 * math.ceil(3 * self.sigma[1]) + 1)
         self.mean, self.std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
 
@@ -598,10 +591,9 @@ class ColorAugmentation:
         return v2.functional.pil_to_tensor(geometric(image)), self.sample()
 
     def on_device(self, views, device):
-        """Device side: collated views of this pipeline, [(uint8 images (B, 3, h, w), params (B, P)), ...],
-        all of one size -> their normalised float images on `device` in one batched call (channels_last on
-        CUDA), split back into one tensor per view: each view still goes through the networks on its own. Each view
-        is copied from the loader's pinned memory (asynchronous), then concatenated on the device."""
+        """Device side: this pipeline's collated views, [(uint8 images (B, 3, h, w), params (B, P)), ...], all of one
+        size, each copied asynchronously from the loader's pinned memory, concatenated -> normalised float images on
+        `device` in one call (channels_last on CUDA), split back per view: networks see each view alone."""
         on = lambda i: torch.cat([v[i].to(device, non_blocking=True) for v in views])
         x = self(on(0), on(1))
         if device.type == "cuda":
@@ -613,9 +605,8 @@ class ColorAugmentation:
 # Loaders with exactly reproducible augmentation; features and weighted kNN (DINO's protocol)
 # ----------------------------------------------------------------------------------------------
 class EpochSampler(torch.utils.data.Sampler):
-    """This process's share of a seeded shuffle of the data, yielding (index, epoch) pairs: the epoch travels with
-    the index so that an image's augmentation can be seeded by (seed, epoch, index), identical whatever the number
-    of workers (persistent ones included) and after a resume."""
+    """This process's share of a seeded shuffle, yielding (index, epoch) pairs: an image's augmentation can be seeded by
+    (seed, epoch, index), identical whatever the workers (persistent ones included) and after a resume."""
 
     def __init__(self, dataset_len, rank=0, world_size=1, seed=0, subset=0):
         self.indices = np.arange(dataset_len)
@@ -982,8 +973,7 @@ def load_weights_only(path):
 
 
 # Options a resumed run may change: where and how fast it runs, what it monitors, and two a user changes on purpose
-# (--lr after a non-finite loss, --epochs to train longer; the schedules are recomputed from them). Every other one
-# must match.
+# (--lr after a non-finite loss, --epochs to train longer; schedules are recomputed from them). All others must match.
 FREE_ON_RESUME = ("out", "data_dir", "eval_data_dir", "download", "workers", "compile", "save_every", "log_every",
                   "eval_every", "eval_subset", "lr", "epochs")
 
@@ -1012,10 +1002,9 @@ def resume_mismatches(ckpt, args, model=None, optimizer=None, scaler=None):
 
 
 def load_checkpoint(out, args, model=None, optimizer=None, scaler=None):
-    """The checkpoint.pt in `out` if there is one and it is this run's (the same script, no resume_mismatches; else one
-    sentence naming each, nothing written). Then tidies `out`: removes the temporaries of saves a kill interrupted;
-    drops log.jsonl lines of epochs after the checkpoint's (a run killed between an epoch's line and its checkpoint
-    repeats that epoch); without a checkpoint, removes the log of a run killed before one."""
+    """`out`/checkpoint.pt if any and this run's (same script, no resume_mismatches; else a sentence naming each,
+    nothing written). Then tidies `out`: removes killed saves' temporaries; drops log.jsonl lines of epochs past the
+    checkpoint (a run killed between an epoch's line and checkpoint redoes it); with no checkpoint, removes the log."""
     path, log, ckpt = os.path.join(out, "checkpoint.pt"), os.path.join(out, "log.jsonl"), None
     is_main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     if os.path.exists(path):
@@ -1084,10 +1073,8 @@ class LARS(torch.optim.Optimizer):
                 if group.get("clip"):  # at lr 0, t / 0 = inf: scale 1, as LARC's min(ratio / lr, 1)
                     trust = [(t / group["lr"]).clamp(max=1.0) for t in trust]
                 grads = torch._foreach_mul(grads, trust)
-            for p in params:
-                if "momentum_buffer" not in self.state[p]:
-                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-            bufs = [self.state[p]["momentum_buffer"] for p in params]
+            bufs = [self.state[p]["momentum_buffer"] if "momentum_buffer" in self.state[p] else
+                    self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
             torch._foreach_mul_(bufs, group["momentum"])
             torch._foreach_add_(bufs, grads)
             torch._foreach_add_(params, bufs, alpha=-group["lr"])
@@ -1158,7 +1145,6 @@ class TrainingRun:
         for step, batch in run.batches():
             ...                             # the method: from the batch to optimizer.step()
             run.log(losses, lr=lr)          # the step's losses (scalar tensors), values to log
-
     Construction resumes from --out's checkpoint.pt if there is one (model with buffers, optimizer, grad scaler, each
     process's RNG, the position in an epoch), then SyncBatchNorm on GPUs, torch.compile, DDP (`run.model`, called in
     the step; `model` stays the plain module), log.jsonl's header, the `recipe:` line, the kNN monitor at random init.
@@ -1274,7 +1260,8 @@ class TrainingRun:
         a recent loss of any is not finite; the GPU's queued work done. Returns (the last loss, time.perf_counter())."""
         recent, self.recent = torch.stack(self.recent) if self.recent else torch.zeros(1, device=self.ddp.device), []
         if all_reduce_sum((~torch.isfinite(recent)).any().int()):  # any process's: all stop at this step
-            raise UserError(f"the loss is not finite at or before step {self.step}; run the same command with a lower --lr to resume from the last save")
+            raise UserError(f"the loss is not finite at or before step {self.step}; run the same command with a lower "
+                            "--lr to resume from the last save")
         if self.ddp.device.type == "cuda":
             torch.cuda.synchronize(self.ddp.device)
         return recent[-1], time.perf_counter()
