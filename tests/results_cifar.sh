@@ -14,12 +14,12 @@
 #   bash tests/results_cifar.sh                  # the whole table, seeds 0 and 1
 #   SEEDS=0 ROWS="random supervised" SUBSET=640 EVAL="--subset 1000 --epochs 5" OUT=runs/results_check \
 #       bash tests/results_cifar.sh              # a check that it runs (a few minutes)
-#   SEEDS="0 1 2" ROWS="byol_scenes univip univip_si univip_ii" OUT=runs/univip_decision \
-#       bash tests/results_cifar.sh              # UniVIP's decision: 3 seeds, the ablations at seed 0
-#       (about 3 hours on 2 idle cores, estimated from short runs: UniVIP ~1.6 s a step, BYOL ~1 s)
+#   SEEDS="0 1 2" ROWS="byol_scenes univip univip_si univip_ii" BATCH=32 SCENES=12800 \
+#       OUT=runs/univip_decision bash tests/results_cifar.sh   # UniVIP's decision: 800 steps of batch 32,
+#       3 seeds, the ablations at seed 0 (the README's UniVIP rows; at batch 64, twice the time)
 #
 # Environment: SEEDS (default "0 1"), ROWS (default all, in table order), EPOCHS (2), SUBSET (10000),
-# SCENES (25600), ABLATION_SEEDS (0), EXTRA (flags added to every pretraining run), EVAL (flags added to
+# SCENES (25600), BATCH (64), ABLATION_SEEDS (0), EXTRA (flags added to every pretraining run), EVAL (flags added to
 # every eval_linear.py run), OUT (runs/results). Without data/cifar10, tests/cifar10_jpeg.py makes it from
 # torchvision's download (CIFAR_TAR, for the project's own tests offline: a tarball of that folder to extract
 # instead). Finished rows are not run again: delete OUT/seedS/NAME to redo one.
@@ -28,6 +28,7 @@ cd "$(dirname "$0")/.."
 
 SEEDS=${SEEDS:-0 1}
 EPOCHS=${EPOCHS:-2}
+BATCH=${BATCH:-64}
 SUBSET=${SUBSET:-10000}
 SCENES=${SCENES:-25600}
 ABLATION_SEEDS=${ABLATION_SEEDS:-0}
@@ -63,7 +64,7 @@ for name in $ROWS; do
 done
 
 echo "CIFAR-10 results: rows: $ROWS"
-echo "seeds: $SEEDS (ablations: $ABLATION_SEEDS); resnet_tiny, $EPOCHS epochs, batch 64, --subset $SUBSET (scenes: all $SCENES)${EXTRA:+, extra flags: $EXTRA}; output in $OUT"
+echo "seeds: $SEEDS (ablations: $ABLATION_SEEDS); resnet_tiny, $EPOCHS epochs, batch $BATCH, --subset $SUBSET (scenes: all $SCENES)${EXTRA:+, extra flags: $EXTRA}; output in $OUT"
 
 # ---------------------------------------------------------------- data: CIFAR-10, its two halves, the scenes
 mkdir -p data "$OUT"
@@ -103,7 +104,7 @@ for seed in $SEEDS; do
       rm -rf "${R:?}/$name"
       start=$SECONDS
       # shellcheck disable=SC2086  # the flags are word lists
-      python ${RUN[$name]} --arch resnet_tiny --epochs "$EPOCHS" --batch-size 64 --eval-every 0 --seed "$seed" \
+      python ${RUN[$name]} --arch resnet_tiny --epochs "$EPOCHS" --batch-size "$BATCH" --eval-every 0 --seed "$seed" \
         $EXTRA --out "$R/$name" > "$R/$name.txt" 2>&1 || { echo "$name failed: see $R/$name.txt" >&2; exit 1; }
       echo $((SECONDS - start)) > "$R/$name.seconds"
       for half in seen unseen; do
