@@ -54,13 +54,13 @@ Equal: the augmentation (bilinear RandomResizedCrop at 224 px, BYOL's asymmetric
 networks and their initialisation, the calls (one per view and network), the loss and its weighting,
 the momentum update before the keys, the schedules. tests/test_opera.py computes a step the
 reference's way, by hand from this file's modules, and checks the loss and every gradient (fp32, 1e-5).
-Deliberate differences: the class loss over partly labelled batches (detail 4); on images of 64 px or less (no such recipe in the reference)
-crops at the native size, the CIFAR stem and no blur (common.ColorAugmentation); the cosine lr lands on 0
-at the last step (the reference's per-iteration formula reaches 0 one step after the end); the class
-head has one output per class of the dataset (the reference: 1,000 whatever the data); the validation
-resize is bicubic (the reference's is bilinear); the monitors run every epoch under autocast and report
-no recall@1. Colour operations, blur and precision as in every script here (common.ColorAugmentation says
-how they differ).
+Deliberate differences: the class loss over partly labelled batches (detail 4); on images of 64 px or less
+(no such recipe in the reference) crops at the native size, the CIFAR stem and no blur
+(common.ColorAugmentation); the cosine lr lands on 0 at the last step (the reference's per-iteration formula
+reaches 0 one step after the end); the class head has one output per class of the dataset (the reference:
+1,000 whatever the data); the validation resize is bicubic (the reference's is bilinear); the monitors run
+every epoch under autocast and report no recall@1. Colour operations, blur and precision as in every script
+here (common.ColorAugmentation says how they differ).
 
 Commands
     python opera.py                                                   # CPU demo, synthetic shapes, ~2 min
@@ -129,7 +129,7 @@ def get_args_parser():
 
 def resolve_recipe(args, native):
     """Fill the options left unset (the tables above; crops from the images' shorter side `native`) and
-    return (small_images, the recipe as printed and logged)."""
+    return (small_images, the recipe as printed and logged, the peak lr: --lr x batch / 256)."""
     defaults = dict(PAPER_DEFAULTS["vit" if args.arch.startswith("vit") else "resnet"])
     if args.arch == "resnet_tiny":
         defaults.update(DEMO_DEFAULTS)
@@ -137,10 +137,10 @@ def resolve_recipe(args, native):
         if getattr(args, name) is None:
             setattr(args, name, value)
     small, args.crop_size, _ = common.crop_sizes(native, args.crop_size)  # 224, or native on small images
-    optimizer = "LARS (eta 0.001)" if args.optimizer == "lars" else "AdamW"
-    return small, dict(lr=f"{args.lr * args.batch_size / 256:.4g} ({args.lr} x {args.batch_size}/256, cosine to 0)",
-                       wd=args.wd, optimizer=optimizer, warmup=f"{args.warmup_epochs} epochs",
-                       ema=f"{args.ema} -> 1 (cosine)", temperature=args.temperature, crop=f"{args.crop_size} px")
+    optimizer, lr = "LARS (eta 0.001)" if args.optimizer == "lars" else "AdamW", args.lr * args.batch_size / 256
+    return small, dict(lr=f"{lr:.4g} ({args.lr} x {args.batch_size}/256, cosine to 0)", wd=args.wd,
+                       optimizer=optimizer, warmup=f"{args.warmup_epochs} epochs", ema=f"{args.ema} -> 1 (cosine)",
+                       temperature=args.temperature, crop=f"{args.crop_size} px"), lr
 
 
 def check_args(args):
@@ -169,17 +169,23 @@ class TwoViewAugmentation:
     colour jitter p 0.8, grayscale p 0.2; view 1 always blurred, view 2 blurred with p 0.1 and solarized
     with p 0.2 (BYOL's asymmetric pair); `small` images (64 px or less) are not blurred. The worker crops
     and flips (a view is a uint8 image and its colour parameters); `on_device` applies the colour
-    operations to the batch on the training device."""
+    operations to the batch on the training device; `torchvision()`: the same in one pipeline per view."""
 
     def __init__(self, crop_size, crop_min, small=False, mean=common.IMAGENET_MEAN, std=common.IMAGENET_STD):
         self.geometric = v2.Compose([v2.RandomResizedCrop(crop_size, scale=(crop_min, 1.0)), v2.RandomHorizontalFlip()])
-        colour = dict(blur_scale=crop_size / 224, mean=mean, std=std)
+        colour = dict(jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2, sigma=(0.1, 2.0),
+                      blur_scale=crop_size / 224, mean=mean, std=std)  # sigma in px at 224 px crops
         blur = 0.0 if small else 1.0  # the blur probability of view 1; view 2's is a tenth of it
-        self.colour1 = common.ColorAugmentation(blur_p=blur, **colour)
+        self.colour1 = common.ColorAugmentation(blur_p=blur, solarize_p=0.0, **colour)
         self.colour2 = common.ColorAugmentation(blur_p=0.1 * blur, solarize_p=0.2, **colour)
 
     def __call__(self, image, label):
         return self.colour1.view(self.geometric, image), self.colour2.view(self.geometric, image), label
+
+    def torchvision(self):
+        """The two views as the reference composes them, torchvision transforms of a PIL image in the worker (no
+        on_device; slower with few CPU cores): [view 1's, view 2's], each image -> normalised float tensor."""
+        return [self.colour1.torchvision(self.geometric), self.colour2.torchvision(self.geometric)]
 
     def on_device(self, view1, view2, device):
         return self.colour1.on_device([view1], device)[0], self.colour2.on_device([view2], device)[0]
@@ -218,7 +224,7 @@ class PartiallyLabeled(torch.utils.data.Dataset):
 # each forward (MoCo v3's order), m on a per-step cosine; forgotten, the keys come from the random init, no error.
 # forward changes no other state than BatchNorm's running statistics. Label -1 = no label (PartiallyLabeled): that
 # image gets the contrastive term only. Several GPUs: DDP after nn.SyncBatchNorm.convert_sync_batchnorm (done by
-# common.TrainingRun when several CUDA processes run); the losses assume DDP's gradient averaging (details 2, 4).
+# run.distribute() in main when several CUDA processes run); the losses assume DDP's gradient averaging (details 2, 4).
 def mlp(num_layers, in_dim, hidden_dim, out_dim, last_bn):
     """Linear (no bias) -> BN -> ReLU blocks, then a last Linear (no bias), optionally BN(affine=False)."""
     layers = []
@@ -327,7 +333,7 @@ def main():
         raise common.UserError(f"--data {args.data} has labels for {num_classes} class(es); OPERA's class head needs "
                                "at least two: add labelled classes or pass --sup-weight 0 to train plain MoCo v3")
     native = common.native_image_size(train_set)
-    small, recipe = resolve_recipe(args, native)  # before the log header, so that it is logged
+    small, recipe, lr = resolve_recipe(args, native)  # before the log header, so that it is logged
     if ddp.is_main:
         print(common.describe_sizes(native, small, crop=args.crop_size))
     knn = (common.KNNMonitor(args.data, args.data_dir, args.crop_size, small, args.workers, ddp.device, args.subset,
@@ -352,8 +358,7 @@ def main():
     else:
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], weight_decay=args.wd,
                                       fused=ddp.device.type == "cuda")
-    lr_schedule = common.cosine_schedule(args.lr * args.batch_size / 256, 0.0, args.epochs, len(loader),
-                                         args.warmup_epochs)
+    lr_schedule = common.cosine_schedule(lr, 0.0, args.epochs, len(loader), args.warmup_epochs)
     # m(t) = 1 - (1 - m0)(1 + cos(pi t / T)) / 2 per iteration, MoCo v3's (detail 3)
     ema_schedule = common.cosine_schedule(args.ema, 1.0, args.epochs, len(loader), endpoint=False)
     autocast, scaler = common.mixed_precision(args.precision, ddp.device)
@@ -362,27 +367,32 @@ def main():
         return {"head_top1": class_head_top1(model, val_set, args.workers, ddp.device, autocast)} if val_set else {}
 
     # ---------------------------------------------------------------- plumbing: resume, compile + DDP, output
-    run = common.TrainingRun(
-        args, ddp, model, optimizer, loader, autocast=autocast, scaler=scaler, backbone=model.backbone,
-        record=dict(method="opera" if num_classes else "mocov3", small_images=small, img_size=args.crop_size,
-                    feat_dim=feat_dim),
-        knn=knn, evaluate=evaluate, recipe=recipe,
-        note=common.SELF_SUPERVISED_DEMO if not num_classes and args.data == "synthetic" else None)
+    run = common.TrainingRun(args, ddp, model, optimizer, scaler, autocast, backbone=model.backbone, recipe=recipe,
+                             record=dict(method="opera" if num_classes else "mocov3", small_images=small,
+                                         img_size=args.crop_size, feat_dim=feat_dim))
+    start_epoch = run.resume()  # from --out's checkpoint.pt, if any: weights, optimizer, scaler, RNG, position
+    train_model = run.distribute()  # SyncBatchNorm on several GPUs, torch.compile, DDP under torchrun
+    run.start(knn)  # log.jsonl's header, the recipe line, the kNN monitor at random init
 
-    # ---------------------------------------------------------------- the training step (OPERA)
-    for step, (view1, view2, labels) in run.batches():
-        view1, view2 = augmentation.on_device(view1, view2, ddp.device)  # colour ops, batched (detail 11)
-        labels = labels.to(ddp.device, non_blocking=True)
-        common.set_lr(optimizer, lr_schedule[step])
-        # MoCo v3's and OPERA's order: the momentum encoder moves before the keys, to this step's weights (detail 3)
-        common.momentum_update(momentum_params, online_params, ema_schedule[step])
-        with autocast():
-            losses = run.model(view1, view2, labels)  # run.model: model, compiled and in DDP
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(losses["loss"]).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        run.log(losses, lr=lr_schedule[step], ema=ema_schedule[step])
+    # ---------------------------------------------------------------- the epochs, each of training steps (OPERA)
+    for epoch in range(start_epoch, args.epochs):
+        for step, (view1, view2, labels) in run.steps(loader, epoch):
+            view1, view2 = augmentation.on_device(view1, view2, ddp.device)  # colour ops, batched (detail 11)
+            labels = labels.to(ddp.device, non_blocking=True)
+            common.set_lr(optimizer, lr_schedule[step])
+            # MoCo v3's and OPERA's order: the momentum encoder moves before the keys, to this step's weights (detail 3)
+            common.momentum_update(momentum_params, online_params, ema_schedule[step])
+            with autocast():
+                losses = train_model(view1, view2, labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(losses["loss"]).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            run.log(losses, lr=lr_schedule[step], ema=ema_schedule[step])
+        # the epoch's end: mean losses, the class head's top-1 (detail 10), the kNN monitor every --eval-every epochs,
+        # the log line, checkpoint.pt (to resume) and backbone.pt
+        run.end_epoch(epoch, evaluate())
+    run.finish(note=common.SELF_SUPERVISED_DEMO if not num_classes and args.data == "synthetic" else None)
 
 
 if __name__ == "__main__":

@@ -149,7 +149,8 @@ def get_args_parser():
 def resolve_recipe(args, native):
     """Fill the options left unset: the crop sizes from the images' shorter side `native` (detail 6), then
     the recipe's row of RECIPES (detail 5), including args.lars_eta and args.lars_clip; stored in args before
-    the log header is written, so that they are logged. Returns (small_images, the recipe as printed and logged)."""
+    the log header is written, so that they are logged. Returns (small_images, the recipe as printed and logged,
+    the peak lr)."""
     small, args.global_size, args.local_size = common.crop_sizes(native, args.global_size, args.local_size)
     swav, row = args.base == "swav", "byol_small" if args.base == "byol" and small else args.base
     defaults = dict(RECIPES[row])
@@ -164,10 +165,10 @@ def resolve_recipe(args, native):
     if args.n_prototypes is None:  # 3000 (the paper) needs batches of 1024 or the queue: a batch spread over far
         # more clusters than it has images gets near-uniform codes, a loss stuck at ln K; small data: batch + queue
         args.n_prototypes = min(300, args.batch_size + args.queue_length) if small else 3000
-    how = "not batch-scaled" if swav else f"{args.lr} x {args.batch_size}/256"
+    how, lr = ("not batch-scaled", args.lr) if swav else (f"{args.lr} x {args.batch_size}/256",
+                                                          args.lr * args.batch_size / 256)
     clip = ", each layer's rate clipped at the global one" if args.lars_clip else ""
-    recipe = dict(defaults=row, lr=f"{args.lr if swav else args.lr * args.batch_size / 256:.4g} ({how}, "
-                                   f"cosine to {args.final_lr:g})",
+    recipe = dict(defaults=row, lr=f"{lr:.4g} ({how}, cosine to {args.final_lr:g})",
                   wd=f"{args.wd:g} (not on biases and norms)", optimizer=f"LARS (eta {args.lars_eta:g}{clip})",
                   warmup=f"{args.warmup_epochs:g} epochs from {args.warmup_start_lr:g}")
     if swav:
@@ -179,7 +180,7 @@ def resolve_recipe(args, native):
         recipe.update(ema=f"{args.ema} -> 1 (cosine)", crops=f"2 x {args.global_size} px")
     if row == "byol_small":
         recipe.update(normalisation="CIFAR-10's mean and std", stem="3x3 conv, padding 2")
-    return small, recipe
+    return small, recipe, lr
 
 
 def check_args(args):
@@ -234,17 +235,18 @@ class Augmentation:
             return v2.Compose([v2.RandomResizedCrop(size, scale=scale, interpolation=interpolation),
                                v2.RandomHorizontalFlip(0.5)])
 
-        def colour(jitter, blur_p, solarize_p):
-            return common.ColorAugmentation(jitter=jitter, blur_p=blur_p, solarize_p=solarize_p,
-                                            blur_scale=global_size / 224, **norm)
+        def colour(jitter, blur_p, solarize_p):  # jitter p 0.8, grayscale p 0.2, sigma 0.1 to 2 px at 224 px
+            return common.ColorAugmentation(jitter=jitter, jitter_p=0.8, gray_p=0.2, blur_p=blur_p, sigma=(0.1, 2.0),
+                                            solarize_p=solarize_p, blur_scale=global_size / 224, **norm)
         if swav:
             self.global_crop, self.local_crop = crop(global_size, (0.14, 1.0)), crop(local_size, (0.05, 0.14))
-            self.local_colour = colour((0.8, 0.8, 0.8, 0.2), 0.0 if small else 0.5, 0.0)
+            self.local_colour = colour((0.8, 0.8, 0.8, 0.2), blur_p=0.0 if small else 0.5, solarize_p=0.0)
             self.global_colours = (self.local_colour,) * 2
         else:
             blur = (0.0, 0.0) if small else (1.0, 0.1)
             self.global_crop, self.local_colour, n_local = crop(global_size, (0.08, 1.0)), None, 0
-            self.global_colours = tuple(colour((0.4, 0.4, 0.2, 0.1), b, s) for b, s in zip(blur, (0.0, 0.2)))
+            self.global_colours = tuple(colour((0.4, 0.4, 0.2, 0.1), blur_p=b, solarize_p=s)
+                                        for b, s in zip(blur, (0.0, 0.2)))
         self.n_local, self.rotate = n_local, rotate
 
     def __call__(self, image, target=None):
@@ -253,6 +255,13 @@ class Augmentation:
         if self.rotate:  # drawn here, seeded like the crops (detail 1)
             sample["rotation"] = torch.randint(0, 4, (2,))
         return sample
+
+    def torchvision(self):
+        """The views as the reference composes them, torchvision transforms of a PIL image in the worker (slower with
+        few CPU cores): [global view 1's, global view 2's(, a local view's)], image -> normalised float tensor. The
+        rotations are this method's own: rotate_views turns the finished global views."""
+        views = [colour.torchvision(self.global_crop) for colour in self.global_colours]
+        return views + [self.local_colour.torchvision(self.local_crop)] if self.n_local else views
 
     def on_device(self, batch, device):
         """A collated batch -> {"global", "local", and with rotations "rotated" and "rotation" (B, 2)}."""
@@ -275,7 +284,7 @@ class Augmentation:
 # prototypes' gradient for --freeze-prototypes-iters steps; forward writes the queue only with fill_queue=True and
 # reads it with use_queue=True. BYOL: RotSSL does not move its target: common.momentum_update(*model.momentum_pairs(),
 # tau) after each optimizer step; forgotten, the target stays at its random init, no error. No labels. Several GPUs:
-# nn.SyncBatchNorm (common.TrainingRun converts when several CUDA processes run); Sinkhorn's sums are all-reduced.
+# nn.SyncBatchNorm (run.distribute() converts when several CUDA processes run); Sinkhorn's sums are all-reduced.
 def mlp(in_dim, hidden_dim, out_dim):
     return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
                          nn.Linear(hidden_dim, out_dim))
@@ -414,7 +423,7 @@ def main():
     # ---------------------------------------------------------------- data, recipe
     train_set = common.build_dataset(args.data, "train", args.data_dir, args.download, with_unlabeled=True)
     native = common.native_image_size(train_set)
-    small, recipe = resolve_recipe(args, native)  # before the log header, so that it is logged
+    small, recipe, lr = resolve_recipe(args, native)  # before the log header, so that it is logged
     if ddp.is_main:
         sizes = {"global": args.global_size, **({"local": args.local_size} if swav and args.n_local else {})}
         print(common.describe_sizes(native, small, **sizes))
@@ -438,9 +447,8 @@ def main():
     optimizer = common.LARS(common.param_groups(model, args.wd), momentum=0.9, trust_coefficient=args.lars_eta,
                             clip=args.lars_clip)
     # SwAV: swav's schedule step for step, not batch-scaled (endpoint=False); BYOL: lr x batch/256 (detail 5)
-    lr_schedule = common.cosine_schedule(args.lr if swav else args.lr * args.batch_size / 256, args.final_lr,
-                                         args.epochs, len(loader), args.warmup_epochs, args.warmup_start_lr,
-                                         endpoint=not swav)
+    lr_schedule = common.cosine_schedule(lr, args.final_lr, args.epochs, len(loader), args.warmup_epochs,
+                                         args.warmup_start_lr, endpoint=not swav)
     # BYOL: tau from --ema (DeepMind's preset; 0.99 on small images) to 1 on a per-iteration cosine
     ema_schedule = None if swav else common.cosine_schedule(args.ema, 1.0, args.epochs, len(loader))
     # SwAV's queue (detail 4): filled from epoch --epoch-queue-starts on, in the codes once full (swav's test)
@@ -449,31 +457,37 @@ def main():
     autocast, scaler = common.mixed_precision(args.precision, ddp.device)
 
     # ---------------------------------------------------------------- plumbing: resume, compile + DDP, output
-    run = common.TrainingRun(
-        args, ddp, model, optimizer, loader, autocast=autocast, scaler=scaler, backbone=model.backbone,
-        record=dict(method=f"rotssl-{args.base}", small_images=small, img_size=args.global_size, feat_dim=feat_dim,
-                    stem_padding=args.stem_padding, **norm),
-        knn=knn, recipe=recipe, note=common.SELF_SUPERVISED_DEMO if args.data == "synthetic" else None)
+    run = common.TrainingRun(args, ddp, model, optimizer, scaler, autocast, backbone=model.backbone, recipe=recipe,
+                             record=dict(method=f"rotssl-{args.base}", small_images=small, img_size=args.global_size,
+                                         feat_dim=feat_dim, stem_padding=args.stem_padding, **norm))
+    start_epoch = run.resume()  # from --out's checkpoint.pt, if any: weights, optimizer, scaler, RNG, position
+    train_model = run.distribute()  # SyncBatchNorm on several GPUs, torch.compile, DDP under torchrun
+    run.start(knn)  # log.jsonl's header, the recipe line, the kNN monitor at random init
 
-    # ---------------------------------------------------------------- the training step (SwAV or BYOL + rotation)
-    for step, batch in run.batches():
-        batch = augmentation.on_device(batch, ddp.device)  # colour ops and rotations, batched (detail 8)
-        common.set_lr(optimizer, lr_schedule[step])
-        if swav:  # every prototype a unit vector before the step, in place (detail 4)
-            model.normalize_prototypes()
-        with autocast():  # run.model: model, compiled and in DDP
-            losses = run.model(batch, fill_queue=step >= queue_from, use_queue=step >= queue_full)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(losses["loss"]).backward()
-        if swav and step < args.freeze_prototypes_iters:  # prototypes frozen at the start (detail 4)
-            model.prototypes.weight.grad = None
-        scaler.step(optimizer)
-        scaler.update()
-        if swav:
-            run.log(losses, lr=lr_schedule[step])
-        else:  # BYOL: the target follows the online networks after the optimizer step
-            common.momentum_update(momentum_params, online_params, ema_schedule[step])
-            run.log(losses, lr=lr_schedule[step], ema=ema_schedule[step])
+    # ---------------------------------------------------------------- the epochs, each of training steps
+    for epoch in range(start_epoch, args.epochs):
+        for step, batch in run.steps(loader, epoch):
+            batch = augmentation.on_device(batch, ddp.device)  # colour ops and rotations, batched (detail 8)
+            common.set_lr(optimizer, lr_schedule[step])
+            if swav:  # every prototype a unit vector before the step, in place (detail 4)
+                model.normalize_prototypes()
+            with autocast():
+                losses = train_model(batch, fill_queue=step >= queue_from, use_queue=step >= queue_full)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(losses["loss"]).backward()
+            if swav and step < args.freeze_prototypes_iters:  # prototypes frozen at the start (detail 4)
+                model.prototypes.weight.grad = None
+            scaler.step(optimizer)
+            scaler.update()
+            if swav:
+                run.log(losses, lr=lr_schedule[step])
+            else:  # BYOL: the target follows the online networks after the optimizer step
+                common.momentum_update(momentum_params, online_params, ema_schedule[step])
+                run.log(losses, lr=lr_schedule[step], ema=ema_schedule[step])
+        # the epoch's end: the mean losses, the kNN monitor every --eval-every epochs, the log line, checkpoint.pt
+        # (to resume; with SwAV's queue) and backbone.pt
+        run.end_epoch(epoch)
+    run.finish(note=common.SELF_SUPERVISED_DEMO if args.data == "synthetic" else None)
 
 
 if __name__ == "__main__":

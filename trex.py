@@ -143,7 +143,7 @@ def get_args_parser():
 
 def resolve_recipe(args, native):
     """Fill the options left unset (the tables above; crops from the images' shorter side `native`, detail 10)
-    and return (small_images, the recipe as printed and logged)."""
+    and return (small_images, the recipe as printed and logged, the peak lr: --lr x batch / 256)."""
     defaults = dict(PAPER_DEFAULTS, **RECIPES[args.recipe], warmup_epochs=args.epochs / 10)
     if args.arch == "resnet_tiny":
         defaults.update(DEMO_DEFAULTS)
@@ -153,17 +153,18 @@ def resolve_recipe(args, native):
         if getattr(args, name) is None:
             setattr(args, name, value)
     small, args.global_size, args.local_size = common.crop_sizes(native, args.global_size, args.local_size)
-    lr = f"{args.lr * args.batch_size / 256:.4g} ({args.lr} x {args.batch_size}/256, cosine to {args.min_lr:g})"
+    lr = args.lr * args.batch_size / 256
     projector = (f"{args.projector_layers} x {args.hidden_dim} -> {args.bottleneck_dim}" if args.projector_layers
                  else "none")
     classifier = (f"OCM ({args.memory_size} entries)" if args.memory_size else
                   "learned cosine" if args.projector_layers else "learned linear")
     crops = f"1 x {args.global_size} px (scale {args.scale_split} to 1)" + (
         f" + {args.n_local} x {args.local_size} px (0.05 to {args.scale_split})" if args.n_local else "")
-    return small, dict(lr=lr, wd=f"{args.wd:g} (weights only)", optimizer="SGD (momentum 0.9)",
+    return small, dict(lr=f"{lr:.4g} ({args.lr} x {args.batch_size}/256, cosine to {args.min_lr:g})",
+                       wd=f"{args.wd:g} (weights only)", optimizer="SGD (momentum 0.9)",
                        warmup=f"{args.warmup_epochs:g} epochs",
                        ema=f"{args.ema} (constant)" if args.memory_size else "none (no memory)",
-                       projector=projector, classifier=classifier, tau=args.tau, crops=crops)
+                       projector=projector, classifier=classifier, tau=args.tau, crops=crops), lr
 
 
 def check_args(args):
@@ -199,15 +200,21 @@ class MultiCropAugmentation:
             return v2.Compose([v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC),
                                v2.RandomHorizontalFlip()])
         self.global_crop, self.local_crop = crop(global_size, (scale_split, 1.0)), crop(local_size, (0.05, scale_split))
-        colour = dict(blur_scale=global_size / 224, mean=mean, std=std)  # the blur sigma follows the global size
+        colour = dict(jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2, sigma=(0.1, 2.0),
+                      blur_scale=global_size / 224, mean=mean, std=std)  # the blur sigma follows the global size
         blur = 0.0 if small else 1.0
         self.global_colour = common.ColorAugmentation(blur_p=0.2 * blur, solarize_p=0.2, **colour)
-        self.local_colour = common.ColorAugmentation(blur_p=0.5 * blur, **colour)
+        self.local_colour = common.ColorAugmentation(blur_p=0.5 * blur, solarize_p=0.0, **colour)
         self.n_local = n_local
 
     def __call__(self, image, target):
         return ([self.global_colour.view(self.global_crop, image)] +
                 [self.local_colour.view(self.local_crop, image) for _ in range(self.n_local)]), target
+
+    def torchvision(self):
+        """The crops as the reference composes them, torchvision transforms of a PIL image in the worker (no
+        on_device; slower with few CPU cores): [the global crop's, a local crop's], image -> normalised float tensor."""
+        return [self.global_colour.torchvision(self.global_crop), self.local_colour.torchvision(self.local_crop)]
 
     def on_device(self, crops, device):
         """The collated crops -> [global, local 1, .., local n] normalised on `device` (one call per kind)."""
@@ -223,7 +230,7 @@ class MultiCropAugmentation:
 # TReX.forward(crops, labels) changes state: after the online logits it moves the momentum encoder by the constant
 # `ema` and writes the global crops' keys to the memory (update_memory, detail 3). Call it once per training step;
 # evaluate with `predict` (no state change): another forward, even in eval mode, advances the EMA and the memory.
-# Labels are class indices >= 0 (-1: the memory's empty slots). Several GPUs: nn.SyncBatchNorm (common.TrainingRun
+# Labels are class indices >= 0 (-1: the memory's empty slots). Several GPUs: nn.SyncBatchNorm (run.distribute()
 # converts when several CUDA processes run), DDP with broadcast_buffers=False (the memories agree by construction).
 class Projector(nn.Module):
     """The expendable projector g (Sec. 3.2): l2-normalise, L x [Linear -> BatchNorm -> GELU], then a
@@ -401,7 +408,7 @@ def main():
         raise common.UserError(f"--data {args.data} has labels for {num_classes} class(es); t-ReX is a supervised "
                                "method and needs at least two classes (one subfolder per class)")
     native = common.native_image_size(train_set)
-    small, recipe = resolve_recipe(args, native)  # before the log header, so that it is logged
+    small, recipe, lr = resolve_recipe(args, native)  # before the log header, so that it is logged
     if ddp.is_main:
         print(common.describe_sizes(native, small, **{"global": args.global_size, "local": args.local_size}))
     knn = (common.KNNMonitor(args.data, args.data_dir, args.global_size, small, args.workers, ddp.device, args.subset,
@@ -420,8 +427,8 @@ def main():
 
     # ---------------------------------------------------------------- optimizer, schedules, precision
     optimizer = torch.optim.SGD(common.param_groups(model, args.wd), lr=0.0, momentum=0.9)
-    lr_schedule = common.cosine_schedule(args.lr * args.batch_size / 256, args.min_lr, args.epochs, len(loader),
-                                         args.warmup_epochs, endpoint=False)  # naver/trex's, step for step
+    lr_schedule = common.cosine_schedule(lr, args.min_lr, args.epochs, len(loader), args.warmup_epochs,
+                                         endpoint=False)  # naver/trex's, step for step
     autocast, scaler = common.mixed_precision(args.precision, ddp.device)  # the EMA is constant: no schedule
 
     def evaluate():  # detail 9: the model's own classifier; under torchrun, identical replicas
@@ -434,24 +441,32 @@ def main():
         return stats
 
     # ---------------------------------------------------------------- plumbing: resume, compile + DDP, output
-    run = common.TrainingRun(
-        args, ddp, model, optimizer, loader, autocast=autocast, scaler=scaler, backbone=model.backbone,
-        record=dict(method="trex", small_images=small, img_size=args.global_size, feat_dim=feat_dim),
-        knn=knn, evaluate=evaluate, recipe=recipe,
-        broadcast_buffers=False)  # the memory stays identical by construction (detail 4): no broadcast every step
+    run = common.TrainingRun(args, ddp, model, optimizer, scaler, autocast, backbone=model.backbone, recipe=recipe,
+                             record=dict(method="trex", small_images=small, img_size=args.global_size,
+                                         feat_dim=feat_dim))
+    start_epoch = run.resume()  # from --out's checkpoint.pt, if any: weights, optimizer, scaler, RNG, position
+    # SyncBatchNorm on several GPUs, torch.compile, DDP under torchrun; the memory stays identical on every process
+    # by construction (detail 4): DDP need not broadcast the buffers every step
+    train_model = run.distribute(broadcast_buffers=False)
+    run.start(knn)  # log.jsonl's header, the recipe line, the kNN monitor at random init
 
-    # ---------------------------------------------------------------- the training step (t-ReX)
-    for step, (crops, labels) in run.batches():
-        crops = augmentation.on_device(crops, ddp.device)  # the colour operations, batched (detail 11)
-        labels = labels.to(ddp.device, non_blocking=True)
-        common.set_lr(optimizer, lr_schedule[step])
-        with autocast():  # run.model: model, compiled and in DDP; it moves the EMA and the memory (detail 3)
-            loss = run.model(crops, labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        run.log({"loss": loss}, lr=lr_schedule[step])
+    # ---------------------------------------------------------------- the epochs, each of training steps (t-ReX)
+    for epoch in range(start_epoch, args.epochs):
+        for step, (crops, labels) in run.steps(loader, epoch):
+            crops = augmentation.on_device(crops, ddp.device)  # the colour operations, batched (detail 11)
+            labels = labels.to(ddp.device, non_blocking=True)
+            common.set_lr(optimizer, lr_schedule[step])
+            with autocast():  # a training forward also moves the EMA and writes the memory (detail 3)
+                loss = train_model(crops, labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            run.log({"loss": loss}, lr=lr_schedule[step])
+        # the epoch's end: the mean loss, the classifier's top-1, the kNN monitor every --eval-every epochs, the log
+        # line, checkpoint.pt (to resume) and backbone.pt
+        run.end_epoch(epoch, evaluate())
+    run.finish()
 
 
 if __name__ == "__main__":

@@ -125,7 +125,8 @@ def get_args_parser():
 
 def resolve_recipe(args, native):
     """Fill the options left unset (the tables above; sizes from the scenes' shorter side `native`) and return
-    (small_images, the recipe as printed and logged); small: instances of 64 px or less, the CIFAR stem."""
+    (small_images, the recipe as printed and logged, the peak lr); small: instances of 64 px or less, the CIFAR stem.
+    The peak lr: --lr x batch / 512, the paper's scaling (0.4 at batch 512 with SGD, 4.8 at 4096 with LARS)."""
     defaults = dict(PAPER_DEFAULTS, **(DEMO_DEFAULTS if args.arch == "resnet_tiny" else {}),
                     **SCENE_SIZES[native <= SMALL_SCENES])
     defaults["warmup_epochs"] = min(defaults["warmup_epochs"], args.epochs / 5)
@@ -135,11 +136,12 @@ def resolve_recipe(args, native):
         raise common.UserError(f"with {args.arch}, --scene-size and --instance-size must be multiples of the "
                                f"patch size {patch}")
     optimizer = "SGD (momentum 0.9)" if args.optimizer == "sgd" else "LARS (eta 0.001, momentum 0.9)"
+    lr = args.lr * args.batch_size / 512
     return args.instance_size <= common.SMALL_IMAGES, dict(
-        lr=f"{args.lr * args.batch_size / 512:.4g} ({args.lr} x {args.batch_size}/512, cosine to 0 by epoch)",
+        lr=f"{lr:.4g} ({args.lr} x {args.batch_size}/512, cosine to 0 by epoch)",
         wd=args.wd, optimizer=optimizer, warmup=f"{args.warmup_epochs:g} epochs from 1e-4 x",
         ema=f"{args.ema} -> 1 (cosine)",
-        crops=f"scene {args.scene_size} px, instance {args.instance_size} px, boxes from {args.min_box:g} px")
+        crops=f"scene {args.scene_size} px, instance {args.instance_size} px, boxes from {args.min_box:g} px"), lr
 
 
 def check_args(args):
@@ -249,9 +251,10 @@ class SceneInstanceAugmentation:
         self.scene_size, self.instance_size, self.scale = scene_size, instance_size, scale
         self.num_instances, self.min_box, self.with_instances = num_instances, min_box, with_instances
         self.flip = v2.RandomHorizontalFlip(0.5)  # after cropping: boxes are already cut out
+        colour = dict(jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2, sigma=(0.1, 2.0))  # sigma in px
         blur = 0.0 if small else 1.0
-        self.colours = (common.ColorAugmentation(blur_p=blur),
-                        common.ColorAugmentation(blur_p=0.1 * blur, solarize_p=0.2))
+        self.colours = (common.ColorAugmentation(blur_p=blur, solarize_p=0.0, **colour),
+                        common.ColorAugmentation(blur_p=0.1 * blur, solarize_p=0.2, **colour))
 
     def __call__(self, image, boxes):
         width, height = image.size
@@ -267,6 +270,12 @@ class SceneInstanceAugmentation:
 
     def _scene(self, image, window, v):
         return self.colours[v].view(self.flip, crop_resize(image, window, self.scene_size))
+
+    def torchvision(self):
+        """The colour operations as the reference composes them, torchvision transforms of a PIL image in the worker
+        (slower with few CPU cores): [view 1's and the online instances', view 2's and the target instances'], each a
+        flipped crop (crop_resize) -> normalised float tensor."""
+        return [colour.torchvision(self.flip) for colour in self.colours]
 
     def on_device(self, scene1, scene2, online, target, device):
         """Collated views -> normalised float scene views (B, 3, S, S) and instances (B*K, 3, s, s) on `device`."""
@@ -292,7 +301,7 @@ def collate_scene_pairs(samples):
 # collate_scene_pairs and the box helpers above for the data; from common: momentum_update, cosine_schedule (tau),
 # LARS, param_groups. UniVIP does not move its target: after each optimizer step (BYOL's order) the loop calls
 # common.momentum_update(*model.momentum_pairs(), tau); forgotten, the target stays at its random init, no error.
-# forward changes only BatchNorm's running statistics. No labels. Several GPUs: nn.SyncBatchNorm (common.TrainingRun
+# forward changes only BatchNorm's running statistics. No labels. Several GPUs: nn.SyncBatchNorm (run.distribute()
 # converts when several CUDA processes run); the loss has no collective: DDP's gradient averaging is all it needs.
 def mlp(in_dim, hidden_dim, out_dim):
     """Projector / predictor: Linear -> BN -> ReLU -> Linear without bias (ORL's, where BYOL's last layer has one),
@@ -425,7 +434,7 @@ def main():
     if len(train_set) == 0:
         raise common.UserError(f"--data {args.data} holds no images")
     native = common.native_image_size(train_set)
-    small, recipe = resolve_recipe(args, native)  # before the log header, so that it is logged
+    small, recipe, lr = resolve_recipe(args, native)  # before the log header, so that it is logged
     if ddp.is_main:
         why = f"instances of {common.SMALL_IMAGES} px or less: CIFAR stem" if small else "ImageNet stem"
         print(common.describe_sizes(native, small, why, scene=args.scene_size, instance=args.instance_size))
@@ -446,7 +455,6 @@ def main():
     momentum_params, online_params = model.momentum_pairs()
 
     # ---------------------------------------------------------------- optimizer, schedules, precision
-    lr = args.lr * args.batch_size / 512  # the paper's scaling: 0.4 at batch 512 (SGD), 4.8 at 4096 (LARS)
     trained = [p for p in model.parameters() if p.requires_grad]  # not the momentum networks'
     optimizer = (torch.optim.SGD(trained, lr=lr, momentum=0.9, weight_decay=args.wd) if args.optimizer == "sgd"
                  else common.LARS(common.param_groups(model, args.wd), lr=lr, momentum=0.9))  # detail 8
@@ -455,25 +463,31 @@ def main():
     autocast, scaler = common.mixed_precision(args.precision, ddp.device)
 
     # ---------------------------------------------------------------- plumbing: resume, compile + DDP, output
-    run = common.TrainingRun(
-        args, ddp, model, optimizer, loader, autocast=autocast, scaler=scaler, backbone=model.backbone,
-        record=dict(method="univip", small_images=small, img_size=eval_size, feat_dim=feat_dim),
-        knn=knn, recipe=recipe, note=DEMO_NOTE if args.data == "synthetic" else None)
+    run = common.TrainingRun(args, ddp, model, optimizer, scaler, autocast, backbone=model.backbone, recipe=recipe,
+                             record=dict(method="univip", small_images=small, img_size=eval_size, feat_dim=feat_dim))
+    start_epoch = run.resume()  # from --out's checkpoint.pt, if any: weights, optimizer, scaler, RNG, position
+    train_model = run.distribute()  # SyncBatchNorm on several GPUs, torch.compile, DDP under torchrun
+    run.start(knn)  # log.jsonl's header, the recipe line, the kNN monitor at random init
 
-    # ---------------------------------------------------------------- the training step (UniVIP)
-    for step, (*crops, fell_back) in run.batches():  # scene views 1 and 2, online and target instances
-        crops = augmentation.on_device(*crops, ddp.device)  # the colour operations, batched (detail 11)
-        common.set_lr(optimizer, lr_schedule[step])
-        with autocast():
-            losses = run.model(*crops)  # run.model: model, compiled and in DDP
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(losses["loss"]).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        common.momentum_update(momentum_params, online_params, ema_schedule[step])  # after the step (BYOL)
-        if augmentation.with_instances:  # the epoch's mean: the share of its images that fell back (detail 3)
-            losses["fallback_rate"] = fell_back.to(ddp.device, non_blocking=True).float().mean()
-        run.log(losses, lr=lr_schedule[step], ema=ema_schedule[step])
+    # ---------------------------------------------------------------- the epochs, each of training steps (UniVIP)
+    for epoch in range(start_epoch, args.epochs):
+        for step, (*crops, fell_back) in run.steps(loader, epoch):  # views 1 and 2, online and target instances
+            crops = augmentation.on_device(*crops, ddp.device)  # the colour operations, batched (detail 11)
+            common.set_lr(optimizer, lr_schedule[step])
+            with autocast():
+                losses = train_model(*crops)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(losses["loss"]).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            common.momentum_update(momentum_params, online_params, ema_schedule[step])  # after the step (BYOL)
+            if augmentation.with_instances:  # the epoch's mean: the share of its images that fell back (detail 3)
+                losses["fallback_rate"] = fell_back.to(ddp.device, non_blocking=True).float().mean()
+            run.log(losses, lr=lr_schedule[step], ema=ema_schedule[step])
+        # the epoch's end: the mean losses and fallback rate, the kNN monitor every --eval-every epochs, the log line,
+        # checkpoint.pt (to resume) and backbone.pt
+        run.end_epoch(epoch)
+    run.finish(note=DEMO_NOTE if args.data == "synthetic" else None)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 CIFAR_TARBALL = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 sys.path.insert(0, str(REPO))
+import common  # noqa: E402  (the repository's, above)
 
 
 @pytest.fixture(autouse=True)
@@ -25,6 +26,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def colour_aug(**values):
+    """common.ColorAugmentation with BYOL's view-1 values (jitter (0.4, 0.4, 0.2, 0.1) p 0.8, grayscale 0.2, sigma 0.1
+    to 2) and no blur or solarize, unless `values` say otherwise."""
+    byol = dict(jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.0, sigma=(0.1, 2.0), solarize_p=0.0)
+    return common.ColorAugmentation(**{**byol, **values})
 
 
 def read_log(out):

@@ -7,6 +7,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 import common
+from conftest import colour_aug
 
 TOL = 1 / 255
 
@@ -53,7 +54,7 @@ def test_ops_equal_torchvision_per_image(ours, theirs, values):
 def test_blur_has_the_variance_sigma_squared_at_every_sigma(sigma):
     """The blur's std is sigma at every sigma (the variance PIL's box blurs aim at, before their uint8 rounding); the
     Gaussian sampled at integer taps (torchvision's kernel) only from about 0.5 px (below 0.01 at 0.2)."""
-    kernel_size = common.ColorAugmentation().kernel_size  # 13: the pipeline's kernel at sigma up to 2
+    kernel_size = colour_aug().kernel_size  # 13: the pipeline's kernel at sigma up to 2
     impulse = torch.zeros(1, 3, 31, 31)
     impulse[..., 15, 15] = 1.0
     y = common.gaussian_blur(impulse, torch.tensor([sigma]), kernel_size)[0, 0]
@@ -99,7 +100,7 @@ def test_the_differences_from_pil_that_color_augmentation_states(cifar10_root):
     0.2), the blur's largest difference (sigma 0.1 to 2) and PIL's three box blurs leaving images unchanged at 0.1."""
     from PIL import Image, ImageFilter
     paths = sorted((cifar10_root / "train" / "bird").iterdir())[:50]
-    aug, ops = common.ColorAugmentation(jitter=(0.4, 0.4, 0.2, 0.2), jitter_p=1.0, gray_p=0.0), [
+    aug, ops = colour_aug(jitter=(0.4, 0.4, 0.2, 0.2), jitter_p=1.0, gray_p=0.0), [
         TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
     torch.manual_seed(0)
     offsets, hue, blur, unchanged = [], 0.0, 0.0, True
@@ -150,7 +151,7 @@ def unnormalize(aug, y):
 
 
 def test_call_equals_torchvision_composition():
-    aug = common.ColorAugmentation(jitter_p=0.8, gray_p=0.3, blur_p=0.5, solarize_p=0.4)
+    aug = colour_aug(jitter_p=0.8, gray_p=0.3, blur_p=0.5, solarize_p=0.4)
     torch.manual_seed(1)
     params = torch.stack([aug.sample() for _ in range(12)])
     x = images(12)
@@ -165,7 +166,7 @@ def test_call_equals_torchvision_composition():
 
 def test_every_jitter_order_is_applied_per_image():
     """One image, the same factors, all 24 orders in one batch: each as torchvision applies it."""
-    aug = common.ColorAugmentation()
+    aug = colour_aug()
     orders = torch.tensor(list(itertools.permutations(range(4))), dtype=torch.float32)
     p = torch.tensor([0.7, 1.3, 0.2, 0.3, 0, 0, 0, 0, 0, 0, 0]).repeat(24, 1)
     p[:, 4:8] = orders
@@ -177,7 +178,7 @@ def test_every_jitter_order_is_applied_per_image():
 
 
 def test_sample_distribution():
-    aug = common.ColorAugmentation(jitter=(0.4, 0.3, 0.2, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.5,
+    aug = colour_aug(jitter=(0.4, 0.3, 0.2, 0.1), jitter_p=0.8, gray_p=0.2, blur_p=0.5,
                                    solarize_p=0.1, sigma=(0.1, 2.0), blur_scale=0.5)
     torch.manual_seed(0)
     n = 4000
@@ -207,21 +208,21 @@ def test_sample_distribution():
 
 
 def test_zero_strength_and_kernel_size():
-    aug = common.ColorAugmentation(jitter=(0.4, 0.0, 0.2, 0.0), jitter_p=1.0)
+    aug = colour_aug(jitter=(0.4, 0.0, 0.2, 0.0), jitter_p=1.0)
     torch.manual_seed(0)
     params = torch.stack([aug.sample() for _ in range(200)])
     assert (params[:, 1] == 1).all() and (params[:, 3] == 0).all()
-    brightness = torch.stack([common.ColorAugmentation(jitter=(1.5, 0, 0, 0), jitter_p=1.0).sample()[0]
+    brightness = torch.stack([colour_aug(jitter=(1.5, 0, 0, 0), jitter_p=1.0).sample()[0]
                               for _ in range(200)])
     assert brightness.min() >= 0 and brightness.min() < 0.1 and brightness.max() > 2.4  # [max(0, 1 - v), 1 + v]
-    assert common.ColorAugmentation(blur_scale=1.0).kernel_size == 13  # 2 * ceil(3 * 2.0) + 1
-    assert common.ColorAugmentation(blur_scale=96 / 224).kernel_size == 7  # sigma max 0.857 -> ceil(2.57) = 3
-    assert common.ColorAugmentation(blur_scale=32 / 224).kernel_size == 3
-    assert common.ColorAugmentation(sigma=(0.1, 0.01), blur_scale=0.1).kernel_size == 3  # at least 3
+    assert colour_aug(blur_scale=1.0).kernel_size == 13  # 2 * ceil(3 * 2.0) + 1
+    assert colour_aug(blur_scale=96 / 224).kernel_size == 7  # sigma max 0.857 -> ceil(2.57) = 3
+    assert colour_aug(blur_scale=32 / 224).kernel_size == 3
+    assert colour_aug(sigma=(0.1, 0.01), blur_scale=0.1).kernel_size == 3  # at least 3
 
 
 def test_sample_is_deterministic_given_the_torch_seed():
-    aug = common.ColorAugmentation(blur_p=0.5, solarize_p=0.5)
+    aug = colour_aug(blur_p=0.5, solarize_p=0.5)
     torch.manual_seed(7)
     a = torch.stack([aug.sample() for _ in range(5)])
     torch.manual_seed(7)
@@ -232,7 +233,7 @@ def test_sample_is_deterministic_given_the_torch_seed():
 
 
 def test_no_op_images_come_back_only_normalized():
-    aug = common.ColorAugmentation(blur_p=1.0, solarize_p=1.0)
+    aug = colour_aug(blur_p=1.0, solarize_p=1.0)
     params = torch.tensor([1.0, 1, 1, 0, 0, 1, 2, 3, 0, 0, 0]).repeat(4, 1)
     params[:, 4:8] = torch.stack([torch.randperm(4, generator=torch.Generator().manual_seed(i)) for i in range(4)])
     x = images(4)
@@ -242,7 +243,7 @@ def test_no_op_images_come_back_only_normalized():
 
 
 def test_solarize_threshold_is_that_of_random_solarize_128_on_uint8():
-    aug = common.ColorAugmentation(solarize_p=1.0)
+    aug = colour_aug(solarize_p=1.0)
     params = torch.tensor([1.0, 1, 1, 0, 0, 1, 2, 3, 0, 0, 1]).repeat(3, 1)
     x = images(3)
     x[:, :, 12, :4] = torch.tensor([126, 127, 128, 129], dtype=torch.uint8)
@@ -251,7 +252,7 @@ def test_solarize_threshold_is_that_of_random_solarize_128_on_uint8():
 
 
 def test_bf16_autocast_does_not_change_the_result():
-    aug = common.ColorAugmentation(blur_p=0.5, solarize_p=0.2)
+    aug = colour_aug(blur_p=0.5, solarize_p=0.2)
     torch.manual_seed(3)
     params = torch.stack([aug.sample() for _ in range(6)])
     x = images(6)
@@ -287,3 +288,73 @@ def _tensors(sample):
     if isinstance(sample, (list, tuple)):
         return [t for v in sample for t in _tensors(v)]
     return []
+
+
+def blocks(size=64, block=4, seed=0):
+    """A PIL image of blocks of random colours: sharp edges for the blur, every crop alike."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (3, size // block, size // block), generator=g, dtype=torch.uint8)
+    return TF.to_pil_image(x.repeat_interleave(block, 1).repeat_interleave(block, 2))
+
+
+def both_forms(colour, image, n):
+    """n colour-augmented copies of `image` batched (the scripts' way) and n through colour.torchvision() (PIL, in
+    the worker), unnormalised: two (n, 3, h, w) batches in [0, 1]."""
+    keep = lambda image: image  # no crop: the colour operations alone
+    batched = colour.on_device([tuple(torch.stack(t) for t in zip(*[colour.view(keep, image) for _ in range(n)]))],
+                               torch.device("cpu"))[0]
+    pipeline = colour.torchvision(keep)
+    return unnormalize(colour, batched), unnormalize(colour, torch.stack([pipeline(image) for _ in range(n)]))
+
+
+def test_the_torchvision_form_draws_what_the_batched_form_draws():
+    """ColorAugmentation.torchvision(): the references' composition of torchvision transforms, with the ranges and
+    probabilities of sample(); the blur's sigmas and the ops' probabilities act alike in both forms (400 images)."""
+    from torchvision.transforms import v2
+    crop = v2.RandomHorizontalFlip()
+    aug = colour_aug(jitter=(0.4, 0.3, 1.5, 0.1), jitter_p=0.7, gray_p=0.2, blur_p=0.6, solarize_p=0.3, blur_scale=0.5)
+    ops = aug.torchvision(crop).transforms
+    assert [type(t).__name__ for t in ops] == ["RandomHorizontalFlip", "RandomApply", "RandomGrayscale", "RandomApply",
+                                               "RandomSolarize", "ToImage", "ToDtype", "Normalize"] and ops[0] is crop
+    jitter = ops[1].transforms[0]
+    ranges = [jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue]
+    assert torch.allclose(torch.tensor(ranges).T.float(), torch.stack([aug.low, aug.high]))  # saturation from 0
+    assert (ops[1].p, ops[2].p, ops[3].p, ops[4].p, ops[4].threshold) == (0.7, 0.2, 0.6, 0.3, 128)
+    assert ops[3].transforms[0].sigma == aug.sigma == (0.05, 1.0)
+    assert (tuple(ops[-1].mean), tuple(ops[-1].std)) == (common.IMAGENET_MEAN, common.IMAGENET_STD)
+    torch.manual_seed(0)
+    sharpness = lambda x: (x[..., 1:] - x[..., :-1]).abs().mean((1, 2, 3))
+    blur = colour_aug(jitter_p=0.0, gray_p=0.0, blur_p=1.0)  # sigma 0.1 to 2: PIL's blur against ours
+    ours, theirs = (sharpness(x) for x in both_forms(blur, blocks(), 400))
+    assert (ours.mean() - theirs.mean()).abs() < 4 * (ours.var() / 400 + theirs.var() / 400).sqrt()
+    flags = colour_aug(jitter_p=0.0, gray_p=0.5, solarize_p=0.5)
+    for x in both_forms(flags, blocks(), 400):  # grey: equal channels; solarized: nothing above mid-grey
+        grey, solarized = (x.std(1).amax((1, 2)) < 1e-3).float(), (x.amax((1, 2, 3)) <= 0.5 + TOL).float()
+        assert abs(grey.mean() - 0.5) < 0.1 and abs(solarized.mean() - 0.5) < 0.1
+
+
+@pytest.mark.parametrize("method", ["opera", "trex", "swav", "byol", "univip"])
+def test_each_methods_torchvision_pipelines_are_its_views(method):
+    """Each method's torchvision() gives one pipeline per kind of view, in the order of its views: that view's crop
+    and colour operations (the same objects the batched path uses), and an image of the same size."""
+    import opera, rotssl, trex, univip
+    image = blocks(128, 8)
+    if method == "opera":
+        aug = opera.TwoViewAugmentation(96, 0.3)
+        views = [(aug.colour1, aug.geometric), (aug.colour2, aug.geometric)]
+    elif method == "trex":
+        aug = trex.MultiCropAugmentation(96, 48, n_local=2, scale_split=0.3)
+        views = [(aug.global_colour, aug.global_crop), (aug.local_colour, aug.local_crop)]
+    elif method in ("swav", "byol"):
+        aug = rotssl.Augmentation(method, 96, 48, 2, rotate=True)
+        views = [(c, aug.global_crop) for c in aug.global_colours] + (
+            [(aug.local_colour, aug.local_crop)] if method == "swav" else [])
+    else:
+        aug = univip.SceneInstanceAugmentation(96, 48, 4, 8, (0.5, 1.0))
+        views, image = [(c, aug.flip) for c in aug.colours], image.resize((96, 96))
+    pipelines = aug.torchvision()
+    assert len(pipelines) == len(views)
+    for pipeline, (colour, crop) in zip(pipelines, views):
+        assert pipeline.transforms[0] is crop and repr(pipeline) == repr(colour.torchvision(crop))
+        batched = colour.on_device([tuple(t[None] for t in colour.view(crop, image))], torch.device("cpu"))[0]
+        assert pipeline(image).shape == batched.shape[1:] and pipeline(image).dtype == batched.dtype

@@ -411,7 +411,7 @@ class _Loader:
 
 
 def _training_run(out, steps=6, epochs=1, loader_seconds=0.0, **flags):
-    """A TrainingRun of a one-layer model on `steps` batches of one image, in `out`."""
+    """A TrainingRun of a one-layer model on `steps` batches of one image, in `out`, resumed from its checkpoint."""
     args = argparse.Namespace(**{**dict(arch="resnet_tiny", data="synthetic", subset=0, seed=0, batch_size=1,
                                         epochs=epochs, script="test", out=str(out), compile=False, log_every=3,
                                         save_every=0, eval_every=0), **flags})
@@ -420,30 +420,37 @@ def _training_run(out, steps=6, epochs=1, loader_seconds=0.0, **flags):
     random.seed(0)
     model = nn.Sequential(nn.Linear(2, 1))
     autocast, scaler = common.mixed_precision("fp32", ddp.device)
-    return common.TrainingRun(args, ddp, model, torch.optim.SGD(model.parameters(), lr=0.1),
-                              _Loader(steps, loader_seconds), autocast=autocast, scaler=scaler, backbone=model[0],
-                              record=dict(method="test", small_images=True, img_size=2, feat_dim=1))
+    run = common.TrainingRun(args, ddp, model, torch.optim.SGD(model.parameters(), lr=0.1), scaler, autocast,
+                             backbone=model[0], record=dict(method="test", small_images=True, img_size=2, feat_dim=1))
+    run.test_loader = _Loader(steps, loader_seconds)
+    run.resume()
+    return run
 
 
 def _train(run, nan_at=None, step_seconds=0.0, each_step=lambda step: None):
-    """Runs the steps; returns [(step, batch index, a draw of torch's and of Python's RNG)]. `nan_at`: the step
-    whose logged loss is NaN."""
+    """Runs the epochs as a method's main() does; returns [(step, batch index, a draw of torch's and of Python's
+    RNG)]. `nan_at`: the step whose logged loss is NaN."""
     seen = []
-    for step, x in run.batches():
-        each_step(step)
-        loss = run.model(x).pow(2).mean()
-        run.optimizer.zero_grad()
-        loss.backward()
-        run.optimizer.step()
-        time.sleep(step_seconds)
-        run.log({"loss": loss.detach() * math.nan if step == nan_at else loss.detach()})
-        seen.append((step, round(10 * x[0, 0].item()), torch.rand(()).item(), random.random()))
+    train_model = run.distribute()
+    run.start()
+    for epoch in range(run.start_epoch, run.args.epochs):
+        for step, x in run.steps(run.test_loader, epoch):
+            each_step(step)
+            loss = train_model(x).pow(2).mean()
+            run.optimizer.zero_grad()
+            loss.backward()
+            run.optimizer.step()
+            time.sleep(step_seconds)
+            run.log({"loss": loss.detach() * math.nan if step == nan_at else loss.detach()})
+            seen.append((step, round(10 * x[0, 0].item()), torch.rand(()).item(), random.random()))
+        run.end_epoch(epoch)
+    run.finish()
     return seen
 
 
 @pytest.fixture
 def signal_handlers():
-    """TrainingRun installs handlers for SIGTERM and SIGUSR1: put pytest's back afterwards."""
+    """TrainingRun.start installs handlers for SIGTERM and SIGUSR1: put pytest's back afterwards."""
     import signal
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     yield
@@ -543,17 +550,17 @@ def test_a_signal_saves_and_stops_and_the_run_resumes_at_the_next_batch(tmp_path
     full = _train(_training_run(tmp_path / "uninterrupted", epochs=2))
     assert [s[0] for s in full] == list(range(12))
     fresh = _training_run(tmp_path, epochs=2)  # no checkpoint: from the start
-    assert (fresh.start_epoch, fresh.step, fresh.done_in_epoch) == (0, 0, 0)
+    assert (fresh.start_epoch, fresh.step) == (0, 0)
     stopped_run(signal_at=1)
     assert torch.load(tmp_path / "checkpoint.pt")["step"] == 2
     run = _training_run(tmp_path, epochs=2)
-    assert (run.start_epoch, run.step, run.done_in_epoch) == (0, 2, 2)  # inside epoch 1: at its third batch
+    assert (run.start_epoch, run.step) == (0, 2)  # inside epoch 1: at its third batch
     stopped_run(signal_at=7)  # resumed at step 2, stopped inside epoch 2
     run = _training_run(tmp_path, epochs=2)
-    assert (run.start_epoch, run.step, run.done_in_epoch) == (1, 8, 2)  # the checkpoint: epoch 1 done, 8 steps
+    assert (run.start_epoch, run.step) == (1, 8)  # the checkpoint: epoch 1 done, 8 steps (2 into epoch 2)
     assert _train(run) == full[8:]  # the same batches and random numbers as the run that was never stopped
     run = _training_run(tmp_path, epochs=2)  # at the last epoch's end: nothing left to do
-    assert (run.start_epoch, run.step, run.done_in_epoch) == (2, 12, 0) and _train(run) == []
+    assert (run.start_epoch, run.step) == (2, 12) and _train(run) == []
 
 
 def test_save_every_saves_inside_an_epoch_without_stopping(tmp_path, signal_handlers, monkeypatch):

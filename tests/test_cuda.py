@@ -18,7 +18,7 @@ import torch
 from torchvision.transforms import v2
 
 import common
-from conftest import read_log, run_killed_after_first_checkpoint, run_script
+from conftest import colour_aug, read_log, run_killed_after_first_checkpoint, run_script
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -67,7 +67,7 @@ def test_convnets_and_every_view_are_channels_last_on_the_gpu():
     model = common.to_device(common.build_backbone("resnet_tiny", small_images=True)[0], cuda)
     conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_cuda and conv.weight.is_contiguous(memory_format=torch.channels_last)
-    colour = common.ColorAugmentation(blur_p=0.5)
+    colour = colour_aug(blur_p=0.5)
     views = [(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8).pin_memory(),
               torch.stack([colour.sample() for _ in range(4)]).pin_memory()) for _ in range(2)]
     out = colour.on_device(views, cuda)
@@ -83,7 +83,7 @@ def test_colour_augmentation_on_the_gpu_equals_the_cpu_within_two_levels():
     float32 rounds differently, cuDNN's blur convolution is TF32 (10-bit mantissa, about 5e-4), and solarize
     flips pixels within that of its threshold (a change of at most twice their distance to it)."""
     torch.manual_seed(0)
-    colour = common.ColorAugmentation(jitter_p=0.9, gray_p=0.2, blur_p=0.8, solarize_p=0.3, blur_scale=96 / 224)
+    colour = colour_aug(jitter_p=0.9, gray_p=0.2, blur_p=0.8, solarize_p=0.3, blur_scale=96 / 224)
     shapes = common.Synthetic("train", img_size=96)
     images = torch.stack([v2.functional.pil_to_tensor(shapes[i][0]) for i in range(64)])
     params = torch.stack([colour.sample() for _ in range(64)])

@@ -16,6 +16,7 @@ import opera
 import rotssl
 import trex
 import univip
+from conftest import colour_aug
 from test_common import _train, _training_run
 
 META = torch.device("meta")
@@ -120,7 +121,7 @@ def test_every_step_runs_with_model_and_batch_on_the_meta_device(step, meta_auto
 def test_views_reach_the_device_before_they_are_concatenated(monkeypatch, meta_autocast):
     """on_device copies each (pinned) view to the device, then concatenates there: no CPU concatenation into
     pageable memory, no synchronous copy."""
-    colour = common.ColorAugmentation(blur_p=0.5)
+    colour = colour_aug(blur_p=0.5)
     views = [(torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8), torch.stack([colour.sample() for _ in "ab"]))
              for _ in range(3)]
     real_cat, devices = torch.cat, []

@@ -237,7 +237,7 @@ def test_swav_step_with_the_queue_equals_swavs():
 # ---------------------------------------------------------------------------- crop sizes and recipes
 def resolved(native, *flags):
     args = rotssl.get_args_parser().parse_args(list(flags))
-    small, recipe = rotssl.resolve_recipe(args, native)
+    small, recipe, _ = rotssl.resolve_recipe(args, native)
     return small, args, recipe
 
 

@@ -437,7 +437,7 @@ def test_a_single_class_folder_is_refused(tmp_path):
 def test_crop_sizes_are_the_references_unless_the_images_are_small_and_flags_override_them():
     def sizes(native, *flags):
         args = trex.get_args_parser().parse_args(list(flags))
-        small, recipe = trex.resolve_recipe(args, native)
+        small, recipe, _ = trex.resolve_recipe(args, native)
         assert f"1 x {args.global_size} px" in recipe["crops"] and f"8 x {args.local_size} px" in recipe["crops"]
         return args.global_size, args.local_size, small
     assert sizes(375) == sizes(180) == sizes(96) == sizes(65) == (224, 96, False)  # whatever the images' size

@@ -457,13 +457,13 @@ def test_recipe_sizes_come_from_the_dataset_and_the_flags_override_them(tmp_path
                                   (folder, ["--scene-size", "160", "--instance-size", "64", "--min-box", "20"],
                                    (160, 64, 20.0))]:
         args = parser.parse_args(flags)
-        small, recipe = univip.resolve_recipe(args, common.native_image_size(data))
+        small, recipe, _ = univip.resolve_recipe(args, common.native_image_size(data))
         assert (args.scene_size, args.instance_size, args.min_box) == expected
         assert small == (args.instance_size <= 64) and f"scene {expected[0]} px" in recipe["crops"]
     for flags, lr, warmup in [([], 3.2, 0.8), (["--arch", "resnet50", "--epochs", "100"], 0.4, 4.0),
                               (["--lr", "0.6", "--warmup-epochs", "10", "--batch-size", "4096"], 0.6, 10.0)]:
         args = parser.parse_args(flags)
-        _, recipe = univip.resolve_recipe(args, 96)
+        _, recipe, _ = univip.resolve_recipe(args, 96)
         assert (args.lr, args.warmup_epochs) == (lr, warmup)
         assert recipe["lr"].startswith(f"{lr * args.batch_size / 512:.4g} ({lr} x {args.batch_size}/512")
 
