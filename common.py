@@ -1,8 +1,7 @@
-"""What the four method files share, in two parts: the ground floor, all a reader needs to understand a method
-(backbones, datasets, the crop-size policy, batched colour augmentation, loaders, features and kNN, and what a step
-calls: collectives, the momentum update, LARS, the schedules), then, under a banner, the plumbing (flags, processes,
-checkpoints, resume, and `TrainingRun`, the glue around each method's training step; at the very end, how the
-synthetic demo images are drawn). Everything specific to one method lives in that method's file."""
+"""What the four method files share. First the ground floor, all a reader needs to understand a method: backbones,
+datasets, crop sizes, batched colour augmentation, loaders, features and kNN, and what a step calls (collectives,
+momentum update, LARS, schedules). Then, under a banner, the plumbing: flags, processes, checkpoints, resume,
+`TrainingRun` (the glue around each method's step) and, last, how the synthetic demo images are drawn."""
 import argparse
 import inspect
 import json
@@ -37,22 +36,18 @@ KNN_BANK = 20_000  # default memory bank of the kNN monitor: 20 images per class
 SMALL_IMAGES = 64  # a dataset whose images have a shorter side of 64 px or less: CIFAR stem, native-size crops
 EXIT_STOPPED = 3  # the exit status of a run stopped by SIGTERM / SIGUSR1 after saving: run it again to resume
 SELF_SUPERVISED_DEMO = (  # printed at the end of the self-supervised demos on the synthetic shapes
-    "what to expect: a few minutes of self-supervised training on the synthetic shapes move the kNN top-1 only a "
-    "few points from random init (the network bootstraps from its own random features); on CIFAR-10, BYOL, "
-    "MoCo v3, UniVIP and SwAV + rotation gain over random init within 2 epochs (README, Results)")
+    "what to expect: a few minutes of self-supervised training on the synthetic shapes move the kNN top-1 only a few "
+    "points from random init; on CIFAR-10, BYOL, MoCo v3, UniVIP and SwAV + rotation gain within 2 epochs (README)")
 
 
 class UserError(Exception):
     """A problem with the user's input: reported as one sentence, without a traceback."""
 
 
-# ----------------------------------------------------------------------------------------------
-# Backbones: image batch -> pooled features, with torchvision's parameter names
-# ----------------------------------------------------------------------------------------------
+# ---- Backbones: image batch -> pooled features, with torchvision's parameter names -----------------------------------
 def sincos_position_embedding(grid, dim, temperature=10000.0):
-    """MoCo v3's fixed 2-D sin-cos position embedding, (1, 1 + grid^2, dim) with a zero row for the class token:
-    token t = r * grid + c (row-major, as the patch embedding is flattened) gets [sin(r w), cos(r w), sin(c w),
-    cos(c w)] with frequencies w_i = temperature^(-i / (dim / 4))."""
+    """MoCo v3's fixed 2-D sin-cos table (1, 1 + grid^2, dim), a zero row for the class token: token r * grid + c
+    (row-major) gets [sin(r w), cos(r w), sin(c w), cos(c w)], frequencies w_i = temperature^(-i / (dim / 4))."""
     if dim % 4:
         raise ValueError(f"the sin-cos position embedding needs a width divisible by 4, got {dim}")
     omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
@@ -63,12 +58,10 @@ def sincos_position_embedding(grid, dim, temperature=10000.0):
 
 
 class ViT(VisionTransformer):
-    """torchvision's VisionTransformer built and initialised as MoCo v3's ViT (Chen, Xie, He 2021, Sec. 5; vits.py), for
-    any image size: the position embedding is the fixed 2-D sin-cos table, a buffer, neither trained nor decayed
-    (torchvision's key `encoder.pos_embedding`: backbone.pt loads into its VisionTransformer); q, k and v initialised
-    as three xavier-uniform blocks, other Linears xavier-uniform, biases 0, the class token N(0, 1e-6), the patch
-    embedding uniform with bound sqrt(6 / (3 p^2 + D)). Methods that freeze the patch embedding (MoCo v3, OPERA) do so
-    themselves. Other input sizes (multi-crop) get the table interpolated (bicubic) to their token grid, as in DINO."""
+    """torchvision's VisionTransformer as MoCo v3's ViT (Chen, Xie, He 2021, Sec. 5; vits.py), any image size: a fixed
+    sin-cos position table, a buffer at torchvision's key (backbone.pt loads into its VisionTransformer), bicubic-
+    interpolated to other token grids (multi-crop, as DINO); q, k, v xavier-uniform as three blocks, other Linears
+    xavier-uniform, biases 0, class token N(0, 1e-6), patch embedding U(+-sqrt(6 / (3 p^2 + D)))."""
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -123,10 +116,9 @@ def vit_patch_size(img_size):
 
 
 def build_backbone(arch, small_images=False, img_size=224, zero_init_residual=False, stem_padding=1):
-    """Returns (module, feat_dim): the module maps images (n, 3, h, w) to pooled features (n, feat_dim).
-    ResNets are torchvision's with `fc = Identity`; with `small_images` (64 px or less) the stem is a 3x3 stride-1
-    convolution without max-pool (the CIFAR variant; solo-learn's pads by 2: `stem_padding`). ViTs are torchvision's
-    with `heads = Identity`. Parameter names are torchvision's, so the weights load into torchvision models."""
+    """(module, feat_dim): images (n, 3, h, w) -> pooled features (n, feat_dim), with torchvision's parameter names
+    (`fc` / `heads` = Identity). `small_images` (64 px or less): the CIFAR stem, a 3x3 stride-1 convolution padded by
+    `stem_padding` (solo-learn's: 2), no max-pool."""
     if arch == "resnet_tiny":
         model, feat_dim = _resnet_tiny()
     elif arch in ("resnet18", "resnet34", "resnet50"):
@@ -160,9 +152,7 @@ def to_device(module, device):
     return module
 
 
-# ----------------------------------------------------------------------------------------------
-# Datasets: CIFAR / STL-10, image folders, scenes with boxes, the synthetic shapes (drawn at the end of this file)
-# ----------------------------------------------------------------------------------------------
+# ---- Datasets: CIFAR / STL-10, image folders, scenes with boxes, the synthetic shapes (drawn at the file's end) ------
 def box_iou(a, b):
     """IoU of two boxes given as (x, y, w, h)."""
     inter = (max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])) *
@@ -220,9 +210,8 @@ def image_folder(root):
 
 
 def build_dataset(data, split="train", data_dir="data", download=False, with_unlabeled=False):
-    """The raw dataset of (PIL RGB image, label) pairs, label -1 where an image has none. `split`: "train" (a folder's
-    train/, else the folder itself) or "val" (its val/ or test/, CIFAR's test set; None if there is none);
-    `with_unlabeled` adds STL-10's unlabeled split to its train split (self-supervised pretraining)."""
+    """(PIL RGB image, label) pairs, -1 where there is none. `split`: "train" (a folder's train/, else itself) or
+    "val" (val/ or test/, a test set; None if none). `with_unlabeled`: STL-10's unlabeled split with its train split."""
     if data == "synthetic":
         return Synthetic(split)
     train = split == "train"
@@ -255,10 +244,9 @@ def _read_json(path, what):
 
 
 def build_scene_dataset(data, data_dir="data", boxes_file=None, split="train"):
-    """Scenes with boxes for UniVIP: `synthetic`, the synthetic scenes with their exact boxes; `coco`,
-    `data_dir/train2017/*.jpg` with `data_dir/annotations/instances_train2017.json` (crowd boxes skipped; images without
-    boxes kept, the sampler falls back to random boxes); or a folder of images with `boxes_file`, a JSON object mapping
-    each image path (relative to the folder) to a list of [x, y, w, h] boxes (e.g. selective-search proposals)."""
+    """Scenes with boxes for UniVIP: `synthetic` (exact boxes); `coco`, data_dir/train2017 with its instances file
+    (crowd boxes skipped; images without boxes kept: the sampler falls back to random ones); or a folder of images
+    with `boxes_file`, JSON: image path (relative to the folder) -> [[x, y, w, h], ...] (e.g. selective search)."""
     if data == "synthetic":
         return Synthetic(split, scenes=True, boxes_only=True)
     if data == "coco":
@@ -297,9 +285,8 @@ def num_classes_of(dataset):
 
 
 def native_image_size(dataset, sample=64, seed=0):
-    """The shorter side of the dataset's images (crop_sizes's `native`): the median over a seeded sample of up to
-    `sample` images (of a folder, only the file headers are read), so one odd file never decides it (a folder whose
-    first image is 240 x 180 is still one of ImageNet-sized photos). CIFAR: 32, STL-10: 96."""
+    """The images' shorter side (crop_sizes's `native`): the median over a seeded sample (a folder's file headers
+    only), so one odd file never decides it. CIFAR: 32, STL-10: 96."""
     inner = dataset
     while not isinstance(inner, ImageList) and hasattr(inner, "dataset"):
         inner = inner.dataset  # through wrappers such as a partly labelled view of the data
@@ -311,9 +298,8 @@ def native_image_size(dataset, sample=64, seed=0):
 
 
 def crop_sizes(native, global_size=None, local_size=None):
-    """Every script's crop sizes, from the images' shorter side `native` (native_image_size): images <= SMALL_IMAGES px
-    (CIFAR) are cropped at native size, local crops at 96/224 of it (a multiple of 8: 32 -> 16 px); larger ones get the
-    references' 224 and 96 px, whatever their size. Set flags win. -> (small_images, global, local size)."""
+    """-> (small_images, global, local size) from the images' shorter side: <= SMALL_IMAGES px (CIFAR), native size and
+    96/224 of it to a multiple of 8 (32 -> 16 px); larger, the references' 224 and 96 px. Set flags win."""
     small = native <= SMALL_IMAGES
     global_size = global_size or (native if small else 224)
     local_size = local_size or (max(8, 8 * round(global_size * 96 / 224 / 8)) if small else 96)
@@ -327,9 +313,7 @@ def describe_sizes(native, small, why=None, **sizes):
     return f"crop sizes: {chosen} (images of about {native} px, {kind})"
 
 
-# ----------------------------------------------------------------------------------------------
-# Augmentation building blocks (the methods compose them; each method's pipeline is in its file)
-# ----------------------------------------------------------------------------------------------
+# ---- Augmentation building blocks (the methods compose them; each method's pipeline is in its file) ------------------
 def to_normalized_tensor(mean=IMAGENET_MEAN, std=IMAGENET_STD):
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
 
@@ -371,9 +355,9 @@ def grayscale(x):
 
 
 def gaussian_taps(sigma, kernel_size):
-    """Blur weights (n, kernel_size) for sigmas (n,): Lindeberg's discrete Gaussian e^-t I_k(t), t = sigma^2, of
-    variance exactly sigma^2 (before the cut at kernel_size // 2), which PIL's box blurs aim at; torchvision's density
-    at integer taps is nearly a delta below 0.5 px. I_k(t): sum_j (t/2)^(2j+k) / (j! (j+k)!), float64, log domain."""
+    """Weights (n, kernel_size) for sigmas (n,): Lindeberg's discrete Gaussian e^-t I_k(t), t = sigma^2, of variance
+    exactly sigma^2 (before the cut) as PIL's box blurs aim at; torchvision's sampled density is nearly a delta below
+    0.5 px. I_k(t) = sum_j (t/2)^(2j+k) / (j! (j+k)!), in float64, log domain."""
     half = kernel_size // 2
     k = torch.arange(-half, half + 1, dtype=torch.float64, device=sigma.device).abs().view(1, -1, 1)
     j = torch.arange(20 + half * half, dtype=torch.float64, device=sigma.device)  # enough terms up to 3 sigma = half
@@ -384,10 +368,8 @@ def gaussian_taps(sigma, kernel_size):
 
 
 def gaussian_blur(x, sigma, kernel_size):
-    """Separable blur of variance sigma^2 (gaussian_taps), sigma per image (0: unchanged), odd kernel_size, in one
-    grouped conv2d per direction for the whole batch (each image's channels with its kernel). Borders are mirrored
-    with the edge pixel repeated (..., 1, 0 | 0, 1, ...), which is how PIL's box blurs come out: as close to PIL there
-    as inside the image (tests/test_color.py), where reflecting without the edge pixel is far off."""
+    """Separable blur of variance sigma^2 per image (0: none), one grouped conv2d per direction. Borders mirrored with
+    the edge pixel repeated (1, 0 | 0, 1), as PIL's box blurs come out; without, far from PIL (tests/test_color.py)."""
     B, C, H, W = x.shape
     half = kernel_size // 2
     w = gaussian_taps(_per_image(sigma, x).view(-1), kernel_size).to(x.dtype).repeat_interleave(C, 0)
@@ -413,7 +395,6 @@ def _jitter_blend(x, op, b, c, s):
 
 class PILGaussianBlur:
     """PIL's Gaussian blur of a PIL image, sigma uniform in (low, high), drawn from torch's RNG (seeded per image)."""
-
     def __init__(self, sigma):
         self.sigma = sigma
 
@@ -425,25 +406,21 @@ class PILGaussianBlur:
 
 
 class ColorAugmentation:
-    """SimCLR/BYOL photometric augmentation, batched on the training device, each image with its own draw.
+    """SimCLR/BYOL photometric augmentation, batched on the training device, each image with its own draw: the
+    distribution of RandomApply([ColorJitter(*jitter)], jitter_p), RandomGrayscale(gray_p), Gaussian blur (sigma
+    uniform in sigma * blur_scale) with blur_p, RandomSolarize(128, solarize_p), Normalize(mean, std), split in two:
+    `sample()` draws one image's parameters in the DataLoader worker (torch's RNG, seeded per image), `__call__(images,
+    params)` applies a batch of them on the GPU. Parameters (NUM_PARAMS = 11; an op not applied stores its identity):
+    0-2 brightness, contrast, saturation factors, 3 hue shift, 4-7 the jitter order (the op at each position: 0-3 in
+    that order), 8 grayscale, 9 blur sigma, 10 solarize. `blur_scale` (crop_size / 224) scales sigma to the crop; the
+    kernel spans 3 of the largest sigma each side. Every method turns the blur off at 64 px or less (solo-learn's CIFAR
+    recipes; sigma x 32/224 <= 0.29 px there). Ops with probability 0 are skipped.
 
-    The same distribution as RandomApply([ColorJitter(*jitter)], jitter_p), RandomGrayscale(gray_p), Gaussian blur
-    (sigma uniform in sigma * blur_scale) with blur_p, RandomSolarize(128, solarize_p), then Normalize(mean, std), split
-    in two so that the images need not be augmented where they are loaded: `sample()` draws one image's parameters
-    (cheap, in the DataLoader worker, with torch's RNG that the worker seeds per image), and `__call__(images, params)`
-    applies a batch of them on the GPU. sample() layout (NUM_PARAMS = 11, an op not applied stores its identity):
-    0 brightness, 1 contrast, 2 saturation (factors, 1 = identity), 3 hue (shift, 0 = identity), 4-7 the jitter order
-    (the op at each position: 0 brightness, 1 contrast, 2 saturation, 3 hue), 8 grayscale, 9 blur sigma, 10 solarize.
-    `blur_scale` (the methods pass crop_size / 224) scales sigma for crops other than 224 px; the kernel spans 3 sigma
-    of the largest sigma each side. Every method turns the blur off on images of 64 px or less (solo-learn's CIFAR
-    recipes; sigma x 32/224 is at most 0.29 px there). Ops with probability 0 are skipped.
-
-    Where every script here differs from its reference (torchvision's ops on PIL images): PIL rounds to uint8 after
-    every op (jittered images 1.3 levels darker on average) and computes hue in 8-bit HSV (up to 5.6 levels apart at
-    |hue| <= 0.2); solarize here thresholds the unrounded value. PIL's GaussianBlur is three box blurs aiming at
-    variance sigma^2, rounded to uint8 between passes (an image comes out unchanged at sigma 0.1); here one discrete
-    Gaussian of exactly that variance: up to 8.2 levels apart (on 50 CIFAR-10 images: tests/test_color.py prints the
-    figures). On GPUs with bf16 the scripts use bf16 autocast without a grad scaler; the references fp16 with one."""
+    Where every script differs from its reference (torchvision on PIL images): PIL rounds to uint8 after every op
+    (jittered images 1.3 levels darker on average), computes hue in 8-bit HSV (up to 5.6 levels apart at |hue| <=
+    0.2); solarize here thresholds the unrounded value. PIL's blur is three box blurs aiming at variance sigma^2,
+    rounded between passes (unchanged at sigma 0.1); here one discrete Gaussian of that variance: up to 8.2 levels
+    apart (50 CIFAR-10 images, tests/test_color.py). GPUs with bf16: bf16 autocast, no scaler (references: fp16)."""
 
     NUM_PARAMS = 11
 
@@ -459,8 +436,8 @@ class ColorAugmentation:
         self.mean, self.std = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
 
     def torchvision(self, geometric):
-        """`geometric` (crop, flip), then these operations as torchvision transforms of a PIL image, all in the worker
-        (the references' form; slower with few CPU cores, with PIL's rounding, below) -> normalised float tensor."""
+        """`geometric` (crop, flip), then these ops as torchvision transforms of a PIL image in the worker (the
+        references' form: slower with few cores, PIL's rounding) -> normalised float tensor."""
         ops = [geometric, v2.RandomApply([v2.ColorJitter(*self.jitter)], p=self.jitter_p),
                v2.RandomGrayscale(self.gray_p)]
         if self.blur_p > 0:  # PIL's, as the references' (torchvision's GaussianBlur barely blurs below sigma 0.5)
@@ -508,9 +485,8 @@ class ColorAugmentation:
         return v2.functional.pil_to_tensor(geometric(image)), self.sample()
 
     def on_device(self, views, device):
-        """Device side: this pipeline's collated views, [(uint8 images (B, 3, h, w), params (B, P)), ...], all of one
-        size, each copied asynchronously from the loader's pinned memory, concatenated -> normalised float images on
-        `device` in one call (channels_last on CUDA), split back per view: networks see each view alone."""
+        """Device side: collated views of one size, [(uint8 images (B, 3, h, w), params (B, P)), ...], copied
+        asynchronously, augmented in one call (channels_last on CUDA), split back per view (networks see each alone)."""
         on = lambda i: torch.cat([v[i].to(device, non_blocking=True) for v in views])
         x = self(on(0), on(1))
         if device.type == "cuda":
@@ -518,12 +494,10 @@ class ColorAugmentation:
         return list(x.chunk(len(views)))
 
 
-# ----------------------------------------------------------------------------------------------
-# Loaders with exactly reproducible augmentation; features and weighted kNN (DINO's protocol)
-# ----------------------------------------------------------------------------------------------
+# ---- Loaders with exactly reproducible augmentation; features and weighted kNN (DINO's protocol) ---------------------
 class EpochSampler(torch.utils.data.Sampler):
-    """This process's share of a seeded shuffle, yielding (index, epoch) pairs: an image's augmentation can be seeded by
-    (seed, epoch, index), identical whatever the workers (persistent ones included) and after a resume."""
+    """This process's share of a seeded shuffle as (index, epoch) pairs: the augmentation is seeded by (seed, epoch,
+    index), the same whatever the workers and after a resume."""
 
     def __init__(self, dataset_len, rank=0, world_size=1, seed=0, subset=0):
         self.indices = np.arange(dataset_len)
@@ -569,8 +543,7 @@ class Augmented(torch.utils.data.Dataset):
 
 
 def train_loader(dataset, transform, batch_size, ddp, workers, seed, subset=0, collate_fn=None):
-    """Loader for training: `transform(image, target)` builds one sample; call
-    `loader.sampler.set_epoch(epoch)` at the start of every epoch. `batch_size` is per process."""
+    """`transform(image, target)` builds one sample; `batch_size` is per process; loader.sampler.set_epoch(epoch)."""
     sampler = EpochSampler(len(dataset), ddp.rank, ddp.world_size, seed, subset)
     if len(sampler) < batch_size:
         raise UserError(f"the training set has {len(sampler) * ddp.world_size} images, fewer than one batch "
@@ -599,8 +572,7 @@ class Transformed(torch.utils.data.Dataset):
 
 @torch.no_grad()
 def extract_features(model, dataset, batch_size, workers, device, autocast=None):
-    """Features and labels of every item of `dataset` (in order), on every process: each process embeds a strided
-    share, the shares are gathered and put back in order. Any dataset size works."""
+    """Features and labels of every item of `dataset`, in order, on every process (each embeds a strided share)."""
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     rank, n = dist.get_rank() if world > 1 else 0, len(dataset)
     if n < world:
@@ -651,10 +623,8 @@ def knn_classify(train_features, train_labels, test_features, test_labels, num_c
 
 
 class KNNMonitor:
-    """kNN top-1 of the backbone's features on the validation split during training. The memory bank is the (labelled)
-    training subset in use, with the evaluation transform, capped at `bank` images by a fixed seeded choice: on ImageNet
-    the default 20,000 (plus the 50,000 validation images) makes a monitor cost 5 % of the forward passes of embedding
-    all 1.28 M training images. Disabled (returns None) for data without labels or without a val split."""
+    """kNN top-1 on the val split (None without labels or val). Bank: the labelled training images in use, at most
+    `bank` by a fixed seeded choice (ImageNet: 20,000 + 50,000 val images, 5 % of embedding all 1.28 M)."""
 
     def __init__(self, data, data_dir, img_size, small_images, workers, device, subset=0, seed=0, download=False,
                  bank=KNN_BANK, train=None, batch_size=256, mean=IMAGENET_MEAN, std=IMAGENET_STD):
@@ -682,9 +652,7 @@ class KNNMonitor:
         return dict(zip(("knn_top1", "knn_top5"), knn_classify(ftrain, ytrain, fval, yval, self.num_classes)))
 
 
-# ----------------------------------------------------------------------------------------------
-# What a method's step calls: collectives, the momentum update, parameter groups, LARS, schedules
-# ----------------------------------------------------------------------------------------------
+# ---- What a method's step calls: collectives, the momentum update, parameter groups, LARS, schedules -----------------
 def all_gather_nograd(x):
     """Concatenate a tensor over processes along dim 0, without gradient (keys, memory writes)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -710,12 +678,10 @@ def param_groups(modules, weight_decay):
 
 
 class LARS(torch.optim.Optimizer):
-    """SGD with momentum and layer-wise trust ratios (You et al. 2017), as BYOL and MoCo v3 use it: update = g + wd * w,
-    scaled by eta * ||w|| / ||update|| (1 if either norm is 0), then momentum (DeepMind's BYOL formula). solo-learn's
-    LARS (EffSSL's) divides by ||g|| + wd ||w|| instead: with r = wd ||w|| / ||g|| the trust ratios differ by up to 2r /
-    (1 - r) (0.22 at r = 0.1). Groups with `lars_exclude=True` (biases, norms) skip decay and adaptation. `clip=True`
-    (LARC) caps the layer's rate at the global one, scale min(eta * ||w|| / (lr * ||update||), 1): a step moves a layer
-    by at most eta of its norm whatever the lr, as the CIFAR recipes tuned with eta 0.02 (solo-learn's BYOL) assume."""
+    """SGD with momentum and layer-wise trust ratios (You et al. 2017) as BYOL and MoCo v3 use it: update = g + wd w,
+    scaled by eta ||w|| / ||update|| (1 if either norm is 0), then momentum (DeepMind's formula; solo-learn's divides by
+    ||g|| + wd ||w||, up to 2r / (1 - r) apart, r = wd ||w|| / ||g||). `lars_exclude` groups skip decay and adaptation.
+    `clip` (LARC): scale min(eta ||w|| / (lr ||update||), 1), at most eta of a layer's norm per step whatever the lr."""
 
     def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001, clip=False):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
@@ -744,10 +710,9 @@ class LARS(torch.optim.Optimizer):
 
 
 def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0.0, warmup_start=0.0, endpoint=True):
-    """Per-iteration values, precomputed (a resumed run lands on exactly the same value): linear warmup from
-    `warmup_start` towards `base`, then cosine to `final` on the last step. `endpoint=False` is DINO's, swav's and
-    naver/trex's cosine_scheduler: the warmup's last step at `base`, then final - (final - base)(1 + cos(pi t / T)) / 2
-    for t = 0 .. T - 1 (`final` after the last step; MoCo v3's momentum without warmup)."""
+    """Per-iteration values (exact after a resume): linear warmup from `warmup_start` towards `base`, then cosine to
+    `final` on the last step. `endpoint=False` is DINO's, swav's and naver/trex's cosine_scheduler: warmup ending at
+    `base`, then final - (final - base)(1 + cos(pi t / T)) / 2, t = 0 .. T - 1 (MoCo v3's momentum, without warmup)."""
     total = int(epochs * iters_per_epoch)
     warmup = min(int(warmup_epochs * iters_per_epoch), total)
     ramp = np.linspace(warmup_start, base, warmup, endpoint=not endpoint)
@@ -772,9 +737,8 @@ def set_lr(optimizer, lr):
 
 
 # ==============================================================================================
-# THE PLUMBING. A reader needs none of what follows to understand a method: flags shared by every
-# script, processes, seeds, mixed precision; checkpoints (backbone.pt record, atomic saves), resume;
-# then, under a banner, the training-run helper (with preemption); last, the synthetic data's drawing.
+# THE PLUMBING. A reader needs none of what follows to understand a method: flags, processes, seeds, precision,
+# checkpoints and resume, the training-run helper (preemption included); last, the synthetic data's drawing.
 # ==============================================================================================
 def run_main(main):
     """Call `main()`; turn a UserError (also one raised inside a loader worker) into one line and exit 2."""
@@ -791,8 +755,8 @@ def run_main(main):
 
 
 def destroy_process_group():
-    """dist.destroy_process_group(), if a group is up. Older torch (2.1) destroys a gloo group holding the GIL while one
-    of its threads may need it to free the last collective's tensors: a rare deadlock, which a short sleep avoids."""
+    """If a group is up. torch 2.1 may destroy a gloo group holding the GIL while one of its threads needs it to free
+    the last collective's tensors: a rare deadlock, which a short sleep avoids."""
     if dist.is_available() and dist.is_initialized():
         if dist.get_backend() == "gloo":
             time.sleep(0.2)
@@ -800,17 +764,15 @@ def destroy_process_group():
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows each flag's `(default: X)`, or the help's own text where it gives the default (a rule: per --arch,
-    per base, per image size, for flags left at None that the recipe sets)."""
+    """`(default: X)` after each flag's help, unless the help gives its default itself (a rule the recipe applies)."""
     def _get_help_string(self, action):
         return action.help if "default" in (action.help or "") else super()._get_help_string(action)
 
 
 def add_common_args(parser, method, *, epochs, batch_size, lr, wd, warmup_epochs, arch="resnet_tiny",
                     eval_every=10, demo_subset=0):
-    """The flags every training script shares. Defaults: the paper's values, except data, arch, epochs, batch size and
-    `demo_subset` (images of --data synthetic used by default): the CPU demo's. `lr`, `wd`, `warmup_epochs`: a number,
-    or the rule by which the method's recipe sets them (shown by --help)."""
+    """The flags every script shares; the paper's defaults, but data, arch, epochs, batch size and `demo_subset` (of
+    --data synthetic) are the CPU demo's. `lr`, `wd`, `warmup_epochs`: a number, or the recipe's rule (a str)."""
     g = parser.add_argument_group("common options (same in every script)")
     g.add_argument("--data", default="synthetic", help="synthetic (embedded, no download), cifar10, cifar100, stl10, "
                    "or the path of an ImageFolder root with train/ and val/ (or test/)")
@@ -834,15 +796,13 @@ def add_common_args(parser, method, *, epochs, batch_size, lr, wd, warmup_epochs
     g.add_argument("--compile", action="store_true", help="torch.compile the networks (before the DDP wrap)")
     g.add_argument("--out", default=f"runs/{method}", help="output folder; training resumes from its checkpoint.pt")
     g.add_argument("--seed", type=int, default=0, help="random seed")
-    g.add_argument("--save-every", type=float, default=0, metavar="MINUTES",
-                   help="also write checkpoint.pt every this many minutes inside an epoch, for machines that die "
-                        "without a signal (SIGTERM and SIGUSR1 always save and stop); 0 = at epoch ends only")
+    g.add_argument("--save-every", type=float, default=0, metavar="MINUTES", help="also save checkpoint.pt every this "
+                   "many minutes (0: at epoch ends only), for machines that die without a signal (SIGTERM saves)")
     g.add_argument("--log-every", type=int, default=20, help="steps between progress-bar and NaN checks")
-    g.add_argument("--eval-every", type=int, default=eval_every,
-                   help="epochs between kNN monitors (also run before training and after the last epoch); 0 = off")
-    g.add_argument("--eval-subset", type=int, default=KNN_BANK,
-                   help="kNN monitor's memory bank: a fixed seeded subset of this many labelled training images "
-                        "(0 = every training image in use); bounds the monitor's cost on large datasets")
+    g.add_argument("--eval-every", type=int, default=eval_every, help="epochs between kNN monitors (also before "
+                   "training and after the last epoch); 0 = off")
+    g.add_argument("--eval-subset", type=int, default=KNN_BANK, help="kNN monitor's memory bank: a fixed seeded subset "
+                   "of this many labelled training images, 0 = all in use (bounds the monitor's cost)")
     return g
 
 
@@ -871,7 +831,7 @@ def check_common_args(args, world_size):
 
 
 def compile_unsupported():
-    """Why torch.compile cannot run here, or None (e.g. Python 3.12 needs torch >= 2.4): one sentence, no traceback."""
+    """Why torch.compile cannot run here (e.g. Python 3.12 needs torch >= 2.4), or None."""
     try:
         import torch._dynamo  # on demand: only --compile and the compile tests need it
         getattr(torch._dynamo.eval_frame, "check_if_dynamo_supported", lambda: None)()
@@ -893,8 +853,8 @@ def check_out_folder(out, flag="--out"):
 
 
 def init_distributed():
-    """One process (`python X.py`) or torchrun (RANK / LOCAL_RANK / WORLD_SIZE from the environment), NCCL on CUDA,
-    gloo on CPU. Returns a namespace: rank, world_size, local_rank, device, is_main, distributed."""
+    """One process, or torchrun's (its environment), NCCL on CUDA, gloo on CPU. -> rank, world_size, local_rank,
+    device, is_main, distributed."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
@@ -956,8 +916,7 @@ def backbone_record(backbone, *, method, arch, small_images, img_size, feat_dim,
 
 
 def load_weights_only(path):
-    """torch.load(weights_only=True) onto the CPU. torch 2.1's weights-only loader warns "TypedStorage is deprecated"
-    about its own internals: silenced, so that an error stays one line and a resume prints nothing spurious."""
+    """torch.load(weights_only=True) onto the CPU, without torch 2.1's warning about its own TypedStorage use."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -970,9 +929,7 @@ FREE_ON_RESUME = ("out", "data_dir", "eval_data_dir", "download", "workers", "co
 
 
 def resume_mismatches(ckpt, args, model=None, optimizer=None, scaler=None):
-    """Why checkpoint `ckpt` is not this run, one phrase each, derived from the checkpoint: the values of the options
-    it was trained with (all but FREE_ON_RESUME: data order, recipe, model, method, precision), its model's tensor
-    names and shapes, its optimizer's parameter groups and its grad scaler's state (fp16 or not)."""
+    """Why `ckpt` is not this run, a phrase each: options (but FREE_ON_RESUME), tensors, optimizer groups, fp16."""
     old, new = ckpt.get("args", {}), plain_args(args)
     as_list = lambda v: list(v) if isinstance(v, tuple) else v  # argparse gives lists where defaults are tuples
     found = [f"--{k.replace('_', '-')} {old[k]} there, {new[k]} here" for k in old
@@ -993,9 +950,8 @@ def resume_mismatches(ckpt, args, model=None, optimizer=None, scaler=None):
 
 
 def load_checkpoint(out, args, model=None, optimizer=None, scaler=None):
-    """`out`/checkpoint.pt if any and this run's (same script, no resume_mismatches; else a sentence naming each,
-    nothing written). Then tidies `out`: removes killed saves' temporaries; drops log.jsonl lines of epochs past the
-    checkpoint (a run killed between an epoch's line and checkpoint redoes it); with no checkpoint, removes the log."""
+    """`out`/checkpoint.pt if any and this run's (else one sentence naming why, nothing written). Tidies `out`: killed
+    saves' temporaries removed, log.jsonl cut to the checkpoint's epochs (removed with no checkpoint)."""
     path, log, ckpt = os.path.join(out, "checkpoint.pt"), os.path.join(out, "log.jsonl"), None
     is_main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     if os.path.exists(path):
@@ -1028,12 +984,9 @@ def load_checkpoint(out, args, model=None, optimizer=None, scaler=None):
     return ckpt
 
 
-# ----------------------------------------------------------------------------------------------
-# The training-run helper: everything around a method's step
-# ----------------------------------------------------------------------------------------------
+# ---- The training-run helper: everything around a method's step ------------------------------------------------------
 def init_run(args, check_method_args):
-    """Processes (one, or torchrun's), the flags (common ones, then `check_method_args(args)`; a bad one: one
-    sentence, before anything is read or written), the seeds (one stream per process). Returns init_distributed's."""
+    """Processes, flags (checked before anything is read or written), seeds (one stream per process) -> `ddp`."""
     ddp = init_distributed()
     check_common_args(args, ddp.world_size)
     check_method_args(args)
@@ -1044,8 +997,7 @@ def init_run(args, check_method_args):
 
 
 def rng_state(device):
-    """This process's random streams: torch's CPU one, Python's and its own GPU's (not every visible GPU's: a resumed
-    run may see fewer, e.g. under another CUDA_VISIBLE_DEVICES)."""
+    """torch's CPU stream, Python's and this process's GPU's (not every visible GPU's: a resume may see fewer)."""
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
@@ -1058,10 +1010,8 @@ def set_rng_state(state, device):
 
 
 class TrainingRun:
-    """The glue around a method's training step, the same in every script (DINO's `restart_from_checkpoint` and
-    `MetricLogger.log_every`). The constructor only stores; each method does what its name says, in the order every
-    `main()` shows: resume(), distribute(), start(knn), then per epoch steps(loader, epoch) with log() after each
-    step and end_epoch(), and finish() at the end."""
+    """The glue around a method's training step (DINO's `restart_from_checkpoint` and `MetricLogger.log_every`). The
+    constructor only stores; the methods run in the order every `main()` shows."""
 
     def __init__(self, args, ddp, model, optimizer, scaler, autocast, *, backbone, record, recipe=None):
         self.args, self.ddp, self.plain, self.optimizer, self.scaler, self.autocast = (
@@ -1073,10 +1023,8 @@ class TrainingRun:
         self.knn = self.knn_init = self.knn_last = None
 
     def resume(self):
-        """Loads --out's checkpoint.pt if there is one (a run of other options: one sentence): the model with its
-        buffers, the optimizer, the grad scaler, this process's random streams, and where the run stopped ("epoch":
-        epochs completed, "step": steps taken; a checkpoint inside an epoch resumes at its next batch). Returns the
-        epoch to start at."""
+        """Loads --out's checkpoint.pt if any: model, optimizer, grad scaler, this process's random streams, and where
+        it stopped (inside an epoch: at its next batch). Returns the epoch to start at."""
         args, ddp = self.args, self.ddp
         ckpt = load_checkpoint(args.out, args, self.plain, self.optimizer, self.scaler)
         if ckpt is not None:
@@ -1090,13 +1038,11 @@ class TrainingRun:
         return self.start_epoch
 
     def distribute(self, broadcast_buffers=True):
-        """The model as the step calls it: with several CUDA processes its BatchNorms become SyncBatchNorm (statistics
-        over the global batch, as the references'; the parameters are shared, so the optimizer's stay valid), then
-        torch.compile with --compile, then DDP under torchrun (gradients averaged over processes; buffers broadcast
-        from rank 0 before every forward unless `broadcast_buffers` is False)."""
+        """The model the step calls: SyncBatchNorm on several GPUs (global-batch statistics, as the references'), then
+        --compile, then DDP under torchrun (buffers sent from rank 0 before each forward if `broadcast_buffers`)."""
         ddp = self.ddp
         if ddp.distributed and ddp.device.type == "cuda":
-            self.plain = nn.SyncBatchNorm.convert_sync_batchnorm(self.plain)
+            self.plain = nn.SyncBatchNorm.convert_sync_batchnorm(self.plain)  # same Parameters: optimizer valid
         self.model = torch.compile(self.plain) if self.args.compile else self.plain  # compile before the DDP wrap
         if ddp.distributed:
             self.model = nn.parallel.DistributedDataParallel(
@@ -1105,9 +1051,8 @@ class TrainingRun:
         return self.model
 
     def start(self, knn=None):
-        """log.jsonl's header (flags, versions, the recipe) and the `recipe:` line; the kNN monitor at random init (a
-        resumed run has it from its checkpoint); SIGTERM and SIGUSR1 (clusters stop jobs with them) then finish the
-        step in progress, save and stop."""
+        """log.jsonl's header and the `recipe:` line; the kNN monitor at random init (unless resumed); from now on
+        SIGTERM and SIGUSR1 (how clusters stop jobs) finish the step in progress, save and stop."""
         args, ddp, self.knn = self.args, self.ddp, knn
         self.log_path = os.path.join(args.out, "log.jsonl")
         if ddp.is_main:
@@ -1135,9 +1080,8 @@ class TrainingRun:
             f.write(json.dumps(line) + "\n")
 
     def steps(self, loader, epoch):
-        """Yields (step, batch) for the epoch's steps (a resumed run skips those it did), in train mode, with a
-        progress bar, the loss checked for NaN every --log-every steps, and a save on a signal or every --save-every
-        minutes. Then measures the epoch's speed, data wait and peak memory."""
+        """Yields (step, batch) for the epoch's steps not yet done, in train mode, with a progress bar, a NaN check
+        every --log-every steps, a save on a signal or every --save-every minutes; then speed, data wait, memory."""
         args, ddp, self.loader = self.args, self.ddp, loader
         skip = self.step - epoch * len(loader) if epoch == self.start_epoch else 0
         loader.sampler.set_epoch(epoch, skip=skip * (args.batch_size // ddp.world_size))
@@ -1168,16 +1112,15 @@ class TrainingRun:
                       "data_wait": min(1.0, self.waited / secs), "peak_mem_mb": peak_mb}
 
     def log(self, losses, **last):
-        """After a step: add its losses to the epoch's sums (no host sync; 'loss' is checked for NaN);
-        `last`: values logged as they are at the epoch's end (lr, momentum, ...)."""
+        """After a step: its losses into the epoch's sums (no host sync); `last`: logged as at the epoch's end."""
         for name, value in losses.items():
             self.totals[name] = self.totals.get(name, 0.0) + value.detach()
         self.recent.append(losses["loss"].detach())
         self.last.update(last)
 
     def _sync(self):
-        """The loop's host syncs, every --log-every steps and at an epoch's end: all processes stop, naming the step, if
-        a recent loss of any is not finite; the GPU's queued work done. Returns (the last loss, time.perf_counter())."""
+        """The loop's host sync (every --log-every steps, an epoch's end): all stop if any recent loss is not finite.
+        Returns (the last loss, time.perf_counter()) once the GPU's queued work is done."""
         recent, self.recent = torch.stack(self.recent) if self.recent else torch.zeros(1, device=self.ddp.device), []
         if all_reduce_sum((~torch.isfinite(recent)).any().int()):  # any process's: all stop at this step
             raise UserError(f"the loss is not finite at or before step {self.step}; run the same command with a lower "
@@ -1187,9 +1130,8 @@ class TrainingRun:
         return recent[-1], time.perf_counter()
 
     def _preempt(self, epoch):
-        """After each step: save on a signal or when --save-every is due, then stop on a signal; the same on every
-        process (one rank's signal is enough). Under torchrun the ranks agree by a small all_reduce every
-        --log-every steps, where the loop syncs anyway; one process checks every step, without a host sync."""
+        """After each step: save on a signal or when --save-every is due, then stop on a signal, every process alike
+        (under torchrun, a small all_reduce every --log-every steps, where the loop syncs anyway)."""
         args, ddp = self.args, self.ddp
         if ddp.distributed and self.step % args.log_every:
             return
@@ -1213,9 +1155,8 @@ class TrainingRun:
             sys.exit(EXIT_STOPPED)
 
     def end_epoch(self, epoch, metrics=None):
-        """The epoch's end: the mean losses over its steps and processes, `metrics` (the method's own evaluation), the
-        kNN monitor every --eval-every epochs and after the last, one log.jsonl line and one epoch line, then
-        checkpoint.pt (to resume) and backbone.pt (to evaluate or fine-tune)."""
+        """The mean losses over steps and processes, `metrics` (the method's evaluation), the kNN monitor every
+        --eval-every epochs and after the last, a log.jsonl line and a printed one, checkpoint.pt and backbone.pt."""
         args, ddp = self.args, self.ddp
         names = sorted(self.totals)  # the same order on every process
         means = all_reduce_sum(torch.stack([self.totals[k] for k in names])) / (len(self.loader) * ddp.world_size)
@@ -1229,8 +1170,7 @@ class TrainingRun:
         self.save(epoch + 1, {})
 
     def save(self, epochs_done, totals):
-        """checkpoint.pt and backbone.pt (atomic), at an epoch's end or inside one (then with the epoch's
-        running sums over all processes, so that its log line stays exact after the resume)."""
+        """checkpoint.pt and backbone.pt (atomic); inside an epoch with its running sums (its log line stays exact)."""
         totals = {k: all_reduce_sum(v.clone()) for k, v in totals.items()}  # collectives: every process
         rng = [mine := rng_state(self.ddp.device)]  # every process's, in rank order: each resumes its own streams
         if dist.is_available() and dist.is_initialized():
@@ -1263,8 +1203,7 @@ class TrainingRun:
 
 
 def epoch_line(stats, epochs):
-    """One format for every script: the loss and its terms, the logged values (lr, momentum, ...), the speed,
-    then the evaluations in percent (accuracies are logged in %, rates in [0, 1])."""
+    """Every script's epoch line: loss and terms, logged values, speed, evaluations in % (rates logged in [0, 1])."""
     terms = [f"{k[5:]} {v:.3f}" for k, v in stats.items() if k.startswith("loss_")]
     values = [(k, v) for k, v in stats.items() if v is not None and not k.startswith("loss") and
               k not in ("epoch", "images_per_s", "data_wait", "peak_mem_mb", "knn_top5")]
@@ -1277,9 +1216,7 @@ def epoch_line(stats, epochs):
                       f"data wait {stats['data_wait']:.0%}", *percent])
 
 
-# ----------------------------------------------------------------------------------------------
-# The synthetic data's drawing (common.Synthetic: the demos' shapes and scenes, from (seed, split, index))
-# ----------------------------------------------------------------------------------------------
+# ---- The synthetic data's drawing (common.Synthetic: the demos' shapes and scenes, from (seed, split, index)) --------
 def _ngon(n, radius, phase=0.0):
     return [(radius * math.cos(phase + 2 * math.pi * i / n), radius * math.sin(phase + 2 * math.pi * i / n))
             for i in range(n)]
@@ -1300,16 +1237,13 @@ SHAPES = {
 }
 SHAPE_NAMES = tuple(SHAPES)
 
-# Colours and textures come from small shared sets: many images of every class share each, so no single colour or
-# background pattern tells one image from all others (with unique random colours, instance discrimination is solved
-# by colour alone, as SimCLR found on photos without colour jitter). Their combination nearly does; the README's
-# oracle-pair control (Results) shows that this is not what keeps the self-supervised demos from learning faster.
+# Colours and textures come from small shared sets, so no colour or pattern alone tells one image from all others
+# (with unique colours, instance discrimination is solved by colour, as SimCLR found without colour jitter).
 PALETTE = np.array([[230, 60, 50], [60, 170, 70], [50, 90, 220], [240, 200, 40], [150, 60, 190], [40, 190, 200],
                     [240, 130, 30], [235, 235, 235], [30, 30, 30], [130, 130, 130]], np.float32)
 
-# Scenes: shapes per scene (low, high exclusive) and radius range (a fraction of the side, log-uniform). Many small
-# shapes, as COCO has many objects per image: with fewer, larger ones (3 to 6 of radius 0.09 to 0.17) three pairs of
-# UniVIP's scene views in four held fewer than K = 4 whole shapes in their overlap and fell back to random boxes.
+# Scenes: shapes per scene (high exclusive), radius (fraction of the side, log-uniform). Many small ones, as COCO
+# has: with 3 to 6 of 0.09 to 0.17, 3 in 4 of UniVIP's view pairs held fewer than K = 4 shapes in their overlap.
 SCENE_SHAPES, SCENE_RADIUS = (8, 15), (0.05, 0.15)
 
 
@@ -1342,11 +1276,9 @@ def _paint(background, m, rng):
 
 
 class Synthetic(torch.utils.data.Dataset):
-    """Ten shape classes with random colour (from a palette), size, position and rotation (+-30 degrees from
-    upright) on textured backgrounds: colour, position and background carry no class information, so a
-    representation must learn shape. Every image is a pure function of (seed, split, index): no storage, any
-    worker can build it. `scenes=True`: 8 to 14 shapes of several sizes, none touching another, on a larger canvas,
-    with their exact boxes (x, y, w, h in pixels) and classes instead of one label (`boxes_only`: the boxes alone)."""
+    """Ten shape classes, random palette colour, size, position and rotation (+-30 degrees from upright) on textured
+    backgrounds: only the shape tells the class. Each image is a function of (seed, split, index). `scenes=True`: 8 to
+    14 shapes, none touching, with exact boxes (x, y, w, h px) and classes as the label (`boxes_only`: boxes alone)."""
 
     classes = list(SHAPE_NAMES)
 
