@@ -117,9 +117,7 @@ def check_args(args, world_size):
         common.check_out_folder(args.out)
 
 
-# ----------------------------------------------------------------------------------------------
-# Reading a checkpoint: backbone.pt, checkpoint.pt or another code base's checkpoint
-# ----------------------------------------------------------------------------------------------
+# ---- Reading a checkpoint: backbone.pt, checkpoint.pt or another code base's checkpoint ------------------------------
 # Where the backbone sits in the papers' own checkpoints (nested keys joined by dots, no DDP `module.` or torch.compile
 # `_orig_mod.`); the first that fills the backbone wins. No momentum encoder, student or EMA model is among them.
 PREFIXES = ("",                          # a bare state dict: torchvision's, SwAV's, DINO's and t-ReX's model zoos
@@ -217,9 +215,7 @@ def backbone_from_record(record, img_size=None):
     return model, feat_dim
 
 
-# ----------------------------------------------------------------------------------------------
-# --check-data: decode every image of a folder once, before a long run meets a broken file
-# ----------------------------------------------------------------------------------------------
+# ---- --check-data: decode every image of a folder once, before a long run meets a broken file ------------------------
 class DecodeCheck(torch.utils.data.Dataset):
     """Item i: "" if image i decodes completely, else its path and the error."""
 
@@ -256,9 +252,7 @@ def check_data(root, workers):
     sys.exit(1 if bad else 0)
 
 
-# ----------------------------------------------------------------------------------------------
-# Linear probe on cached features (--mode fast)
-# ----------------------------------------------------------------------------------------------
+# ---- Linear probe on cached features (--mode fast) -------------------------------------------------------------------
 def train_linear(features, labels, num_classes, lr, wd, epochs, batch_size, seed):
     """SGD (momentum 0.9) with a per-iteration cosine schedule on fixed features; returns the layer."""
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -316,9 +310,7 @@ def fast_linear_probe(ftrain, ytrain, ftest, ytest, num_classes, args):
             "sweep_heldout_top1": {f"lr={k[0]},wd={k[1]}": v for k, v in sweep.items()}}
 
 
-# ----------------------------------------------------------------------------------------------
-# Linear probe on augmented images with the frozen backbone (--mode full)
-# ----------------------------------------------------------------------------------------------
+# ---- Linear probe on augmented images with the frozen backbone (--mode full) -----------------------------------------
 class ProbeAugmentation:
     """RandomResizedCrop + flip (ImageNet-sized images) or pad-4 RandomCrop + flip (small images)."""
 
@@ -398,7 +390,7 @@ def check_unchanged(backbone, loaded):
                            "a bug in this script; no result written")
 
 
-# ----------------------------------------------------------------------------------------------
+# ---- The evaluation: the record, its features, kNN, the linear probe -------------------------------------------------
 def main():
     args = get_args_parser().parse_args()
     if args.check_data is not None:

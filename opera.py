@@ -96,9 +96,7 @@ PAPER_DEFAULTS = {
 DEMO_DEFAULTS = dict(lr=2.4, warmup_epochs=1, crop_min=0.5)
 
 
-# ----------------------------------------------------------------------------------------------
-# Options
-# ----------------------------------------------------------------------------------------------
+# ---- Options ---------------------------------------------------------------------------------------------------------
 def get_args_parser():
     parser = argparse.ArgumentParser(description="OPERA (MoCo v3 + a class head): omni-supervised pretraining",
                                      formatter_class=common.HelpFormatter)
@@ -161,9 +159,7 @@ def check_args(args):
         raise common.UserError("--dim and --mlp-dim must be positive")
 
 
-# ----------------------------------------------------------------------------------------------
-# Data: two asymmetric views (BYOL / MoCo v3) and the seeded labelled fraction
-# ----------------------------------------------------------------------------------------------
+# ---- Data: two asymmetric views (BYOL / MoCo v3) and the seeded labelled fraction ------------------------------------
 class TwoViewAugmentation:
     """(image, label) -> (view1, view2, label). Both views: RandomResizedCrop(scale=(crop_min, 1)), flip,
     colour jitter p 0.8, grayscale p 0.2; view 1 always blurred, view 2 blurred with p 0.1 and solarized
@@ -215,9 +211,7 @@ class PartiallyLabeled(torch.utils.data.Dataset):
         return image, label if self.labeled[index] else -1
 
 
-# ----------------------------------------------------------------------------------------------
-# Model: MoCo v3's online and momentum networks plus OPERA's class head; the loss
-# ----------------------------------------------------------------------------------------------
+# ---- Model: MoCo v3's online and momentum networks plus OPERA's class head; the loss ---------------------------------
 # Copy kit: mlp, contrastive_loss, class_loss, OPERA (build_model: zero-init residuals), TwoViewAugmentation for the
 # views; from common: all_gather_nograd and all_reduce_sum (no-ops in one process), momentum_update, cosine_schedule.
 # OPERA does not move its momentum encoder: the loop calls common.momentum_update(*model.momentum_pairs(), m) before
@@ -318,9 +312,7 @@ def class_head_top1(model, val_set, workers, device, autocast):
     return 100.0 * (logits.argmax(1) == labels).float().mean().item()
 
 
-# ----------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------
+# ---- Training --------------------------------------------------------------------------------------------------------
 def main():
     # ---------------------------------------------------------------- plumbing: processes, flags, seeds
     args = get_args_parser().parse_args()
