@@ -76,24 +76,20 @@ from torchvision.transforms import v2
 
 import common
 
-# The recipe, in one place (detail 5): the base method's row, and for BYOL on images of SMALL_IMAGES px or less
-# solo-learn's CIFAR row; a flag that is set wins. The LARS trust coefficient and clip are no flags: each recipe
-# was tuned with its own, as its normalisation and stem. Warmup: 10 epochs in both papers, at most a fifth of a run.
+# The recipe, in one place (detail 5): the base's row; BYOL on images of SMALL_IMAGES px or less: solo-learn's CIFAR
+# row. Set flags win. LARS's eta and clip, normalisation and stem are no flags: each recipe was tuned with its own.
 IMAGENET = dict(mean=common.IMAGENET_MEAN, std=common.IMAGENET_STD, stem_padding=1)
 RECIPES = {
-    # EffSSL's SwAV: warmup 0.3 -> 1.2 (not batch-scaled), cosine to 0.0012
     "swav": dict(lr=1.2, wd=1e-6, warmup_epochs=10.0, warmup_start_lr=0.3, final_lr=0.0012, lars_eta=0.001,
-                 lars_clip=False, **IMAGENET),
+                 lars_clip=False, **IMAGENET),  # EffSSL's SwAV; warmup 10 epochs in both papers
     # DeepMind's ImageNet BYOL: lr x batch / 256, warmup from 0, cosine to 0; lr, wd, tau from BYOL_PRESETS
     "byol": dict(warmup_epochs=10.0, warmup_start_lr=0.0, final_lr=0.0, lars_eta=0.001, lars_clip=False, **IMAGENET),
-    # solo-learn's CIFAR BYOL: each layer's rate clipped at the global one, from a warmup start above 0; tau 0.99;
-    # CIFAR-10's mean and std; its CIFAR stem's 3x3 convolution pads by 2 (34 x 34 feature maps from 32 px)
+    # solo-learn's CIFAR BYOL: its stem's 3x3 convolution pads by 2 (34 x 34 feature maps from 32 px)
     "byol_small": dict(lr=1.0, wd=1e-5, warmup_epochs=10.0, warmup_start_lr=3e-5, final_lr=0.0, lars_eta=0.02,
                        lars_clip=True, ema=0.99, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616),
                        stem_padding=2),
 }
-# DeepMind's byol/configs/byol.py: (lr, wd, tau) per run length in epochs; a run takes the preset of the shortest
-# length at or above its --epochs (1000 beyond): 100 epochs or less but above 40, the 100-epoch preset
+# DeepMind's byol/configs/byol.py: (lr, wd, tau) per run length; a run takes the shortest at or above its --epochs
 BYOL_PRESETS = {40: (0.45, 1e-6, 0.97), 100: (0.45, 1e-6, 0.99), 300: (0.3, 1e-6, 0.99), 1000: (0.2, 1.5e-6, 0.996)}
 
 
@@ -101,11 +97,11 @@ BYOL_PRESETS = {40: (0.45, 1e-6, 0.97), 100: (0.45, 1e-6, 0.99), 300: (0.3, 1e-6
 # Options
 # ----------------------------------------------------------------------------------------------
 def get_args_parser():
+    small = f"images of {common.SMALL_IMAGES} px or less"
     p = argparse.ArgumentParser("rotssl", description=__doc__.split("\n\n")[0], formatter_class=common.HelpFormatter,
-                                epilog="--lr, --wd, --warmup-epochs, --warmup-start-lr, --final-lr and --ema default "
-                                       f"to the recipe of --base (byol_small: BYOL on images of {common.SMALL_IMAGES} "
-                                       f"px or less; warmup at most a fifth of the run): {RECIPES}; byol's lr, wd "
-                                       f"and tau by --epochs (the preset at or above it): {BYOL_PRESETS}")
+                                epilog="--lr, --wd, --warmup-epochs, --warmup-start-lr, --final-lr, --ema default to "
+                                f"the recipe of --base (byol_small: BYOL on {small}): {RECIPES}; byol's lr, wd, tau: "
+                                f"the preset at or above --epochs, {BYOL_PRESETS}")
     # lr, wd, warmup, ema: None = the recipe's (resolve_recipe); the demo: 1 epoch of 10,000 images, 312 steps of 32
     common.add_common_args(p, "rotssl", epochs=1, batch_size=32, lr="by --base and image size, below",
                            wd="by --base and image size, below", warmup_epochs="10, at most --epochs / 5")
@@ -114,15 +110,13 @@ def get_args_parser():
                    help="the self-supervised method the rotation task is added to (swav = the reference code)")
     g.add_argument("--rot-weight", type=float, default=0.1,
                    help="lambda, the weight of the summed rotation cross-entropies; 0 = the plain base method")
-    small = f"images of {common.SMALL_IMAGES} px or less"
     g.add_argument("--global-size", type=int, default=None,
                    help=f"global crop side (default: the reference's 224; the native size on {small}, e.g. CIFAR)")
     g.add_argument("--local-size", type=int, default=None,
                    help=f"SwAV's local crop side (default: the reference's 96; global size x 96/224 on {small})")
     g.add_argument("--warmup-start-lr", type=float, default=None,
                    help=f"lr at the start of the warmup (default: SwAV 0.3; BYOL 0, or solo-learn's 3e-5 on {small})")
-    g.add_argument("--final-lr", type=float, default=None,
-                   help="learning rate at the end of the cosine (default: SwAV 0.0012, BYOL 0)")
+    g.add_argument("--final-lr", type=float, default=None, help="lr at the cosine's end (default: SwAV 0.0012, BYOL 0)")
     g = p.add_argument_group("SwAV base")
     g.add_argument("--n-prototypes", type=int, default=None,
                    help="number of prototypes; default 3000 (the paper) for images above 64 px, min(300, batch size + "
@@ -131,8 +125,7 @@ def get_args_parser():
     g.add_argument("--epsilon", type=float, default=0.05,
                    help="entropic regularisation of Sinkhorn-Knopp; lower = sharper codes, but may overflow")
     g.add_argument("--sinkhorn-iters", type=int, default=3, help="Sinkhorn-Knopp iterations")
-    g.add_argument("--freeze-prototypes-iters", type=int, default=313,
-                   help="iterations at the start during which the prototypes receive no update")
+    g.add_argument("--freeze-prototypes-iters", type=int, default=313, help="first iterations, prototypes frozen")
     g.add_argument("--n-local", type=int, default=6, help="number of small local crops (multi-crop)")
     g.add_argument("--queue-length", type=int, default=0, help="SwAV's queue of past projections for the codes, "
                    "all processes together (each uses length / processes), a multiple of --batch-size; 0 = off "
@@ -140,17 +133,15 @@ def get_args_parser():
     g.add_argument("--epoch-queue-starts", type=int, default=15, help="epoch from which the queue fills (used "
                    "once full); if the loss then rises and stays up, start it later or shorten it (swav)")
     g = p.add_argument_group("BYOL base")
-    g.add_argument("--ema", type=float, default=None,
-                   help="initial momentum of the target network, rising to 1 on a cosine (default: DeepMind's preset "
-                        f"for --epochs, 0.97 to 0.996; solo-learn's 0.99 on {small})")
+    g.add_argument("--ema", type=float, default=None, help="initial momentum of the target network, to 1 on a cosine "
+                   f"(default: DeepMind's preset for --epochs, 0.97 to 0.996; solo-learn's 0.99 on {small})")
     return p
 
 
 def resolve_recipe(args, native):
-    """Fill the options left unset: the crop sizes from the images' shorter side `native` (detail 6), then
-    the recipe's row of RECIPES (detail 5), including args.lars_eta and args.lars_clip; stored in args before
-    the log header is written, so that they are logged. Returns (small_images, the recipe as printed and logged,
-    the peak lr)."""
+    """Fill the options left unset: the crop sizes from the images' shorter side `native` (detail 6), then the row
+    of RECIPES (detail 5), args.lars_eta and args.lars_clip too; in args before the log header is written, so that
+    they are logged. Returns (small_images, the recipe as printed and logged, the peak lr)."""
     small, args.global_size, args.local_size = common.crop_sizes(native, args.global_size, args.local_size)
     swav, row = args.base == "swav", "byol_small" if args.base == "byol" and small else args.base
     defaults = dict(RECIPES[row])
@@ -162,8 +153,7 @@ def resolve_recipe(args, native):
     for name, value in defaults.items():
         if getattr(args, name, None) is None:  # lars_eta, lars_clip, mean, std, stem_padding: always the row's
             setattr(args, name, value)
-    if args.n_prototypes is None:  # 3000 (the paper) needs batches of 1024 or the queue: a batch spread over far
-        # more clusters than it has images gets near-uniform codes, a loss stuck at ln K; small data: batch + queue
+    if args.n_prototypes is None:  # 3000 needs batch 1024 or the queue, else near-uniform codes, loss stuck at ln K
         args.n_prototypes = min(300, args.batch_size + args.queue_length) if small else 3000
     how, lr = ("not batch-scaled", args.lr) if swav else (f"{args.lr} x {args.batch_size}/256",
                                                           args.lr * args.batch_size / 256)
@@ -218,14 +208,12 @@ def rotate_views(x, k):
 
 
 class Augmentation:
-    """One image -> {"global": [2 views], "local": [n views], "rotation": k (2,)} in the worker, where a view is a
-    cropped and flipped uint8 image with its colour parameters; `on_device` finishes a batch on the training
-    device: the colour operations, then the rotated copies of the two global views.
-
-    swav: multi-crop, one pipeline for all crops: RandomResizedCrop bilinear (scale (0.14, 1) global, (0.05, 0.14)
-    local), flip, ColorJitter(0.8, 0.8, 0.8, 0.2) p 0.8, grayscale 0.2, blur p 0.5. byol: two views, RandomResizedCrop
-    bicubic (0.08, 1), ColorJitter(0.4, 0.4, 0.2, 0.1) p 0.8, blur 1.0 / 0.1 and solarize 0.0 / 0.2. Blur sigmas
-    scale with global_size, none if `small` (detail 6); `norm`: Normalize's mean and std."""
+    """One image -> {"global": [2 views], "local": [n views], "rotation": k (2,)} in the worker, a view a cropped and
+    flipped uint8 image with its colour parameters; `on_device` finishes a batch on the device: the colour operations,
+    then the rotated copies of the global views. swav: multi-crop, one pipeline for all crops: RandomResizedCrop
+    bilinear (scale (0.14, 1) global, (0.05, 0.14) local), flip, ColorJitter(0.8, 0.8, 0.8, 0.2) p 0.8, grayscale 0.2,
+    blur p 0.5. byol: two views, RandomResizedCrop bicubic (0.08, 1), ColorJitter(0.4, 0.4, 0.2, 0.1) p 0.8, blur
+    1.0 / 0.1, solarize 0.0 / 0.2; blur sigma scales with global_size, none if `small` (detail 6). `norm`: mean, std."""
 
     def __init__(self, base, global_size, local_size, n_local, rotate, small=False, **norm):
         swav = base == "swav"
@@ -257,9 +245,8 @@ class Augmentation:
         return sample
 
     def torchvision(self):
-        """The views as the reference composes them, torchvision transforms of a PIL image in the worker (slower with
-        few CPU cores): [global view 1's, global view 2's(, a local view's)], image -> normalised float tensor. The
-        rotations are this method's own: rotate_views turns the finished global views."""
+        """The views as the reference composes them, torchvision transforms of a PIL image in the worker (slower on few
+        cores): [global view 1's, global view 2's(, a local view's)], image -> normalised float tensor; no rotations."""
         views = [colour.torchvision(self.global_crop) for colour in self.global_colours]
         return views + [self.local_colour.torchvision(self.local_crop)] if self.n_local else views
 
@@ -278,13 +265,12 @@ class Augmentation:
 # ----------------------------------------------------------------------------------------------
 # Heads and losses
 # ----------------------------------------------------------------------------------------------
-# Copy kit: mlp, rotation_head, sinkhorn_codes, swav_loss, byol_loss, RotSSL, and rotate_views and Augmentation for the
-# views; from common: LARS, param_groups, cosine_schedule, momentum_update (BYOL), all_gather_nograd and all_reduce_sum
-# (no-ops in one process). SwAV: the loop calls model.normalize_prototypes() before each forward and drops the
-# prototypes' gradient for --freeze-prototypes-iters steps; forward writes the queue only with fill_queue=True and
-# reads it with use_queue=True. BYOL: RotSSL does not move its target: common.momentum_update(*model.momentum_pairs(),
-# tau) after each optimizer step; forgotten, the target stays at its random init, no error. No labels. Several GPUs:
-# nn.SyncBatchNorm (run.distribute() converts when several CUDA processes run); Sinkhorn's sums are all-reduced.
+# Copy kit: mlp, rotation_head, sinkhorn_codes, swav_loss, byol_loss, RotSSL; rotate_views, Augmentation (the views);
+# from common: LARS, param_groups, cosine_schedule, momentum_update (BYOL), all_gather_nograd, all_reduce_sum (no-ops in
+# one process). SwAV: the loop calls model.normalize_prototypes() before each forward, drops the prototypes' gradient
+# for --freeze-prototypes-iters steps; forward writes the queue only if fill_queue, reads it only if use_queue. BYOL:
+# the loop calls common.momentum_update(*model.momentum_pairs(), tau) after each optimizer step (forgotten: the target
+# stays at its random init, no error). No labels. Several GPUs: SyncBatchNorm (run.distribute()), Sinkhorn all-reduces.
 def mlp(in_dim, hidden_dim, out_dim):
     return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
                          nn.Linear(hidden_dim, out_dim))
@@ -298,9 +284,8 @@ def rotation_head(feat_dim, hidden_dim=2048):
 @torch.no_grad()
 def sinkhorn_codes(scores, eps=0.05, iters=3):
     """SwAV's codes (Caron et al. 2020, eq. 3 and appendix A.1): soft assignments of the samples to the prototypes,
-    rows summing to 1, each prototype used by about B / K samples. scores: (b, K) prototype scores of this
-    process's samples (with the queue: its queue's, then its batch's); under torch.distributed the row and total
-    sums are all-reduced, so the codes equal those of one process holding all B = b x N samples."""
+    rows summing to 1, each prototype used by about B / K samples. scores: (b, K) of this process's samples (with the
+    queue: its queue's, then its batch's); sums all-reduced: the codes of one process holding all B = b x N samples."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     Q = torch.exp(scores.float() / eps).t()  # (K, b): cosine scores / 0.05 stay below e^20, fine in fp32
     K, B = Q.shape[0], Q.shape[1] * world
@@ -392,8 +377,7 @@ class RotSSL(nn.Module):
         return swav_loss(scores, codes, self.temperature)
 
     def byol_step(self, x1, x2):
-        # one call per view and network: BN normalises over the B images of one view (detail 2)
-        p1, p2 = [self.predictor(self.projector(self.backbone(x))) for x in (x1, x2)]
+        p1, p2 = [self.predictor(self.projector(self.backbone(x))) for x in (x1, x2)]  # one call per view (detail 2)
         with torch.no_grad():  # the target sees the two unrotated views only
             z1, z2 = [self.momentum_projector(self.momentum_backbone(x)) for x in (x1, x2)]
         return byol_loss(p1, p2, z1, z2)
@@ -438,21 +422,17 @@ def main():
 
     # ---------------------------------------------------------------- model (SwAV or BYOL, + rotation head)
     backbone, feat_dim = common.build_backbone(args.arch, small, args.global_size, stem_padding=args.stem_padding)
-    model = RotSSL(backbone, feat_dim, args.base, args.rot_weight, args.n_prototypes, args.temperature,
-                   args.epsilon, args.sinkhorn_iters, args.queue_length)
-    model = common.to_device(model, ddp.device)
+    model = common.to_device(RotSSL(backbone, feat_dim, args.base, args.rot_weight, args.n_prototypes, args.temperature,
+                                    args.epsilon, args.sinkhorn_iters, args.queue_length), ddp.device)
     momentum_params, online_params = ([], []) if swav else model.momentum_pairs()
 
     # ---------------------------------------------------------------- optimizer, schedules, precision
     optimizer = common.LARS(common.param_groups(model, args.wd), momentum=0.9, trust_coefficient=args.lars_eta,
                             clip=args.lars_clip)
-    # SwAV: swav's schedule step for step, not batch-scaled (endpoint=False); BYOL: lr x batch/256 (detail 5)
     lr_schedule = common.cosine_schedule(lr, args.final_lr, args.epochs, len(loader), args.warmup_epochs,
-                                         args.warmup_start_lr, endpoint=not swav)
-    # BYOL: tau from --ema (DeepMind's preset; 0.99 on small images) to 1 on a per-iteration cosine
-    ema_schedule = None if swav else common.cosine_schedule(args.ema, 1.0, args.epochs, len(loader))
-    # SwAV's queue (detail 4): filled from epoch --epoch-queue-starts on, in the codes once full (swav's test)
-    queue_from = args.epoch_queue_starts * len(loader) if args.queue_length else float("inf")
+                                         args.warmup_start_lr, endpoint=not swav)  # SwAV: swav's, step for step
+    ema_schedule = None if swav else common.cosine_schedule(args.ema, 1.0, args.epochs, len(loader))  # BYOL's tau
+    queue_from = args.epoch_queue_starts * len(loader) if args.queue_length else float("inf")  # as swav (detail 4)
     queue_full = queue_from + args.queue_length // args.batch_size
     autocast, scaler = common.mixed_precision(args.precision, ddp.device)
 
@@ -484,9 +464,7 @@ def main():
             else:  # BYOL: the target follows the online networks after the optimizer step
                 common.momentum_update(momentum_params, online_params, ema_schedule[step])
                 run.log(losses, lr=lr_schedule[step], ema=ema_schedule[step])
-        # the epoch's end: the mean losses, the kNN monitor every --eval-every epochs, the log line, checkpoint.pt
-        # (to resume; with SwAV's queue) and backbone.pt
-        run.end_epoch(epoch)
+        run.end_epoch(epoch)  # mean losses, kNN every --eval-every epochs, log, checkpoint.pt (+ queue), backbone.pt
     run.finish(note=common.SELF_SUPERVISED_DEMO if args.data == "synthetic" else None)
 
 

@@ -99,30 +99,25 @@ DEMO_DEFAULTS = dict(lr=0.8, ema=0.99, hidden_dim=512)  # for --arch resnet_tiny
 # Options
 # ----------------------------------------------------------------------------------------------
 def get_args_parser():
-    p = argparse.ArgumentParser("trex", description="t-ReX / t-ReX*: supervised training with multi-crop, "
-                                "an expendable projector and online class-mean prototypes",
-                                formatter_class=common.HelpFormatter)
+    p = argparse.ArgumentParser("trex", formatter_class=common.HelpFormatter, description="t-ReX / t-ReX*: supervised "
+                                "training with multi-crop, an expendable projector and online class-mean prototypes")
     # the CPU demo: 4 epochs of 4,000 synthetic images (248 steps of 64) fit the 3-minute budget on 2 cores
     common.add_common_args(p, "trex", epochs=4, batch_size=64, wd=1e-4, warmup_epochs="a tenth of --epochs",
                            lr=f"the paper's {PAPER_DEFAULTS['lr']}, resnet_tiny {DEMO_DEFAULTS['lr']}",
                            eval_every=4, demo_subset=4000)
     by_recipe = lambda name: ", ".join(f"{r} {v[name]}" for r, v in RECIPES.items())
     g = p.add_argument_group("t-ReX options (unset ones follow --recipe)")
-    g.add_argument("--recipe", default="trex", choices=tuple(RECIPES),
-                   help="trex: 3 hidden projector layers, scale split 0.25, OCM (best transfer); trex_star: 1 "
-                        "layer, split 0.40, OCM (best accuracy on the training classes); plain: as trex with a "
-                        "learnable cosine classifier instead of OCM")
-    g.add_argument("--projector-layers", type=int, default=None,
-                   help="hidden layers of the projector (more layers: better transfer, lower top-1); "
-                        "0 = no projector, the classifier reads the pooled features (default: by --recipe: "
-                        f"{by_recipe('projector_layers')})")
-    g.add_argument("--hidden-dim", type=int, default=None,
-                   help="width of the projector's hidden layers (default: the paper's "
-                        f"{PAPER_DEFAULTS['hidden_dim']}, resnet_tiny {DEMO_DEFAULTS['hidden_dim']})")
+    g.add_argument("--recipe", default="trex", choices=tuple(RECIPES), help="trex: 3 hidden projector layers, "
+                   "scale split 0.25, OCM (best transfer); trex_star: 1 layer, split 0.40, OCM (best accuracy on the "
+                   "training classes); plain: as trex with a learnable cosine classifier instead of OCM")
+    g.add_argument("--projector-layers", type=int, default=None, help="hidden layers of the projector (more "
+                   "layers: better transfer, lower top-1); 0 = no projector, the classifier reads the pooled features "
+                   f"(default: by --recipe: {by_recipe('projector_layers')})")
+    g.add_argument("--hidden-dim", type=int, default=None, help="width of the projector's hidden layers (default: "
+                   f"the paper's {PAPER_DEFAULTS['hidden_dim']}, resnet_tiny {DEMO_DEFAULTS['hidden_dim']})")
     g.add_argument("--bottleneck-dim", type=int, default=256, help="output dimension of the projector")
-    g.add_argument("--memory-size", type=int, default=None,
-                   help="entries of the OCM memory; 0 = a learned classifier instead of prototypes (default: by "
-                        f"--recipe: {by_recipe('memory_size')})")
+    g.add_argument("--memory-size", type=int, default=None, help="entries of the OCM memory; 0 = a learned "
+                   f"classifier instead of prototypes (default: by --recipe: {by_recipe('memory_size')})")
     g.add_argument("--tau", type=float, default=0.1, help="temperature of the cosine softmax")
     g.add_argument("--ema", "--momentum", dest="ema", type=float, default=None,
                    help="momentum of the encoder that fills the memory (constant, no schedule; default: the paper's "
@@ -421,9 +416,8 @@ def main():
 
     # ---------------------------------------------------------------- model (t-ReX: projector + OCM classifier)
     backbone, feat_dim = common.build_backbone(args.arch, small, args.global_size)
-    model = TReX(backbone, feat_dim, num_classes, args.projector_layers, args.hidden_dim, args.bottleneck_dim,
-                 args.memory_size, args.tau, args.ema)  # the momentum encoder and the memory live in the model
-    model = common.to_device(model, ddp.device)
+    model = common.to_device(TReX(backbone, feat_dim, num_classes, args.projector_layers, args.hidden_dim,
+                                  args.bottleneck_dim, args.memory_size, args.tau, args.ema), ddp.device)
 
     # ---------------------------------------------------------------- optimizer, schedules, precision
     optimizer = torch.optim.SGD(common.param_groups(model, args.wd), lr=0.0, momentum=0.9)
@@ -445,8 +439,7 @@ def main():
                              record=dict(method="trex", small_images=small, img_size=args.global_size,
                                          feat_dim=feat_dim))
     start_epoch = run.resume()  # from --out's checkpoint.pt, if any: weights, optimizer, scaler, RNG, position
-    # SyncBatchNorm on several GPUs, torch.compile, DDP under torchrun; the memory stays identical on every process
-    # by construction (detail 4): DDP need not broadcast the buffers every step
+    # SyncBatchNorm on several GPUs, torch.compile, DDP under torchrun; no buffer broadcast: memories agree (detail 4)
     train_model = run.distribute(broadcast_buffers=False)
     run.start(knn)  # log.jsonl's header, the recipe line, the kNN monitor at random init
 
@@ -463,9 +456,7 @@ def main():
             scaler.step(optimizer)
             scaler.update()
             run.log({"loss": loss}, lr=lr_schedule[step])
-        # the epoch's end: the mean loss, the classifier's top-1, the kNN monitor every --eval-every epochs, the log
-        # line, checkpoint.pt (to resume) and backbone.pt
-        run.end_epoch(epoch, evaluate())
+        run.end_epoch(epoch, evaluate())  # mean loss, detail 9, kNN (--eval-every), log, checkpoint.pt, backbone.pt
     run.finish()
 
 

@@ -4,25 +4,21 @@ Paper: "UniVIP: A Unified Framework for Self-Supervised Visual Pre-training", Zh
 Chaoyang Zhao, Yingying Chen, Zhiyang Chen, Jiahao Xie, Liwei Wu, Rui Zhao, Ming Tang and Jinqiao Wang, CVPR 2022, arXiv
 2203.06965. No official code; ORL (Jiahao000/ORL, BYOL-based, same group) is nearest: UniVIP reuses its COCO protocol.
 
-The idea. BYOL assumes that two random crops of an image show the same object, which fails on scene images such as COCO.
-UniVIP samples two scene views sure to contain the same K object instances (boxes from selective search, annotations,
-...) and trains one BYOL network pair at three levels: (1) scene-scene, the two views agree (BYOL); (2) scene-instance,
-an aggregate of the K instances agrees with each scene view; (3) instance-instance, the K online instance embeddings are
-matched to the K target ones by optimal transport (Sinkhorn), so the network learns which instances match without
-hand-made pairs. `--losses ss` is BYOL on the same data: the paper's baseline.
+The idea. BYOL assumes two random crops of an image show the same object, false on scene images such as COCO. UniVIP
+samples two scene views sure to contain the same K object instances (boxes: selective search, annotations, ...) and
+trains one BYOL network pair at three levels: (1) scene-scene, the two views agree (BYOL); (2) scene-instance, an
+aggregate of the K instances agrees with each scene view; (3) instance-instance, the K online instance embeddings
+matched to the K target ones by optimal transport (Sinkhorn), not hand-made pairs. `--losses ss`: the BYOL baseline.
 
 Implementation details (choices the paper leaves open, and how they are made here)
  1. Instances are cut from the original image before any flip (a flip never breaks the box correspondence): each box at
     whole pixels, then resized to a square, bilinear (crop_resize: ORL's, for the scene windows too).
- 2. The box filter (min side, aspect ratio <= 3, drop IoU > 0.5 with a kept box) keeps boxes in the order of their
-    source: put the best proposals first in a --boxes file.
+ 2. The box filter (min side, aspect <= 3, drop IoU > 0.5 with a kept box) keeps source order: best first in --boxes.
  3. Fallback when 20 window pairs never hold K boxes (Sec. 3.1): the pair whose intersection holds the most real boxes
     (ties: the larger one; it must fit a box of --min-box), filled up with random boxes of the filter's size and aspect
     (IoU <= 0.5, 10 tries per box); if none fits a box, both windows are the whole image. The fallback rate is logged.
- 4. d(a, b) = 2 - 2 cos(a, b) (BYOL's normalised MSE) where the paper writes -cos: the same minimiser, gradients
-    times 2, and the learning rates of the BYOL / ORL code.
- 5. The transport plan, its marginals and its cost are computed without gradient, in fp32, by log-domain Sinkhorn (no
-    under/overflow at eps = 0.1); the loss gets its gradient through d only.
+ 4. d(a, b) = 2 - 2 cos (BYOL's normalised MSE) for the paper's -cos: same minimiser, gradients x 2, BYOL / ORL lr.
+ 5. OT plan, marginals, cost: no gradient, fp32, log-domain Sinkhorn (no under/overflow at eps 0.1); grads via d only.
  6. Calls as BYOL's code makes them: each scene view through the online networks (backbone, projector, predictor) and
     the target networks in a call of its own (every BatchNorm sees the B images of one view); the instances are two more
     views, as ORL's patch views: the B*K online crops in one online call, the target ones in one target call.
@@ -36,8 +32,7 @@ Implementation details (choices the paper leaves open, and how they are made her
     shorter side of sampled images <= 128 px, e.g. the 96 px synthetic ones): scenes 64, instances 32, --min-box 8
     (UniVIP's own policy, not common.crop_sizes); flags override each. Instances <= 64 px get the CIFAR stem. The kNN
     monitor uses single-object images (32 px synthetic shapes, or --eval-data labelled, with val/; else off).
-10. resnet_tiny (the CPU demo) defaults to lr 3.2 per 512 images, not the paper's 0.4: the demo has 128 steps, the paper
-    800 COCO epochs (the tables at the top of the file; the run prints a `recipe:` line).
+10. resnet_tiny (the CPU demo) defaults to lr 3.2 per 512 images, not the paper's 0.4: 128 steps, not 800 COCO epochs.
 11. The workers decode, pick the windows and boxes, crop and flip; the colour operations run batched on the device, one
     call per view, each crop with its own parameters drawn in the worker (common.ColorAugmentation). Blur sigma
     0.1 to 2 px on every crop, the 96 px instances too (ORL's, BYOL's); none on instances of 64 px or less.
@@ -47,8 +42,7 @@ Equal: the three loss terms (Eq. 1 - 5) and the calls of detail 6; where the pap
 init, lr, colour: details 1, 7, 8, 11) and torchvision's RandomResizedCrop windows. tests/test_univip.py checks each
 term on hand-computed values, a whole step against one written out from this file's modules the BYOL way (loss and
 every gradient, fp32, 1e-5), and each ORL part against ORL's formula. Deliberate differences: the transport marginals
-(at their computation in univip_loss); one predictor for the three terms (detail 7); details 4, 9, 10; colour
-operations, blur and precision as in every script here (common.ColorAugmentation says how they differ).
+(univip_loss), one predictor (detail 7), details 4, 9, 10; colour operations, blur, precision: common.ColorAugmentation.
 
 Commands
   python univip.py                    # CPU demo: synthetic scenes, about 2 minutes on 2 cores
@@ -77,10 +71,8 @@ from torchvision.transforms import v2
 import common
 
 LOSSES = ("ss", "si", "ii")
-# The recipe, in one place (flags win): the paper's COCO recipe (Sec. 4.1: SGD, lr 0.4 per 512 images, wd 1e-4,
-# 4 warmup epochs, at most a fifth of a short run), the CPU demo's lr (detail 10), the crop sizes (detail 9).
-PAPER_DEFAULTS = dict(lr=0.4, warmup_epochs=4.0)
-DEMO_DEFAULTS = dict(lr=3.2)
+# The recipe (flags win; printed as the `recipe:` line): the paper's COCO one (Sec. 4.1: SGD, wd 1e-4), details 9, 10.
+PAPER_DEFAULTS, DEMO_DEFAULTS = dict(lr=0.4, warmup_epochs=4.0), dict(lr=3.2)
 SMALL_SCENES = 128  # px: scenes whose median shorter side is this or less get the small sizes (True)
 SCENE_SIZES = {False: dict(scene_size=224, instance_size=96, min_box=64.0),
                True: dict(scene_size=64, instance_size=32, min_box=8.0)}
@@ -93,8 +85,7 @@ DEMO_NOTE = ("what it shows: UniVIP's three losses on scenes whose two views sha
 # Options
 # ----------------------------------------------------------------------------------------------
 def get_args_parser():
-    p = argparse.ArgumentParser("UniVIP", description=__doc__.split("\n\n")[0],
-                                formatter_class=common.HelpFormatter)
+    p = argparse.ArgumentParser("UniVIP", description=__doc__.split("\n\n")[0], formatter_class=common.HelpFormatter)
     common.add_common_args(p, "univip", epochs=4, batch_size=32, wd=1e-4, eval_every=10, demo_subset=1024,
                            lr=f"the paper's {PAPER_DEFAULTS['lr']} per 512 images, resnet_tiny {DEMO_DEFAULTS['lr']}",
                            warmup_epochs=f"the paper's {PAPER_DEFAULTS['warmup_epochs']:g}, at most --epochs / 5")
@@ -124,9 +115,8 @@ def get_args_parser():
 
 
 def resolve_recipe(args, native):
-    """Fill the options left unset (the tables above; sizes from the scenes' shorter side `native`) and return
-    (small_images, the recipe as printed and logged, the peak lr); small: instances of 64 px or less, the CIFAR stem.
-    The peak lr: --lr x batch / 512, the paper's scaling (0.4 at batch 512 with SGD, 4.8 at 4096 with LARS)."""
+    """Fill the unset options (the tables above; sizes from the scenes' shorter side `native`); return (small_images,
+    the recipe printed and logged, the peak lr: --lr x batch / 512 as the paper, SGD 0.4 at 512, LARS 4.8 at 4096)."""
     defaults = dict(PAPER_DEFAULTS, **(DEMO_DEFAULTS if args.arch == "resnet_tiny" else {}),
                     **SCENE_SIZES[native <= SMALL_SCENES])
     defaults["warmup_epochs"] = min(defaults["warmup_epochs"], args.epochs / 5)
@@ -138,9 +128,8 @@ def resolve_recipe(args, native):
     optimizer = "SGD (momentum 0.9)" if args.optimizer == "sgd" else "LARS (eta 0.001, momentum 0.9)"
     lr = args.lr * args.batch_size / 512
     return args.instance_size <= common.SMALL_IMAGES, dict(
-        lr=f"{lr:.4g} ({args.lr} x {args.batch_size}/512, cosine to 0 by epoch)",
-        wd=args.wd, optimizer=optimizer, warmup=f"{args.warmup_epochs:g} epochs from 1e-4 x",
-        ema=f"{args.ema} -> 1 (cosine)",
+        lr=f"{lr:.4g} ({args.lr} x {args.batch_size}/512, cosine to 0 by epoch)", wd=args.wd,
+        optimizer=optimizer, warmup=f"{args.warmup_epochs:g} epochs from 1e-4 x", ema=f"{args.ema} -> 1 (cosine)",
         crops=f"scene {args.scene_size} px, instance {args.instance_size} px, boxes from {args.min_box:g} px"), lr
 
 
@@ -194,8 +183,7 @@ def random_window(width, height, scale, ratio=(3 / 4, 4 / 3)):
 def random_boxes(region, count, min_side, taken, max_ratio=3.0, iou_threshold=0.5):
     """`count` random boxes inside region (x0, y0, x1, y1): shortest side >= min_side, aspect <= max_ratio,
     IoU <= iou_threshold with `taken` and with each other when 10 tries allow it."""
-    x0, y0, x1, y1 = region
-    out = []
+    (x0, y0, x1, y1), out = region, []
     for _ in range(count):
         for _attempt in range(10):
             w = random.uniform(min_side, min(x1 - x0, max_ratio * (y1 - y0)))
@@ -209,10 +197,9 @@ def random_boxes(region, count, min_side, taken, max_ratio=3.0, iou_threshold=0.
 
 
 def sample_scene_pair(width, height, boxes, num_instances=4, min_box=64.0, scale=(0.08, 1.0), tries=20):
-    """Two independent scene windows whose intersection holds K = `num_instances` of `boxes`, the image's filtered
-    (n, 4) x, y, w, h boxes (Sec. 3.1): up to `tries` pairs of RandomResizedCrop windows are drawn until at least K
-    boxes lie fully inside both, K of them chosen at random; otherwise detail 3's fallback fills up with random boxes.
-    Returns (window1, window2, (K, 4) float32 boxes, fell_back) with windows as integer (x, y, w, h)."""
+    """Two independent scene windows whose intersection holds K = `num_instances` of the image's filtered (n, 4) x, y,
+    w, h `boxes` (Sec. 3.1): up to `tries` RandomResizedCrop pairs until at least K lie fully inside both, K of them at
+    random; else detail 3's fallback. Returns integer (x, y, w, h) window1, window2, (K, 4) float32 boxes, fell_back."""
     min_side = min(min_box, width, height)  # an image smaller than --min-box still gets K boxes
     best, best_key = None, None
     for _ in range(tries):
@@ -242,10 +229,9 @@ def crop_resize(image, box, size):
 
 
 class SceneInstanceAugmentation:
-    """(scene image, boxes) -> (scene view 1, scene view 2, online instances (K), target instances (K), fell_back)
-    in the worker, each view a cropped and flipped uint8 image with its colour parameters; `on_device` applies the
-    colour operations on the device (detail 11). `colours`, BYOL's asymmetric lists (Sec. 4.1) for views 1 and 2 and
-    the instances: blur p 1.0, no solarize; blur p 0.1, solarize p 0.2; no blur if `small` (instances <= 64 px)."""
+    """(scene image, boxes) -> (scene view 1, scene view 2, online instances (K), target instances (K), fell_back) in
+    the worker, each view a flipped uint8 crop with its colour parameters; `on_device`: detail 11. `colours`, BYOL's
+    asymmetric lists (Sec. 4.1, detail 7): blur p 1.0, no solarize; blur p 0.1, solarize p 0.2; no blur if `small`."""
 
     def __init__(self, scene_size, instance_size, num_instances, min_box, scale, with_instances=True, small=False):
         self.scene_size, self.instance_size, self.scale = scene_size, instance_size, scale
@@ -272,9 +258,8 @@ class SceneInstanceAugmentation:
         return self.colours[v].view(self.flip, crop_resize(image, window, self.scene_size))
 
     def torchvision(self):
-        """The colour operations as the reference composes them, torchvision transforms of a PIL image in the worker
-        (slower with few CPU cores): [view 1's and the online instances', view 2's and the target instances'], each a
-        flipped crop (crop_resize) -> normalised float tensor."""
+        """The colour operations as the reference composes them: torchvision transforms, PIL crop -> flipped, normalised
+        tensor in the worker (slower on few cores): [view 1's and online instances', view 2's and target instances']."""
         return [colour.torchvision(self.flip) for colour in self.colours]
 
     def on_device(self, scene1, scene2, online, target, device):
@@ -298,11 +283,9 @@ def collate_scene_pairs(samples):
 # Model: BYOL networks shared by scenes and instances, the instance aggregator, the loss (Sec. 3)
 # ----------------------------------------------------------------------------------------------
 # Copy kit: mlp, distance, sinkhorn_plan, transport_marginal, univip_loss, UniVIP; SceneInstanceAugmentation,
-# collate_scene_pairs and the box helpers above for the data; from common: momentum_update, cosine_schedule (tau),
-# LARS, param_groups. UniVIP does not move its target: after each optimizer step (BYOL's order) the loop calls
-# common.momentum_update(*model.momentum_pairs(), tau); forgotten, the target stays at its random init, no error.
-# forward changes only BatchNorm's running statistics. No labels. Several GPUs: nn.SyncBatchNorm (run.distribute()
-# converts when several CUDA processes run); the loss has no collective: DDP's gradient averaging is all it needs.
+# collate_scene_pairs, the box helpers (data); from common: momentum_update, cosine_schedule (tau), LARS, param_groups.
+# After each optimizer step the loop calls common.momentum_update(*model.momentum_pairs(), tau) (forgotten: no error,
+# a random target); forward changes only BN stats. No labels. Several GPUs: SyncBatchNorm, DDP, no other collective.
 def mlp(in_dim, hidden_dim, out_dim):
     """Projector / predictor: Linear -> BN -> ReLU -> Linear without bias (ORL's, where BYOL's last layer has one),
     initialised as ORL's init_weights(init_linear='kaiming'): weights kaiming normal (fan_in, ReLU gain), biases 0."""
@@ -368,16 +351,14 @@ def univip_loss(online_scenes, target_scenes, online_instances=None, target_inst
 
 
 class UniVIP(nn.Module):
-    """Online f = predictor(projector(backbone)), target g = momentum_projector(momentum_backbone) (a momentum copy),
-    the instance aggregator I = Linear(K * D, D). `forward` is the training step: scene views 1 and 2 (B, 3, S, S),
-    online and target instances (B*K, 3, s, s) or None -> the loss dict."""
+    """Online f = predictor(projector(backbone)), target g = momentum_projector(momentum_backbone), aggregator I =
+    Linear(K * D, D). forward, the training step: views 1, 2 (B, 3, S, S), instances (B*K, 3, s, s) x 2 or None."""
 
     def __init__(self, backbone, feat_dim, num_instances=4, hidden_dim=4096, proj_dim=256, losses=LOSSES,
                  eps=0.1, iters=50):
         super().__init__()
         self.losses, self.num_instances, self.eps, self.iters = tuple(losses), num_instances, eps, iters
-        self.backbone = backbone
-        self.projector = mlp(feat_dim, hidden_dim, proj_dim)
+        self.backbone, self.projector = backbone, mlp(feat_dim, hidden_dim, proj_dim)
         self.predictor = mlp(proj_dim, hidden_dim, proj_dim)
         # built only when used, so that DDP never sees parameters without gradients (e.g. --losses ss)
         self.aggregator = nn.Linear(num_instances * proj_dim, proj_dim) if "si" in losses else None
@@ -397,8 +378,7 @@ class UniVIP(nn.Module):
         return self.momentum_projector(self.momentum_backbone(x))
 
     def forward(self, view1, view2, online_instances=None, target_instances=None):
-        # one call per view and network, as BYOL's code (detail 6): each BatchNorm sees the B images of one view
-        p1, p2 = self.online(view1), self.online(view2)
+        p1, p2 = self.online(view1), self.online(view2)  # one call per view and network, as BYOL's code (detail 6)
         z1, z2 = self.target(view1), self.target(view2)
         o = t = agg = None
         if online_instances is not None and ("si" in self.losses or "ii" in self.losses):
@@ -484,9 +464,7 @@ def main():
             if augmentation.with_instances:  # the epoch's mean: the share of its images that fell back (detail 3)
                 losses["fallback_rate"] = fell_back.to(ddp.device, non_blocking=True).float().mean()
             run.log(losses, lr=lr_schedule[step], ema=ema_schedule[step])
-        # the epoch's end: the mean losses and fallback rate, the kNN monitor every --eval-every epochs, the log line,
-        # checkpoint.pt (to resume) and backbone.pt
-        run.end_epoch(epoch)
+        run.end_epoch(epoch)  # mean losses, fallback rate, the kNN (--eval-every), log line, checkpoint.pt, backbone.pt
     run.finish(note=DEMO_NOTE if args.data == "synthetic" else None)
 
 
