@@ -59,8 +59,8 @@ def get_args_parser():
                         "(default: off)")
     p.add_argument("--ckpt", default=None,
                    help="backbone.pt or checkpoint.pt of any method, a checkpoint of MoCo v3, OPERA, SwAV, DINO, BYOL "
-                        "or t-ReX, a torchvision state dict, or 'random' for a randomly initialised backbone; no default: "
-                        "required")
+                        "or t-ReX, a torchvision state dict, or 'random' for a randomly initialised backbone; no "
+                        "default: required")
     p.add_argument("--arch", default=None, choices=common.ARCHS,
                    help="backbone architecture (default: the checkpoint's; required for 'random' and "
                         "checkpoints that do not name it)")
@@ -78,19 +78,19 @@ def get_args_parser():
                    help="synthetic, cifar10, cifar100, stl10, or an ImageFolder root with train/ and val/ or test/")
     p.add_argument("--data-dir", default="data", help="root of the torchvision datasets")
     p.add_argument("--download", action="store_true", help="download the torchvision dataset into --data-dir")
-    p.add_argument("--subset", type=int, default=0, help="use a fixed random subset of this many training images (0 = all)")
+    p.add_argument("--subset", type=int, default=0, help="a fixed random subset of this many training images (0 = all)")
     p.add_argument("--img-size", type=int, default=0,
                    help="evaluation resolution (0 = the backbone.pt's training size; for other checkpoints 224, or "
                         "with a CIFAR stem the data's own size if at most 64 px; for 'random' the latter rule)")
     p.add_argument("--mode", default="fast", choices=("fast", "full"),
-                   help="fast: linear layer on cached features with an lr/wd sweep; full: MoCo v3 protocol on augmented images")
-    p.add_argument("--epochs", type=int, default=0, help="linear-probe epochs (default: 100 in fast mode, 90 in full mode)")
+                   help="fast: a linear layer on cached features, lr/wd sweep; full: MoCo v3's protocol on images")
+    p.add_argument("--epochs", type=int, default=0, help="linear-probe epochs (default: 100 in fast mode, 90 in full)")
     p.add_argument("--lr", type=float, default=0.0,
                    help="fast: a fixed lr instead of the sweep; full: the base lr, scaled by batch/256 (default: fast "
                         f"mode sweeps {', '.join(f'{v:g}' for v in FAST_LRS)}; full mode 0.1)")
     p.add_argument("--wd", type=float, default=-1.0, help="fast: a fixed weight decay instead of the sweep (default: "
                    f"fast mode sweeps {', '.join(f'{v:g}' for v in FAST_WDS)}; full mode 0)")
-    p.add_argument("--batch-size", type=int, default=256, help="global batch size of the linear probe and of feature extraction")
+    p.add_argument("--batch-size", type=int, default=256, help="global batch of the linear probe and of the features")
     p.add_argument("--knn-k", type=int, default=20, help="number of neighbours of the kNN classifier")
     p.add_argument("--knn-t", type=float, default=0.07, help="temperature of the kNN votes")
     workers = min(8, os.cpu_count() or 1)
@@ -112,7 +112,8 @@ def check_args(args, world_size):
     if args.batch_size < world_size or args.batch_size % world_size:
         raise common.UserError(f"--batch-size {args.batch_size} must be a positive multiple of the number of processes")
     if args.epochs < 0 or args.subset < 0 or args.img_size < 0 or args.knn_k < 1 or args.knn_t <= 0:
-        raise common.UserError("--epochs, --subset and --img-size must not be negative; --knn-k and --knn-t must be positive")
+        raise common.UserError("--epochs, --subset and --img-size must not be negative; --knn-k and --knn-t must be "
+                               "positive")
     if args.out is not None:
         common.check_out_folder(args.out)
 
@@ -474,7 +475,8 @@ def main():
     with open(tmp, "w") as f:
         json.dump(results, f, indent=2)
     os.replace(tmp, path)
-    print(f"\n{results['method']} {results['arch']} on {data_name} ({len(train_eval)} train / {len(test_eval)} test images)")
+    print(f"\n{results['method']} {results['arch']} on {data_name} "
+          f"({len(train_eval)} train / {len(test_eval)} test images)")
     print(f"{'protocol':<24}{'top-1':>8}{'top-5':>8}")
     print(f"{'kNN (k=%d, T=%g)' % (args.knn_k, args.knn_t):<24}{knn1:>8.2f}{knn5:>8.2f}")
     lin = results["linear"]

@@ -93,9 +93,7 @@ RECIPES = {
 BYOL_PRESETS = {40: (0.45, 1e-6, 0.97), 100: (0.45, 1e-6, 0.99), 300: (0.3, 1e-6, 0.99), 1000: (0.2, 1.5e-6, 0.996)}
 
 
-# ----------------------------------------------------------------------------------------------
-# Options
-# ----------------------------------------------------------------------------------------------
+# ---- Options ---------------------------------------------------------------------------------------------------------
 def get_args_parser():
     small = f"images of {common.SMALL_IMAGES} px or less"
     p = argparse.ArgumentParser("rotssl", description=__doc__.split("\n\n")[0], formatter_class=common.HelpFormatter,
@@ -193,9 +191,7 @@ def check_args(args):
         raise common.UserError(f"--ema must be in [0, 1) (got {args.ema})")
 
 
-# ----------------------------------------------------------------------------------------------
-# Augmentation: the base method's views, plus rotated copies of the two global views
-# ----------------------------------------------------------------------------------------------
+# ---- Augmentation: the base method's views, plus rotated copies of the two global views ------------------------------
 def rotate_views(x, k):
     """Rotate image i of a batch (n, c, h, w) by k[i] * 90 degrees counter-clockwise (as torch.rot90), so that
     `torch.rot90(rotated[i], -k[i], (1, 2))` gives back x[i] exactly. Any device, no host sync; square images."""
@@ -262,9 +258,7 @@ class Augmentation:
         return out
 
 
-# ----------------------------------------------------------------------------------------------
-# Heads and losses
-# ----------------------------------------------------------------------------------------------
+# ---- Heads and losses ------------------------------------------------------------------------------------------------
 # Copy kit: mlp, rotation_head, sinkhorn_codes, swav_loss, byol_loss, RotSSL; rotate_views, Augmentation (the views);
 # from common: LARS, param_groups, cosine_schedule, momentum_update (BYOL), all_gather_nograd, all_reduce_sum (no-ops in
 # one process). SwAV: the loop calls model.normalize_prototypes() before each forward, drops the prototypes' gradient
@@ -395,9 +389,7 @@ class RotSSL(nn.Module):
         return target, online
 
 
-# ----------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------
+# ---- Training --------------------------------------------------------------------------------------------------------
 def main():
     # ---------------------------------------------------------------- plumbing: processes, flags, seeds
     args = get_args_parser().parse_args()

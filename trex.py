@@ -95,9 +95,7 @@ RECIPES = {
 DEMO_DEFAULTS = dict(lr=0.8, ema=0.99, hidden_dim=512)  # for --arch resnet_tiny only
 
 
-# ----------------------------------------------------------------------------------------------
-# Options
-# ----------------------------------------------------------------------------------------------
+# ---- Options ---------------------------------------------------------------------------------------------------------
 def get_args_parser():
     p = argparse.ArgumentParser("trex", formatter_class=common.HelpFormatter, description="t-ReX / t-ReX*: supervised "
                                 "training with multi-crop, an expendable projector and online class-mean prototypes")
@@ -179,9 +177,7 @@ def check_args(args):
         raise common.UserError("--global-size and --local-size must be at least 8 pixels")
 
 
-# ----------------------------------------------------------------------------------------------
-# Augmentation: 1 global + n local crops, every crop keeps the image's label (Sec. 3.1)
-# ----------------------------------------------------------------------------------------------
+# ---- Augmentation: 1 global + n local crops, every crop keeps the image's label (Sec. 3.1) ---------------------------
 class MultiCropAugmentation:
     """One image -> ([global crop, local crop 1, .., local crop n], label). Global: RandomResizedCrop(global_size,
     scale (s, 1), bicubic), flip, colour jitter (0.4, 0.4, 0.2, 0.1) with p 0.8, grayscale 0.2, Gaussian blur
@@ -217,9 +213,7 @@ class MultiCropAugmentation:
             self.local_colour.on_device(crops[1:], device) if self.n_local else [])
 
 
-# ----------------------------------------------------------------------------------------------
-# Model: projector, classifiers, OCM memory, the training step
-# ----------------------------------------------------------------------------------------------
+# ---- Model: projector, classifiers, OCM memory, the training step ----------------------------------------------------
 # Copy kit: Projector, cosine_logits, class_prototypes, multicrop_cross_entropy, OCMMemory, TReX, MultiCropAugmentation
 # for the crops; from common: momentum_update, all_gather_nograd (no-op in one process), cosine_schedule (the lr).
 # TReX.forward(crops, labels) changes state: after the online logits it moves the momentum encoder by the constant
@@ -388,9 +382,7 @@ def check_replicas_agree(model):
         raise RuntimeError("the processes' models or memories diverged; this is a bug, please report it")
 
 
-# ----------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------
+# ---- Training --------------------------------------------------------------------------------------------------------
 def main():
     # ---------------------------------------------------------------- plumbing: processes, flags, seeds
     args = get_args_parser().parse_args()

@@ -17,8 +17,10 @@ Implementation details (choices the paper leaves open, and how they are made her
  3. Fallback when 20 window pairs never hold K boxes (Sec. 3.1): the pair whose intersection holds the most real boxes
     (ties: the larger one; it must fit a box of --min-box), filled up with random boxes of the filter's size and aspect
     (IoU <= 0.5, 10 tries per box); if none fits a box, both windows are the whole image. The fallback rate is logged.
- 4. d(a, b) = 2 - 2 cos (BYOL's normalised MSE) for the paper's -cos: same minimiser, gradients x 2, BYOL / ORL lr.
- 5. OT plan, marginals, cost: no gradient, fp32, log-domain Sinkhorn (no under/overflow at eps 0.1); grads via d only.
+ 4. d(a, b) = 2 - 2 cos(a, b) (BYOL's normalised MSE) where the paper writes -cos: the same minimiser, gradients
+    times 2, and the learning rates of the BYOL / ORL code.
+ 5. The transport plan, its marginals and its cost are computed without gradient, in fp32, by log-domain Sinkhorn (no
+    under/overflow at eps = 0.1); the loss gets its gradient through d only.
  6. Calls as BYOL's code makes them: each scene view through the online networks (backbone, projector, predictor) and
     the target networks in a call of its own (every BatchNorm sees the B images of one view); the instances are two more
     views, as ORL's patch views: the B*K online crops in one online call, the target ones in one target call.
@@ -42,7 +44,8 @@ Equal: the three loss terms (Eq. 1 - 5) and the calls of detail 6; where the pap
 init, lr, colour: details 1, 7, 8, 11) and torchvision's RandomResizedCrop windows. tests/test_univip.py checks each
 term on hand-computed values, a whole step against one written out from this file's modules the BYOL way (loss and
 every gradient, fp32, 1e-5), and each ORL part against ORL's formula. Deliberate differences: the transport marginals
-(univip_loss), one predictor (detail 7), details 4, 9, 10; colour operations, blur, precision: common.ColorAugmentation.
+(at their computation in univip_loss); one predictor for the three terms (detail 7); details 4, 9, 10; colour
+operations, blur and precision as in every script here (common.ColorAugmentation says how they differ).
 
 Commands
   python univip.py                    # CPU demo: synthetic scenes, about 2 minutes on 2 cores
@@ -81,9 +84,7 @@ DEMO_NOTE = ("what it shows: UniVIP's three losses on scenes whose two views sha
              "as BYOL's demo's; UniVIP against BYOL on CIFAR scenes: bash tests/results_cifar.sh (README, Results)")
 
 
-# ----------------------------------------------------------------------------------------------
-# Options
-# ----------------------------------------------------------------------------------------------
+# ---- Options ---------------------------------------------------------------------------------------------------------
 def get_args_parser():
     p = argparse.ArgumentParser("UniVIP", description=__doc__.split("\n\n")[0], formatter_class=common.HelpFormatter)
     common.add_common_args(p, "univip", epochs=4, batch_size=32, wd=1e-4, eval_every=10, demo_subset=1024,
@@ -150,9 +151,7 @@ def check_args(args):
         raise common.UserError(f"--boxes is for a folder of images; --data {args.data} brings its own boxes")
 
 
-# ----------------------------------------------------------------------------------------------
-# Data: two scene views that share K instances (Sec. 3.1)
-# ----------------------------------------------------------------------------------------------
+# ---- Data: two scene views that share K instances (Sec. 3.1) ---------------------------------------------------------
 def filter_boxes(boxes, width, height, min_box, max_ratio=3.0, iou_threshold=0.5):
     """Clip (x, y, w, h) boxes to the image, keep those with shortest side >= min_box and aspect ratio
     <= max_ratio, then drop every box whose IoU with an earlier kept box exceeds iou_threshold."""
@@ -279,9 +278,7 @@ def collate_scene_pairs(samples):
     return stack(s1), stack(s2), *instances, torch.tensor(fell_back)
 
 
-# ----------------------------------------------------------------------------------------------
-# Model: BYOL networks shared by scenes and instances, the instance aggregator, the loss (Sec. 3)
-# ----------------------------------------------------------------------------------------------
+# ---- Model: BYOL networks shared by scenes and instances, the instance aggregator, the loss (Sec. 3) -----------------
 # Copy kit: mlp, distance, sinkhorn_plan, transport_marginal, univip_loss, UniVIP; SceneInstanceAugmentation,
 # collate_scene_pairs, the box helpers (data); from common: momentum_update, cosine_schedule (tau), LARS, param_groups.
 # After each optimizer step the loop calls common.momentum_update(*model.momentum_pairs(), tau) (forgotten: no error,
@@ -388,9 +385,7 @@ class UniVIP(nn.Module):
         return univip_loss((p1, p2), (z1, z2), o, t, agg, self.losses, self.eps, self.iters)
 
 
-# ----------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------
+# ---- Training --------------------------------------------------------------------------------------------------------
 def orl_lr_schedule(base, epochs, iters_per_epoch, warmup_epochs, ratio=1e-4):
     """ORL's lr (stage-3 config: mmcv's CosineAnnealing, min_lr 0, linear warmup by epoch): at step i of epoch e,
     base (1 + cos(pi e / epochs)) / 2, while i < W = warmup_epochs x iters_per_epoch times 1 - (1 - i / W)(1 - ratio);
