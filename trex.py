@@ -312,6 +312,14 @@ class TReX(nn.Module):
             self.kind = "cosine" if projector_layers else "linear"
             self.classifier = nn.Linear(dim, num_classes, bias=self.kind == "linear")
 
+    def train(self, mode=True):
+        """model.train() / model.eval(), but the momentum encoder stays in train mode (detail 5: batch statistics)."""
+        super().train(mode)
+        if self.kind == "ocm":
+            self.momentum_backbone.train()
+            self.momentum_projector.train()
+        return self
+
     def embed(self, crops):
         """z = g(f(x)) of all crops: one backbone call per resolution (one in all if the local crops have the global
         size, as the reference's MultiCropWrapper), one projector call for all."""

@@ -184,6 +184,19 @@ def test_momentum_encoder_follows_online_weights_of_the_step_before_the_optimize
     assert optimizer.param_groups[1]["weight_decay"] == 0.0
 
 
+def test_the_momentum_encoder_runs_in_train_mode_even_after_model_eval():
+    """Detail 5: the momentum forward normalises with batch statistics whatever the model's mode."""
+    model = tiny_model(memory_size=16).eval()
+    assert not model.backbone.training and not model.projector.training
+    assert model.momentum_backbone.training and model.momentum_projector.training
+    crops, labels = tiny_batch(seed=0)
+    with torch.no_grad():
+        model(crops, labels)
+        keys = model.momentum_projector(model.momentum_backbone(crops[0]))  # train mode: running stats unused
+    torch.testing.assert_close(model.memory.features[:len(labels)], keys.float())
+    assert model.train().backbone.training and model.momentum_backbone.training
+
+
 def test_loss_is_fp32_under_bf16_autocast():
     model = tiny_model()
     crops, labels = tiny_batch()
