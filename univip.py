@@ -4,11 +4,12 @@ Paper: "UniVIP: A Unified Framework for Self-Supervised Visual Pre-training", Zh
 Chaoyang Zhao, Yingying Chen, Zhiyang Chen, Jiahao Xie, Liwei Wu, Rui Zhao, Ming Tang and Jinqiao Wang, CVPR 2022, arXiv
 2203.06965. No official code; ORL (Jiahao000/ORL, BYOL-based, same group) is nearest: UniVIP reuses its COCO protocol.
 
-The idea. BYOL assumes two random crops of an image show the same object, false on scene images such as COCO. UniVIP
-samples two scene views sure to contain the same K object instances (boxes: selective search, annotations, ...) and
-trains one BYOL network pair at three levels: (1) scene-scene, the two views agree (BYOL); (2) scene-instance, an
-aggregate of the K instances agrees with each scene view; (3) instance-instance, the K online instance embeddings
-matched to the K target ones by optimal transport (Sinkhorn), not hand-made pairs. `--losses ss`: the BYOL baseline.
+The idea. BYOL assumes that two random crops of an image show the same object, which fails on scene images such as COCO.
+UniVIP samples two scene views sure to contain the same K object instances (boxes from selective search, annotations,
+...) and trains one BYOL network pair at three levels: (1) scene-scene, the two views agree (BYOL); (2) scene-instance,
+an aggregate of the K instances agrees with each scene view; (3) instance-instance, the K online instance embeddings are
+matched to the K target ones by optimal transport (Sinkhorn), so the network learns which instances match without
+hand-made pairs. `--losses ss` is BYOL on the same data: the paper's baseline.
 
 Implementation details (choices the paper leaves open, and how they are made here)
  1. Instances are cut from the original image before any flip (a flip never breaks the box correspondence): each box at
